@@ -1,0 +1,233 @@
+"""Per-architecture knowledge, as tables: which attention modules exist, in which tower, of which kind.
+
+Everything model-specific that the mechanism needs is here. Attention modules that go through transformers'
+attention interface are found generically (their ``forward`` asks ``ALL_ATTENTION_FUNCTIONS`` for the
+implementation); the hand-written ones are named in ``HANDWRITTEN``. Towers come from module-name prefixes in
+``TOWERS``, self/cross from ``CROSS_ATTENTION_NAMES``, layers from the first index in the module name.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from fnmatch import fnmatchcase
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from torch import nn
+
+# Hand-written attention (never reaches the attention interface): class name -> route in mmprefix.blip.
+HANDWRITTEN = {
+    "BlipAttention": "blip_vision",
+    "BlipTextSelfAttention": "blip_text",
+}
+
+# Language models nested in a VLM, or standing alone, use one of these two layouts.
+DECODER_ONLY_LM = (("", "lm"),)
+ENCODER_DECODER_LM = (("encoder.", "lm_encoder"), ("decoder.", "lm_decoder"))
+LANGUAGE_MODEL = "language_model"  # placeholder: the nested LM's own layout, chosen from its config
+
+# model_type -> ((module-name prefix, tower), ...); the first matching prefix wins.
+TOWERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "clip": (("vision_model.", "vision"), ("text_model.", "text")),
+    "clip_vision_model": (("vision_model.", "vision"),),
+    "clip_text_model": (("text_model.", "text"),),
+    "siglip": (("vision_model.", "vision"), ("text_model.", "text")),
+    "siglip_vision_model": (("vision_model.", "vision"),),
+    "siglip_text_model": (("text_model.", "text"),),
+    "blip": (("vision_model.", "vision"), ("text_encoder.", "text_encoder"), ("text_decoder.", "text_decoder")),
+    "blip-2": (("vision_model.", "vision"), ("qformer.", "qformer"), ("language_model.", LANGUAGE_MODEL)),
+    "instructblip": (("vision_model.", "vision"), ("qformer.", "qformer"), ("language_model.", LANGUAGE_MODEL)),
+}
+
+# A module whose name contains one of these components is a cross-attention site.
+CROSS_ATTENTION_NAMES = ("crossattention", "EncDecAttention", "encoder_attn", "cross_attn")
+
+# Causal LMs that derive position ids from the attention mask (a cumsum) rather than from the cache length.
+POSITIONS_FROM_MASK = ("opt",)
+
+# Where attention modules keep their geometry, in lookup order.
+HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
+HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "key_value_proj_dim")
+
+@dataclass(frozen=True)
+class Site:
+    """One attention module that can carry a prefix."""
+
+    name: str  # module name in the wrapped model
+    tower: str  # e.g. "vision", "text_decoder", "qformer", "lm", "lm_encoder"
+    kind: str  # "self" or "cross"
+    layer: int  # layer index within its tower
+    heads: int
+    kv_heads: int
+    head_dim: int
+    route: str  # "interface" or a key of HANDWRITTEN's values
+
+    def prefix_numel(self, num_virtual_tokens: int) -> int:
+        """Trainable values of a flat prefix at this site: keys and values."""
+        return 2 * num_virtual_tokens * self.kv_heads * self.head_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@lru_cache(maxsize=None)
+def uses_attention_interface(cls: type) -> bool:
+    """True when ``cls.forward`` dispatches through transformers' ``ALL_ATTENTION_FUNCTIONS``."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "ALL_ATTENTION_FUNCTIONS" in source and "_attn_implementation" in source
+
+
+def attention_route(module: nn.Module) -> str | None:
+    """How mmprefix reaches this module's attention, or None if it is not an attention module it supports."""
+    name = type(module).__name__
+    if name in HANDWRITTEN:
+        return HANDWRITTEN[name]
+    if hasattr(module, "config") and uses_attention_interface(type(module)):
+        return "interface"
+    return None
+
+
+def _first_attr(module: nn.Module, names: tuple[str, ...]) -> int | None:
+    for attr in names:
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def head_geometry(module: nn.Module) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head_dim) of an attention module."""
+    heads = _first_attr(module, HEADS_ATTRS) or getattr(getattr(module, "config", None), "num_attention_heads", None)
+    head_dim = _first_attr(module, HEAD_DIM_ATTRS)
+    if heads is None or head_dim is None:
+        raise ValueError(f"cannot read the number of heads and head_dim of {type(module).__name__}")
+    kv_heads = heads // getattr(module, "num_key_value_groups", 1)
+    return heads, kv_heads, head_dim
+
+
+def _lm_layout(config) -> tuple[tuple[str, str], ...]:
+    return ENCODER_DECODER_LM if getattr(config, "is_encoder_decoder", False) else DECODER_ONLY_LM
+
+
+def _is_language_model(config) -> bool:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+
+def tower_layout(model: nn.Module) -> tuple[tuple[str, str], ...] | None:
+    """((module-name prefix, tower), ...) for a supported model, None for an unknown family."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type in TOWERS:
+        layout = []
+        for prefix, tower in TOWERS[model_type]:
+            if tower == LANGUAGE_MODEL:
+                text_config = config.get_text_config()
+                layout += [(prefix + sub, sub_tower) for sub, sub_tower in _lm_layout(text_config)]
+            else:
+                layout.append((prefix, tower))
+        return tuple(layout)
+    if config is not None and _is_language_model(config):
+        return _lm_layout(config)
+    return None
+
+
+def supported_families() -> str:
+    return (
+        "CLIP and SigLIP (vision/text), BLIP, BLIP-2 and InstructBLIP (with OPT, T5 or another supported LM), and "
+        "causal or seq2seq language models whose attention uses transformers' attention interface "
+        "(e.g. Llama, Mistral, Qwen2, GPT-2, OPT, T5, BART)"
+    )
+
+
+def _layer_index(relative_name: str) -> int:
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", relative_name)
+    return int(match.group(1)) if match else 0
+
+
+def _kind(name: str) -> str:
+    parts = name.split(".")
+    return "cross" if any(part in CROSS_ATTENTION_NAMES for part in parts) else "self"
+
+
+def find_sites(model: nn.Module, target_modules: list[str] | None = None) -> list[Site]:
+    """All attention modules of ``model`` that can carry a prefix.
+
+    For a supported family, every supported attention module inside a known tower. With ``target_modules``,
+    only modules whose names match one of the regular expressions (and, for unknown families, any module whose
+    attention goes through transformers' attention interface, in a tower called ``"model"``).
+    """
+    layout = tower_layout(model)
+    if layout is None and not target_modules:
+        raise ValueError(
+            f"mmprefix does not know the architecture {type(model).__name__} "
+            f"(model_type={getattr(getattr(model, 'config', None), 'model_type', None)!r}). Supported: "
+            f"{supported_families()}. For another model whose attention goes through transformers' attention "
+            "interface, target its attention modules by name: PrefixConfig(target_modules=[r'.*\\.self_attn'])."
+        )
+    patterns = [re.compile(p) for p in target_modules or []]
+    sites = []
+    for name, module in model.named_modules():
+        route = attention_route(module)
+        if route is None or (patterns and not any(p.fullmatch(name) for p in patterns)):
+            continue
+        if layout is None:
+            prefix, tower = "", "model"
+        else:
+            match = next(((p, t) for p, t in layout if name.startswith(p)), None)
+            if match is None:
+                continue
+            prefix, tower = match
+        heads, kv_heads, head_dim = head_geometry(module)
+        sites.append(
+            Site(
+                name=name,
+                tower=tower,
+                kind=_kind(name),
+                layer=_layer_index(name[len(prefix) :]),
+                heads=heads,
+                kv_heads=kv_heads,
+                head_dim=head_dim,
+                route=route,
+            )
+        )
+    if not sites:
+        where = f"matching target_modules={target_modules}" if target_modules else "in any known tower"
+        raise ValueError(
+            f"{type(model).__name__} has no supported attention module {where}. Supported: {supported_families()}."
+        )
+    return sites
+
+
+_TARGET = re.compile(r"^(?P<tower>[\w*?]+)(?:\.(?P<kind>[\w*?]+))?(?:\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
+
+
+def select_sites(sites: list[Site], targets: list[str] | None) -> list[Site]:
+    """The sites selected by ``PrefixConfig.targets`` strings (``"tower.kind[start:stop]"``, shell wildcards)."""
+    if targets is None:
+        return list(sites)
+    valid = ", ".join(sorted({f"{s.tower}.{s.kind}" for s in sites}))
+    chosen: set[str] = set()
+    for target in targets:
+        match = _TARGET.match(target.strip())
+        if match is None:
+            raise ValueError(f"cannot parse target {target!r}: expected 'tower', 'tower.kind' or 'tower.kind[start:stop]'")
+        tower, kind = match["tower"], match["kind"] or "*"
+        hits = [s for s in sites if fnmatchcase(s.tower, tower) and fnmatchcase(s.kind, kind)]
+        if not hits:
+            raise ValueError(f"target {target!r} matches no attention site; valid targets for this model: {valid}")
+        if match["start"] is not None:
+            layer_slice = slice(int(match["start"]) if match["start"] else None, int(match["stop"]) if match["stop"] else None)
+            layers = {t: sorted({s.layer for s in hits if s.tower == t}) for t in {s.tower for s in hits}}
+            hits = [s for s in hits if s.layer in layers[s.tower][layer_slice]]
+        chosen.update(s.name for s in hits)
+    return [s for s in sites if s.name in chosen]

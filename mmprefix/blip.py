@@ -1,0 +1,101 @@
+"""Replacement ``forward`` methods for BLIP's hand-written attention, which never reaches the interface.
+
+Each computes queries, keys and values exactly as transformers' BLIP does (including the text attention's
+cache handling) and then attends through ``layer.attend`` with SDPA. Without a prefix for the current call
+they run BLIP's own code, so a disabled prefix gives the original outputs bit for bit.
+
+BLIP's cross-attention reads ``encoder_attention_mask``, which ``BlipTextAttention`` never passes, so the
+image mask is always ignored upstream; the replacement keeps that behaviour so that outputs match the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .layer import attend
+
+
+def blip_vision_attention(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """``BlipAttention.forward`` with a prefix: fused qkv projection, no mask."""
+    prefix = self._mmprefix.prefix(hidden_states.shape[0])
+    if prefix is None:
+        return type(self).forward(self, hidden_states, **kwargs)
+    batch, length, width = hidden_states.shape
+    qkv = self.qkv(hidden_states).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    output, _ = attend(
+        self,
+        sdpa_attention_forward,
+        prefix,
+        qkv[0],
+        qkv[1],
+        qkv[2],
+        None,
+        scaling=self.scale,
+        dropout=self.dropout.p if self.training else 0.0,
+        is_causal=False,
+    )
+    return self.projection(output.reshape(batch, length, width)), None
+
+
+def blip_text_attention(
+    self,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
+    cache: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """``BlipTextSelfAttention.forward`` (self- or cross-attention, with its cache logic) with a prefix."""
+    prefix = self._mmprefix.prefix(hidden_states.shape[0])
+    if prefix is None:
+        return type(self).forward(
+            self,
+            hidden_states,
+            attention_mask=attention_mask,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            cache=cache,
+            **kwargs,
+        )
+    head_dim = self.attention_head_size
+    query = self.query(hidden_states).view(*hidden_states.shape[:-1], -1, head_dim).transpose(1, 2)
+    is_cross = encoder_hidden_states is not None
+    mask = encoder_attention_mask if is_cross else attention_mask
+
+    layer_cache, reuse = cache, False
+    if isinstance(cache, EncoderDecoderCache):
+        reuse = is_cross and cache.is_updated.get(self.layer_idx)
+        layer_cache = cache.cross_attention_cache if is_cross else cache.self_attention_cache
+    if reuse:
+        key = layer_cache.layers[self.layer_idx].keys
+        value = layer_cache.layers[self.layer_idx].values
+    else:
+        source = encoder_hidden_states if is_cross else hidden_states
+        key = self.key(source).view(*source.shape[:-1], -1, head_dim).transpose(1, 2)
+        value = self.value(source).view(*source.shape[:-1], -1, head_dim).transpose(1, 2)
+        if cache is not None:
+            key, value = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)
+            if is_cross and isinstance(cache, EncoderDecoderCache):
+                cache.is_updated[self.layer_idx] = True
+
+    output, _ = attend(
+        self,
+        sdpa_attention_forward,
+        prefix,
+        query,
+        key,
+        value,
+        None if mask is None else mask.to(query.dtype),
+        scaling=head_dim**-0.5,
+        dropout=self.dropout.p if self.training else 0.0,
+        is_causal=False,
+    )
+    return output.reshape(*hidden_states.shape[:-1], self.all_head_size), None
+
+
+HANDWRITTEN_FORWARDS = {"blip_vision": blip_vision_attention, "blip_text": blip_text_attention}

@@ -1,0 +1,55 @@
+"""`PrefixConfig`: what a prefix is and where it goes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class PrefixConfig:
+    """Configuration of one prefix.
+
+    Args:
+        num_virtual_tokens: number of prefix key/value slots ``P`` prepended in every targeted attention site.
+        targets: which attention sites get a prefix, as ``"tower.kind[layers]"`` strings, e.g. ``"vision"``,
+            ``"lm.self"``, ``"qformer.cross"``, ``"text_decoder.*[6:]"``, ``"*.cross[-2:]"``. ``tower`` and ``kind``
+            accept ``*``; the optional ``[start:stop]`` slice selects layers of that tower (negative indices count
+            from the last layer). ``None`` (the default) targets every supported site. ``PrefixModel`` lists the
+            valid towers and kinds of a model in the error when a target matches nothing.
+        target_modules: regular expressions on module names (``re.fullmatch``) selecting attention modules
+            directly. Needed for models outside the supported families (their attention must go through
+            transformers' attention interface); combined with ``targets`` by intersection.
+        init_std: standard deviation of the normal initialisation of the prefix keys and values.
+        position_offset: shift real-token position ids by ``P`` (what PEFT's prefix tuning does implicitly,
+            because it passes the prefix as a KV cache). Set automatically when loading a PEFT adapter; leave
+            ``False`` for prefixes trained with mmprefix.
+    """
+
+    num_virtual_tokens: int = 16
+    targets: list[str] | None = None
+    target_modules: list[str] | None = None
+    init_std: float = 0.02
+    position_offset: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 0:
+            raise ValueError(f"num_virtual_tokens must be an integer >= 0, got {self.num_virtual_tokens!r}")
+        if self.init_std < 0:
+            raise ValueError(f"init_std must be >= 0, got {self.init_std}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrefixConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown PrefixConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)

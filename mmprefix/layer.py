@@ -1,0 +1,204 @@
+"""The per-site mechanism: prefix keys and values prepended inside one attention call.
+
+An attention module that goes through transformers' attention interface asks its ``config`` which attention
+implementation to call. mmprefix gives each targeted module a read-through view of its config that names
+``"mmprefix"`` instead; the ``"mmprefix"`` function looks up the current prefix for that module and calls the
+model's real implementation (``sdpa`` or ``eager``) on ``[prefix; keys]``, ``[prefix; values]`` with the mask
+widened to match. The call happens after RoPE and after the KV-cache update, so prefixes are never rotated,
+never enter the cache, and follow beam reordering and left padding for free. The model-level mask is built
+from the untouched config, so its format is the one the real implementation expects.
+
+Hand-written attention modules (BLIP) get a replacement ``forward`` (``mmprefix.blip``) that computes
+queries, keys and values the same way and then calls ``attend`` like the interface route does.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import MethodType
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .architectures import Site
+
+ATTENTION_NAME = "mmprefix"
+SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+class Prefix(NamedTuple):
+    """The prefix one attention call sees: keys and values ``[B or 1, kv_heads, P, head_dim]``, and which
+    slots each row may attend to (``[B, P]`` bool; None when every slot is visible to every row)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    visible: torch.Tensor | None = None
+
+
+class PrefixedConfig:
+    """Read-through view of an attention module's config that names mmprefix's attention function."""
+
+    _attn_implementation = ATTENTION_NAME
+
+    def __init__(self, config: Any) -> None:
+        self.__dict__["config"] = config
+
+    def __getattr__(self, name: str) -> Any:
+        config = self.__dict__.get("config")
+        if config is None:  # during copy/unpickling, before __init__ state exists
+            raise AttributeError(name)
+        return getattr(config, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.config, name, value)
+
+
+class SiteHook:
+    """What an attention module carries while it has a prefix: its site, where to find the current prefix
+    (``lookup(site_name, batch_size) -> Prefix | None``), and how to reach its original attention."""
+
+    def __init__(self, site: Site, lookup: Callable[[str, int], Prefix | None], module: nn.Module) -> None:
+        self.site = site
+        self.lookup = lookup
+        # "eager" is not in the global registry: each modeling file has its own eager function.
+        modeling = sys.modules.get(type(module).__module__)
+        self.eager = getattr(modeling, "eager_attention_forward", sdpa_attention_forward)
+
+    def prefix(self, batch_size: int) -> Prefix | None:
+        return self.lookup(self.site.name, batch_size)
+
+    def original_attention(self, module: nn.Module) -> Callable:
+        implementation = module.config.config._attn_implementation
+        if implementation not in SUPPORTED_IMPLEMENTATIONS:
+            raise ValueError(unsupported_implementation(implementation))
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self.eager)
+
+
+def unsupported_implementation(implementation: str | None) -> str:
+    return (
+        f"mmprefix prefixes need attn_implementation 'sdpa' or 'eager', but the model uses {implementation!r}; "
+        "call model.set_attn_implementation('sdpa') (or load it with attn_implementation='sdpa')"
+    )
+
+
+def widen_mask(
+    mask: torch.Tensor | None,
+    prefix: Prefix,
+    query: torch.Tensor,
+    kv_len: int,
+    causal: bool,
+) -> torch.Tensor | None:
+    """The attention mask over ``[prefix; keys]``: the given mask with one column per prefix slot in front.
+
+    Boolean masks stay boolean (True = attend) and float masks stay additive. A missing mask stays missing
+    unless something must be masked: a causal call (top-left aligned over the real keys, which is how SDPA's
+    ``is_causal`` treats a missing mask, prefix columns visible) or a row that must not see some prefix slots.
+    """
+    num_slots = prefix.keys.shape[-2]
+    visible = prefix.visible
+    if mask is None:
+        if not causal and visible is None:
+            return None
+        q_len = query.shape[-2]
+        allowed = torch.ones(1, 1, 1, kv_len, dtype=torch.bool, device=query.device)
+        if causal:
+            allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()[None, None]
+        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~allowed, torch.finfo(query.dtype).min
+        )
+    if visible is None:
+        visible = torch.ones(1, num_slots, dtype=torch.bool, device=mask.device)
+    batch = max(mask.shape[0], visible.shape[0])
+    visible = visible[:, None, None, :].to(mask.device)
+    if mask.dtype == torch.bool:
+        columns = visible
+    else:
+        columns = torch.zeros(visible.shape, dtype=mask.dtype, device=mask.device).masked_fill(
+            ~visible, torch.finfo(mask.dtype).min
+        )
+    shape = (batch, mask.shape[1], mask.shape[2])
+    return torch.cat([columns.expand(*shape, num_slots), mask.expand(*shape, mask.shape[-1])], dim=-1)
+
+
+def attend(
+    module: nn.Module,
+    attention: Callable,
+    prefix: Prefix,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``attention`` (an attention-interface function) over ``[prefix; key]`` and ``[prefix; value]``."""
+    batch = max(query.shape[0], key.shape[0])
+    kv_len = key.shape[-2]
+    p_keys = prefix.keys.to(dtype=key.dtype, device=key.device)
+    p_values = prefix.values.to(dtype=value.dtype, device=value.device)
+    if p_keys.shape[1] != key.shape[1] or p_keys.shape[-1] != key.shape[-1]:
+        raise RuntimeError(
+            f"prefix of shape {tuple(prefix.keys.shape)} does not fit keys of shape {tuple(key.shape)} at "
+            f"{module._mmprefix.site.name}: the prefix was built for a different attention geometry"
+        )
+    key = torch.cat([p_keys.expand(batch, -1, -1, -1), key.expand(batch, -1, -1, -1)], dim=2)
+    value = torch.cat([p_values.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)], dim=2)
+
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    # Only SDPA turns a missing mask into a causal one; eager gets a materialised mask whenever it is causal.
+    causal = attention is sdpa_attention_forward and attention_mask is None and query.shape[-2] > 1 and is_causal
+    attention_mask = widen_mask(attention_mask, prefix, query, kv_len, causal)
+
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:  # T5: prefix slots get no relative-position bias
+        kwargs["position_bias"] = nn.functional.pad(position_bias, (prefix.keys.shape[-2], 0))
+    return attention(module, query, key, value, attention_mask, **kwargs)
+
+
+def prefixed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention-interface function registered as ``"mmprefix"``."""
+    hook: SiteHook = module._mmprefix
+    attention = hook.original_attention(module)
+    prefix = hook.prefix(max(query.shape[0], key.shape[0]))
+    if prefix is None:
+        return attention(module, query, key, value, attention_mask, **kwargs)
+    return attend(module, attention, prefix, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, prefixed_attention)
+
+
+def install(module: nn.Module, site: Site, lookup: Callable[[str, int], Prefix | None]) -> None:
+    """Give ``module`` a prefix route; ``uninstall`` restores it exactly."""
+    from .blip import HANDWRITTEN_FORWARDS
+
+    if hasattr(module, "_mmprefix"):
+        raise ValueError(f"{site.name} already carries an mmprefix prefix; call remove_prefix() on its PrefixModel first")
+    if site.route == "interface":
+        implementation = module.config._attn_implementation
+        if implementation not in SUPPORTED_IMPLEMENTATIONS:
+            raise ValueError(unsupported_implementation(implementation))
+        module.config = PrefixedConfig(module.config)
+    else:
+        module.forward = MethodType(HANDWRITTEN_FORWARDS[site.route], module)
+    module._mmprefix = SiteHook(site, lookup, module)
+
+
+def uninstall(module: nn.Module) -> None:
+    hook: SiteHook = module.__dict__.pop("_mmprefix")
+    if hook.site.route == "interface":
+        module.config = module.config.config
+    else:
+        del module.forward

@@ -1,0 +1,114 @@
+"""Tiny random-weight models of every supported family, built offline from configs."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+TEXT = dict(vocab_size=99, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=32)
+IMAGE_TOKEN = 99  # BLIP-2 / InstructBLIP: inside the LM vocab of 100
+
+
+def _ready(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random init is deterministic per seed; eval mode so dropout never hides a difference."""
+    return model.eval()
+
+
+def clip(cls=tf.CLIPModel, seed: int = 0, attn: str = "sdpa"):
+    torch.manual_seed(seed)
+    config = tf.CLIPConfig(text_config=dict(TEXT, projection_dim=16), vision_config=dict(VISION, projection_dim=16),
+                           projection_dim=16)
+    if cls in (tf.CLIPTextModel, tf.CLIPTextModelWithProjection):
+        config = config.text_config
+    elif cls in (tf.CLIPVisionModel, tf.CLIPVisionModelWithProjection):
+        config = config.vision_config
+    config._attn_implementation = attn
+    return cls(config).eval()
+
+
+def blip_config():
+    text = dict(TEXT, bos_token_id=3, eos_token_id=2, sep_token_id=2, pad_token_id=0)
+    config = tf.BlipConfig(text_config=text, vision_config=dict(VISION, initializer_range=0.02),
+                           image_text_hidden_size=16, projection_dim=16)
+    return config
+
+
+def blip(cls=tf.BlipForConditionalGeneration, seed: int = 0):
+    torch.manual_seed(seed)
+    return cls(blip_config()).eval()
+
+
+def _blip2_config(lm: str, cls_config=tf.Blip2Config, qformer_cls=tf.Blip2QFormerConfig):
+    vision = dict(VISION)
+    qformer = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                   cross_attention_frequency=1, vocab_size=99, max_position_embeddings=32)
+    if lm == "opt":
+        text = tf.OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                            word_embed_proj_dim=32, max_position_embeddings=64, pad_token_id=1, bos_token_id=2,
+                            eos_token_id=2)
+    else:
+        text = tf.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                           decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return cls_config(vision_config=vision, qformer_config=qformer, text_config=text.to_dict(), num_query_tokens=4,
+                      image_token_index=IMAGE_TOKEN)
+
+
+def blip2(lm: str = "opt", cls=tf.Blip2ForConditionalGeneration, seed: int = 0):
+    torch.manual_seed(seed)
+    model = cls(_blip2_config(lm))
+    with torch.no_grad():  # query tokens start at zero, which leaves the first Q-Former layer without gradient
+        model.query_tokens.normal_()
+    return model.eval()
+
+
+def instructblip(lm: str = "opt", seed: int = 0):
+    torch.manual_seed(seed)
+    config = _blip2_config(lm, tf.InstructBlipConfig)
+    model = tf.InstructBlipForConditionalGeneration(config)
+    with torch.no_grad():
+        model.query_tokens.normal_()
+    return model.eval()
+
+
+def llama(seed: int = 0, attn: str = "sdpa"):
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = attn
+    return tf.LlamaForCausalLM(config).eval()
+
+
+def gpt2(seed: int = 0, attn: str = "sdpa"):
+    torch.manual_seed(seed)
+    config = tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=2)
+    config._attn_implementation = attn
+    return tf.GPT2LMHeadModel(config).eval()
+
+
+def opt(seed: int = 0, attn: str = "sdpa"):
+    torch.manual_seed(seed)
+    config = tf.OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                          word_embed_proj_dim=32, max_position_embeddings=64, pad_token_id=1, bos_token_id=2,
+                          eos_token_id=2)
+    config._attn_implementation = attn
+    return tf.OPTForCausalLM(config).eval()
+
+
+def t5(seed: int = 0, attn: str = "sdpa"):
+    torch.manual_seed(seed)
+    config = tf.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    config._attn_implementation = attn
+    return tf.T5ForConditionalGeneration(config).eval()
+
+
+def pixels(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def tokens(batch: int = 2, length: int = 7, low: int = 4, high: int = 90, seed: int = 2) -> torch.Tensor:
+    return torch.randint(low, high, (batch, length), generator=torch.Generator().manual_seed(seed))
