@@ -30,11 +30,11 @@ LANGUAGE_MODEL = "language_model"  # placeholder: the nested LM's own layout, ch
 # model_type -> ((module-name prefix, tower), ...); the first matching prefix wins.
 TOWERS: dict[str, tuple[tuple[str, str], ...]] = {
     "clip": (("vision_model.", "vision"), ("text_model.", "text")),
-    "clip_vision_model": (("vision_model.", "vision"),),
-    "clip_text_model": (("text_model.", "text"),),
+    "clip_vision_model": (("vision_model.", "vision"), ("", "vision")),
+    "clip_text_model": (("text_model.", "text"), ("", "text")),
     "siglip": (("vision_model.", "vision"), ("text_model.", "text")),
-    "siglip_vision_model": (("vision_model.", "vision"),),
-    "siglip_text_model": (("text_model.", "text"),),
+    "siglip_vision_model": (("vision_model.", "vision"), ("", "vision")),
+    "siglip_text_model": (("text_model.", "text"), ("", "text")),
     "blip": (("vision_model.", "vision"), ("text_encoder.", "text_encoder"), ("text_decoder.", "text_decoder")),
     "blip-2": (("vision_model.", "vision"), ("qformer.", "qformer"), ("language_model.", LANGUAGE_MODEL)),
     "instructblip": (("vision_model.", "vision"), ("qformer.", "qformer"), ("language_model.", LANGUAGE_MODEL)),

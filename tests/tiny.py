@@ -6,14 +6,9 @@ import torch
 import transformers as tf
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
-TEXT = dict(vocab_size=99, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=32)
+TEXT = dict(vocab_size=99, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
 IMAGE_TOKEN = 99  # BLIP-2 / InstructBLIP: inside the LM vocab of 100
-
-
-def _ready(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random init is deterministic per seed; eval mode so dropout never hides a difference."""
-    return model.eval()
 
 
 def clip(cls=tf.CLIPModel, seed: int = 0, attn: str = "sdpa"):
@@ -112,3 +107,52 @@ def pixels(batch: int = 2, seed: int = 1) -> torch.Tensor:
 
 def tokens(batch: int = 2, length: int = 7, low: int = 4, high: int = 90, seed: int = 2) -> torch.Tensor:
     return torch.randint(low, high, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _ids_with_image_tokens(batch: int = 2) -> torch.Tensor:
+    ids = tokens(batch)
+    ids[:, :4] = IMAGE_TOKEN
+    return ids
+
+
+def _padded_mask(ids: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0  # right padding in row 0
+    return mask
+
+
+# name -> (build model, build inputs, read the output to compare). Every family that issue 2 names.
+FAMILIES = {
+    "clip": (lambda: clip(), lambda: dict(input_ids=tokens(), pixel_values=pixels(), attention_mask=_padded_mask(tokens())),
+             lambda o: o.logits_per_image),
+    "clip_text": (lambda: clip(tf.CLIPTextModel), lambda: dict(input_ids=tokens()), lambda o: o.last_hidden_state),
+    "clip_text_proj": (lambda: clip(tf.CLIPTextModelWithProjection), lambda: dict(input_ids=tokens()), lambda o: o.text_embeds),
+    "clip_vision": (lambda: clip(tf.CLIPVisionModel), lambda: dict(pixel_values=pixels()), lambda o: o.last_hidden_state),
+    "clip_vision_proj": (lambda: clip(tf.CLIPVisionModelWithProjection), lambda: dict(pixel_values=pixels()),
+                         lambda o: o.image_embeds),
+    "blip_caption": (lambda: blip(), lambda: dict(input_ids=tokens(), pixel_values=pixels(), attention_mask=_padded_mask(tokens())),
+                     lambda o: o.logits),
+    "blip_vqa": (lambda: blip(tf.BlipForQuestionAnswering),
+                 lambda: dict(input_ids=tokens(), pixel_values=pixels(), labels=tokens(length=4, seed=3)), lambda o: o.loss),
+    "blip_retrieval": (lambda: blip(tf.BlipForImageTextRetrieval), lambda: dict(input_ids=tokens(), pixel_values=pixels()),
+                       lambda o: o.itm_score),
+    "blip2_opt": (lambda: blip2("opt"),
+                  lambda: dict(input_ids=_ids_with_image_tokens(), pixel_values=pixels(),
+                               attention_mask=torch.ones_like(_ids_with_image_tokens())), lambda o: o.logits),
+    "blip2_t5": (lambda: blip2("t5"),
+                 lambda: dict(input_ids=_ids_with_image_tokens(), pixel_values=pixels(),
+                              attention_mask=torch.ones_like(_ids_with_image_tokens()), labels=tokens(length=4, seed=3)),
+                 lambda o: o.logits),
+    "blip2_model": (lambda: blip2("opt", cls=tf.Blip2Model),
+                    lambda: dict(input_ids=_ids_with_image_tokens(), pixel_values=pixels(),
+                                 attention_mask=torch.ones_like(_ids_with_image_tokens())), lambda o: o.logits),
+    "instructblip": (lambda: instructblip(),
+                     lambda: dict(input_ids=_ids_with_image_tokens(), pixel_values=pixels(),
+                                  attention_mask=torch.ones_like(_ids_with_image_tokens()),
+                                  qformer_input_ids=tokens(length=5, seed=4)), lambda o: o.logits),
+    "llama": (lambda: llama(), lambda: dict(input_ids=tokens(), attention_mask=_padded_mask(tokens())), lambda o: o.logits),
+    "gpt2": (lambda: gpt2(), lambda: dict(input_ids=tokens(), attention_mask=_padded_mask(tokens())), lambda o: o.logits),
+    "opt": (lambda: opt(), lambda: dict(input_ids=tokens(), attention_mask=_padded_mask(tokens())), lambda o: o.logits),
+    "t5": (lambda: t5(), lambda: dict(input_ids=tokens(), attention_mask=_padded_mask(tokens()),
+                                      labels=tokens(length=4, seed=3)), lambda o: o.logits),
+}
