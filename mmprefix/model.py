@@ -209,54 +209,71 @@ def _describe(model: nn.Module) -> str:
     return f"{type(model).__name__} (model_type={getattr(config, 'model_type', None)!r})"
 
 
-def site_differences(saved: list[dict], available: dict[str, Site]) -> list[str]:
-    """What keeps saved sites from fitting a model's sites, in words."""
-    problems = []
-    missing = [s["name"] for s in saved if s["name"] not in available]
-    if missing:
-        problems.append(f"{len(missing)} of {len(saved)} saved attention sites do not exist in this model (e.g. {missing[0]})")
-    towers = sorted({s["tower"] for s in saved})
-    for tower in towers:
-        saved_layers = {s["layer"] for s in saved if s["tower"] == tower}
-        model_layers = {s.layer for s in available.values() if s.tower == tower}
-        if saved_layers - model_layers:
-            problems.append(
-                f"layers: tower {tower!r} has {len(model_layers)} layers in this model, the prefix uses layers "
-                f"up to {max(saved_layers)}"
-            )
-    for s in saved:
-        site = available.get(s["name"])
+def match_sites(saved: list[dict], available: list[Site], expected: list[Site]) -> tuple[list[Site], list[str]]:
+    """The model's site for each saved site (same name, else the one with the same tower, kind and layer),
+    and, in words, everything that does not fit. ``expected`` are the sites the saved targets select here."""
+    by_name = {s.name: s for s in available}
+    by_position: dict[tuple, list[Site]] = {}
+    for site in available:
+        by_position.setdefault((site.tower, site.kind, site.layer), []).append(site)
+    matched, missing, problems = [], [], []
+    for entry in saved:
+        site = by_name.get(entry["name"])
         if site is None:
+            candidates = by_position.get((entry["tower"], entry["kind"], entry["layer"]), [])
+            site = candidates[0] if len(candidates) == 1 else None
+        if site is None:
+            missing.append(entry)
             continue
-        for field in ("heads", "kv_heads", "head_dim", "kind"):
-            if s[field] != getattr(site, field):
-                problems.append(f"{field} differs at {s['name']}: saved {s[field]}, model {getattr(site, field)}")
+        for field in ("heads", "kv_heads", "head_dim"):
+            if entry[field] != getattr(site, field):
+                problems.append(f"{field} differs at {entry['name']}: saved {entry[field]}, model {getattr(site, field)}")
                 break
-    return problems
+        matched.append(site)
+    towers = sorted({s.tower for s in available})
+    for tower in sorted({s["tower"] for s in saved} | {s.tower for s in expected}):
+        saved_layers = {(s["kind"], s["layer"]) for s in saved if s["tower"] == tower}
+        model_layers = {(s.kind, s.layer) for s in expected if s.tower == tower}
+        if tower not in towers:
+            problems.append(f"this model has no {tower!r} tower (it has {', '.join(towers)})")
+        elif saved_layers != model_layers:
+            problems.append(
+                f"layers: the prefix has {len(saved_layers)} sites in tower {tower!r}, this model {len(model_layers)}"
+            )
+    if missing and not problems:
+        problems.append(f"{len(missing)} saved attention sites have no counterpart here (e.g. {missing[0]['name']})")
+    return matched, problems
 
 
 def _read_for(model: nn.Module, directory: str | os.PathLike) -> tuple[PrefixConfig, list[Site], dict[str, torch.Tensor]]:
-    """Read a prefix folder and check it fits ``model``: (config, sites, tensors by site)."""
+    """Read a prefix folder and check it fits ``model``: (config, the model's sites, tensors by those sites)."""
     if checkpoint.detect_format(directory) == "peft":
         return read_peft_prefix(model, directory)
-    meta, tensors = checkpoint.read_prefix(directory)
+    meta, saved_tensors = checkpoint.read_prefix(directory)
     config = PrefixConfig.from_dict(meta["prefix_config"])
-    available = {s.name: s for s in find_sites(model, config.target_modules)}
-    problems = site_differences(meta["sites"], available)
     saved_model = meta.get("model", {})
+    origin = (
+        f"the prefix in {directory} was saved for {saved_model.get('architecture')} "
+        f"(model_type={saved_model.get('model_type')!r})"
+    )
+    try:
+        available = find_sites(model, config.target_modules)
+    except ValueError as err:
+        raise ValueError(f"{origin} and cannot go on {_describe(model)}: {err}") from None
+    try:
+        expected = select_sites(available, config.targets)
+    except ValueError:
+        expected = []
+    sites, problems = match_sites(meta["sites"], available, expected)
     if problems:
-        raise ValueError(
-            f"the prefix in {directory} was saved for {saved_model.get('architecture')} "
-            f"(model_type={saved_model.get('model_type')!r}) and does not fit this {_describe(model)}: "
-            + "; ".join(problems)
-        )
-    sites = [available[s["name"]] for s in meta["sites"]]
-    p = config.num_virtual_tokens
-    for site in sites:
+        raise ValueError(f"{origin} and does not fit this {_describe(model)}: " + "; ".join(problems))
+    tensors = {}
+    for entry, site in zip(meta["sites"], sites):
         for part in ("key", "value"):
-            tensor = tensors.get(f"{site.name}.{part}")
-            expected = (site.kv_heads, p, site.head_dim)
-            if tensor is None or tuple(tensor.shape) != expected:
+            tensor = saved_tensors.get(f"{entry['name']}.{part}")
+            shape = (site.kv_heads, config.num_virtual_tokens, site.head_dim)
+            if tensor is None or tuple(tensor.shape) != shape:
                 got = None if tensor is None else tuple(tensor.shape)
-                raise ValueError(f"{directory}: tensor {site.name}.{part} has shape {got}, expected {expected}")
+                raise ValueError(f"{directory}: tensor {entry['name']}.{part} has shape {got}, expected {shape}")
+            tensors[f"{site.name}.{part}"] = tensor
     return config, sites, tensors
