@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+# initializer_range: BLIP's default of 1e-10 gives weights that vanish in float16
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+              initializer_range=0.02)
 TEXT = dict(vocab_size=99, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=32, intermediate_size=64,
             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
 IMAGE_TOKEN = 99  # BLIP-2 / InstructBLIP: inside the LM vocab of 100
@@ -25,7 +27,7 @@ def clip(cls=tf.CLIPModel, seed: int = 0, attn: str = "sdpa"):
 
 def blip_config():
     text = dict(TEXT, bos_token_id=3, eos_token_id=2, sep_token_id=2, pad_token_id=0)
-    config = tf.BlipConfig(text_config=text, vision_config=dict(VISION, initializer_range=0.02),
+    config = tf.BlipConfig(text_config=text, vision_config=VISION,
                            image_text_hidden_size=16, projection_dim=16)
     return config
 
