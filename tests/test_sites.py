@@ -1,0 +1,105 @@
+"""Where prefixes go: site tables per family, targets, and the `mmprefix sites` command."""
+
+import pytest
+import transformers as tf
+
+import tiny
+from mmprefix import PrefixConfig, add_prefix
+from mmprefix.cli import main as cli
+
+# family -> {(tower, kind): number of sites}, read off the tiny configs (2 layers everywhere)
+EXPECTED = {
+    "clip": {("vision", "self"): 2, ("text", "self"): 2},
+    "clip_text": {("text", "self"): 2},
+    "clip_vision_proj": {("vision", "self"): 2},
+    "blip_caption": {("vision", "self"): 2, ("text_decoder", "self"): 2, ("text_decoder", "cross"): 2},
+    "blip_vqa": {("vision", "self"): 2, ("text_encoder", "self"): 2, ("text_encoder", "cross"): 2,
+                 ("text_decoder", "self"): 2, ("text_decoder", "cross"): 2},
+    "blip_retrieval": {("vision", "self"): 2, ("text_encoder", "self"): 2, ("text_encoder", "cross"): 2},
+    "blip2_opt": {("vision", "self"): 2, ("qformer", "self"): 2, ("qformer", "cross"): 2, ("lm", "self"): 2},
+    "blip2_t5": {("vision", "self"): 2, ("qformer", "self"): 2, ("qformer", "cross"): 2, ("lm_encoder", "self"): 2,
+                 ("lm_decoder", "self"): 2, ("lm_decoder", "cross"): 2},
+    "instructblip": {("vision", "self"): 2, ("qformer", "self"): 2, ("qformer", "cross"): 2, ("lm", "self"): 2},
+    "llama": {("lm", "self"): 2},
+    "t5": {("lm_encoder", "self"): 2, ("lm_decoder", "self"): 2, ("lm_decoder", "cross"): 2},
+}
+
+
+@pytest.mark.parametrize("family", sorted(EXPECTED))
+def test_every_attention_site_of_each_family_is_found(family):
+    pm = add_prefix(tiny.FAMILIES[family][0](), PrefixConfig(num_virtual_tokens=2))
+    counts = {}
+    for site in pm.sites:
+        counts[(site.tower, site.kind)] = counts.get((site.tower, site.kind), 0) + 1
+        assert site.layer in (0, 1)
+    assert counts == EXPECTED[family]
+
+
+def test_site_rows_for_blip2_opt():
+    pm = add_prefix(tiny.blip2("opt"), PrefixConfig(num_virtual_tokens=2))
+    rows = {s.name: (s.tower, s.kind, s.layer, s.heads, s.kv_heads, s.head_dim, s.route) for s in pm.sites}
+    assert rows["vision_model.encoder.layers.1.self_attn"] == ("vision", "self", 1, 4, 4, 8, "interface")
+    assert rows["qformer.encoder.layer.0.crossattention.attention"] == ("qformer", "cross", 0, 4, 4, 8, "interface")
+    assert rows["language_model.model.decoder.layers.1.self_attn"] == ("lm", "self", 1, 4, 4, 8, "interface")
+
+
+def test_blip_sites_use_the_handwritten_route():
+    pm = add_prefix(tiny.blip(), PrefixConfig(num_virtual_tokens=2))
+    routes = {(s.tower, s.route) for s in pm.sites}
+    assert routes == {("vision", "blip_vision"), ("text_decoder", "blip_text")}
+
+
+@pytest.mark.parametrize(
+    "targets, expected",
+    [
+        (["vision"], {"vision_model.encoder.layers.0.self_attn", "vision_model.encoder.layers.1.self_attn"}),
+        (["qformer.cross"], {"qformer.encoder.layer.0.crossattention.attention",
+                             "qformer.encoder.layer.1.crossattention.attention"}),
+        (["lm.self[-1:]", "qformer.*[:1]"], {"language_model.model.decoder.layers.1.self_attn",
+                                             "qformer.encoder.layer.0.attention.attention",
+                                             "qformer.encoder.layer.0.crossattention.attention"}),
+        (["*.cross[1:2]"], {"qformer.encoder.layer.1.crossattention.attention"}),
+        (["q*.self", "vision[1:]"], {"qformer.encoder.layer.0.attention.attention",
+                                     "qformer.encoder.layer.1.attention.attention",
+                                     "vision_model.encoder.layers.1.self_attn"}),
+    ],
+)
+def test_targets_select_by_tower_kind_and_layer_range(targets, expected):
+    pm = add_prefix(tiny.blip2("opt"), PrefixConfig(num_virtual_tokens=2, targets=targets))
+    assert {s.name for s in pm.sites} == expected
+    assert pm.get_nb_trainable_parameters()[0] == 2 * 2 * 32 * len(expected)
+
+
+@pytest.mark.parametrize("targets", [["text_encoder"], ["vision.cros"], ["lm[1]"]])
+def test_unknown_targets_list_the_valid_ones(targets):
+    with pytest.raises(ValueError, match="lm.self, qformer.cross, qformer.self, vision.self|cannot parse"):
+        add_prefix(tiny.blip2("opt"), PrefixConfig(targets=targets))
+
+
+def test_target_modules_narrow_a_known_family():
+    pm = add_prefix(tiny.blip2("opt"), PrefixConfig(num_virtual_tokens=2, target_modules=[r"qformer\..*"]))
+    assert {s.tower for s in pm.sites} == {"qformer"}
+
+
+def test_sites_command_prints_the_table_with_prefix_sizes(tmp_path, capsys):
+    tiny.blip2("t5").save_pretrained(tmp_path)
+    assert cli(["sites", str(tmp_path), "-p", "10", "--targets", "lm_decoder.cross"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["name", "tower", "kind", "layer", "heads", "kv_heads", "head_dim", "prefix_params"]
+    assert out[1].split() == ["language_model.decoder.block.0.layer.1.EncDecAttention", "lm_decoder", "cross", "0", "4",
+                              "4", "8", "640"]
+    assert out[-1].startswith("2 sites, 1,280 prefix parameters with P=10")
+
+
+def test_sites_command_reports_bad_targets_and_missing_models(tmp_path, capsys):
+    tiny.gpt2().save_pretrained(tmp_path)
+    assert cli(["sites", str(tmp_path), "--targets", "vision"]) == 2
+    assert "valid targets for this model: lm.self" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="cannot read a model config"):
+        cli(["sites", str(tmp_path / "missing")])
+
+
+def test_sites_command_needs_no_weights(tmp_path, capsys):
+    tiny.llama().config.save_pretrained(tmp_path)  # config.json only
+    assert cli(["sites", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("2 sites, 1,024 prefix parameters with P=16")
