@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -37,7 +35,6 @@ def test_readme_starts_with_the_two_commands():
     assert "\npython -m pytest\n" in ci
 
 
-@pytest.mark.slow
 def test_quickstart_runs():
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
