@@ -2,7 +2,8 @@
 
 Each computes queries, keys and values exactly as transformers' BLIP does (including the text attention's
 cache handling) and then attends through ``layer.attend`` with SDPA. Without a prefix for the current call
-they run BLIP's own code, so a disabled prefix gives the original outputs bit for bit.
+they run BLIP's own code, so a disabled prefix gives the original outputs bit for bit; a gated prefix adds
+its gated attention to BLIP's own output, so a closed gate is bit-exact too.
 
 BLIP's cross-attention reads ``encoder_attention_mask``, which ``BlipTextAttention`` never passes, so the
 image mask is always ignored upstream; the replacement keeps that behaviour so that outputs match the model.
@@ -13,26 +14,36 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .layer import attend
+from .layer import attend, gated_prefix_attention
 
 
-def blip_vision_attention(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def blip_vision_attention(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """``BlipAttention.forward`` with a prefix: fused qkv projection, no mask."""
-    prefix = self._mmprefix.prefix(hidden_states.shape[0])
-    if prefix is None:
+    hook = self._mmprefix
+    prefix = hook.prefix(hidden_states.shape[0])
+    if prefix is None and not hook.capturing:
         return type(self).forward(self, hidden_states, **kwargs)
     batch, length, width = hidden_states.shape
-    qkv = self.qkv(hidden_states).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    query, key, value = self.qkv(hidden_states).reshape(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    if hook.capturing:
+        hook.observe(key, value)
+    if prefix is None:
+        return type(self).forward(self, hidden_states, **kwargs)
+    if prefix.gate is not None:
+        output, weights = type(self).forward(self, hidden_states, **kwargs)
+        gated = gated_prefix_attention(query, prefix, self.scale).reshape(batch, length, width)
+        return output + nn.functional.linear(gated, self.projection.weight), weights
     output, _ = attend(
         self,
         sdpa_attention_forward,
         prefix,
-        qkv[0],
-        qkv[1],
-        qkv[2],
+        query,
+        key,
+        value,
         None,
         scaling=self.scale,
         dropout=self.dropout.p if self.training else 0.0,
@@ -49,10 +60,12 @@ def blip_text_attention(
     encoder_attention_mask: torch.Tensor | None = None,
     cache: Any = None,
     **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, Any]:
     """``BlipTextSelfAttention.forward`` (self- or cross-attention, with its cache logic) with a prefix."""
-    prefix = self._mmprefix.prefix(hidden_states.shape[0])
-    if prefix is None:
+    hook = self._mmprefix
+    prefix = hook.prefix(hidden_states.shape[0])
+
+    def original() -> tuple[torch.Tensor, Any]:
         return type(self).forward(
             self,
             hidden_states,
@@ -62,11 +75,22 @@ def blip_text_attention(
             cache=cache,
             **kwargs,
         )
-    head_dim = self.attention_head_size
-    query = self.query(hidden_states).view(*hidden_states.shape[:-1], -1, head_dim).transpose(1, 2)
-    is_cross = encoder_hidden_states is not None
-    mask = encoder_attention_mask if is_cross else attention_mask
 
+    if prefix is None and not hook.capturing:
+        return original()
+    head_dim = self.attention_head_size
+    is_cross = encoder_hidden_states is not None
+    if hook.capturing:
+        source = encoder_hidden_states if is_cross else hidden_states
+        hook.observe(*(heads(proj(source), head_dim) for proj in (self.key, self.value)))
+    query = heads(self.query(hidden_states), head_dim)
+    if prefix is None:
+        return original()
+    if prefix.gate is not None:
+        context, probs = original()
+        return context + gated_prefix_attention(query, prefix, head_dim**-0.5).flatten(2), probs
+
+    mask = encoder_attention_mask if is_cross else attention_mask
     layer_cache, reuse = cache, False
     if isinstance(cache, EncoderDecoderCache):
         reuse = is_cross and cache.is_updated.get(self.layer_idx)
@@ -76,8 +100,7 @@ def blip_text_attention(
         value = layer_cache.layers[self.layer_idx].values
     else:
         source = encoder_hidden_states if is_cross else hidden_states
-        key = self.key(source).view(*source.shape[:-1], -1, head_dim).transpose(1, 2)
-        value = self.value(source).view(*source.shape[:-1], -1, head_dim).transpose(1, 2)
+        key, value = heads(self.key(source), head_dim), heads(self.value(source), head_dim)
         if cache is not None:
             key, value = layer_cache.update(key, value, self.layer_idx, kwargs=kwargs)
             if is_cross and isinstance(cache, EncoderDecoderCache):
@@ -95,7 +118,12 @@ def blip_text_attention(
         dropout=self.dropout.p if self.training else 0.0,
         is_causal=False,
     )
-    return output.reshape(*hidden_states.shape[:-1], self.all_head_size), None
+    return output.flatten(2), None
+
+
+def heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[B, T, heads * head_dim]`` -> ``[B, heads, T, head_dim]``."""
+    return states.view(*states.shape[:-1], -1, head_dim).transpose(1, 2)
 
 
 HANDWRITTEN_FORWARDS = {"blip_vision": blip_vision_attention, "blip_text": blip_text_attention}

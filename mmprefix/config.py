@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 
+INITS = ("random", "zero", "text")
+REPARAMS = (None, "mlp")
+GATES = (None, "scalar", "head")
+
+
 @dataclass
 class PrefixConfig:
     """Configuration of one prefix.
@@ -21,7 +26,19 @@ class PrefixConfig:
         target_modules: regular expressions on module names (``re.fullmatch``) selecting attention modules
             directly. Needed for models outside the supported families (their attention must go through
             transformers' attention interface); combined with ``targets`` by intersection.
-        init_std: standard deviation of the normal initialisation of the prefix keys and values.
+        init: how the prefix starts. ``"random"``: normal with ``init_std``; ``"zero"``: keys and values zero (a
+            near no-op start); ``"text"``: the frozen model's own keys and values for ``init_text`` at each site
+            (vision sites see ``init_image``, or a plain grey image), repeated or cut to ``P`` tokens; needs the
+            model's processor or tokenizer (``add_prefix(..., processor=...)``).
+        init_std: standard deviation of the ``"random"`` initialisation.
+        init_text: the text for ``init="text"``.
+        init_image: path of the image for ``init="text"`` on models with a vision input.
+        reparam: ``None`` (flat keys and values) or ``"mlp"``: during training the prefix is produced by an
+            embedding and a two-layer MLP (Li & Liang, 2021). Saving writes the flat keys and values.
+        reparam_hidden: width of the reparameterisation MLP.
+        gate: ``None``, ``"scalar"`` or ``"head"``: a zero-initialised gate per site (one value, or one per query
+            head) that scales a separately normalised prefix attention added to the original attention, as in
+            LLaMA-Adapter; with the gate at zero the model equals the base model exactly.
         position_offset: shift real-token position ids by ``P`` (what PEFT's prefix tuning does implicitly,
             because it passes the prefix as a KV cache). Set automatically when loading a PEFT adapter; leave
             ``False`` for prefixes trained with mmprefix.
@@ -30,7 +47,13 @@ class PrefixConfig:
     num_virtual_tokens: int = 16
     targets: list[str] | None = None
     target_modules: list[str] | None = None
+    init: str = "random"
     init_std: float = 0.02
+    init_text: str | None = None
+    init_image: str | None = None
+    reparam: str | None = None
+    reparam_hidden: int = 512
+    gate: str | None = None
     position_offset: bool = False
 
     def __post_init__(self) -> None:
@@ -42,6 +65,14 @@ class PrefixConfig:
             raise ValueError(f"num_virtual_tokens must be an integer >= 0, got {self.num_virtual_tokens!r}")
         if self.init_std < 0:
             raise ValueError(f"init_std must be >= 0, got {self.init_std}")
+        choices = {"init": (INITS, self.init), "reparam": (REPARAMS, self.reparam), "gate": (GATES, self.gate)}
+        for field, (allowed, value) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
+        if self.init == "text" and not self.init_text:
+            raise ValueError('init="text" needs the text: PrefixConfig(init="text", init_text="...")')
+        if self.reparam_hidden < 1:
+            raise ValueError(f"reparam_hidden must be >= 1, got {self.reparam_hidden}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

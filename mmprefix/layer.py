@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from types import MethodType
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -31,12 +31,24 @@ SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 class Prefix(NamedTuple):
-    """The prefix one attention call sees: keys and values ``[B or 1, kv_heads, P, head_dim]``, and which
-    slots each row may attend to (``[B, P]`` bool; None when every slot is visible to every row)."""
+    """The prefix one attention call sees: keys and values ``[B or 1, kv_heads, P, head_dim]``, which slots
+    each row may attend to (``[B, P]`` bool; None when every slot is visible to every row), and for gated
+    prefixes the gate of each row (``[B or 1, 1 or heads]``)."""
 
     keys: torch.Tensor
     values: torch.Tensor
     visible: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+
+
+class PrefixSource(Protocol):
+    """Where attention sites get their prefix for the current call (a `PrefixModel`)."""
+
+    capturing: bool  # True while activations are recorded for a text initialisation
+
+    def prefix_for(self, site_name: str, batch_size: int) -> Prefix | None: ...
+
+    def observe(self, site_name: str, keys: torch.Tensor, values: torch.Tensor) -> None: ...
 
 
 class PrefixedConfig:
@@ -58,18 +70,25 @@ class PrefixedConfig:
 
 
 class SiteHook:
-    """What an attention module carries while it has a prefix: its site, where to find the current prefix
-    (``lookup(site_name, batch_size) -> Prefix | None``), and how to reach its original attention."""
+    """What an attention module carries while it has a prefix: its site, where to find the current prefix,
+    and how to reach its original attention."""
 
-    def __init__(self, site: Site, lookup: Callable[[str, int], Prefix | None], module: nn.Module) -> None:
+    def __init__(self, site: Site, source: PrefixSource, module: nn.Module) -> None:
         self.site = site
-        self.lookup = lookup
+        self.source = source
         # "eager" is not in the global registry: each modeling file has its own eager function.
         modeling = sys.modules.get(type(module).__module__)
         self.eager = getattr(modeling, "eager_attention_forward", sdpa_attention_forward)
 
     def prefix(self, batch_size: int) -> Prefix | None:
-        return self.lookup(self.site.name, batch_size)
+        return self.source.prefix_for(self.site.name, batch_size)
+
+    @property
+    def capturing(self) -> bool:
+        return self.source.capturing
+
+    def observe(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.source.observe(self.site.name, keys, values)
 
     def original_attention(self, module: nn.Module) -> Callable:
         implementation = module.config.config._attn_implementation
@@ -134,7 +153,11 @@ def attend(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run ``attention`` (an attention-interface function) over ``[prefix; key]`` and ``[prefix; value]``."""
+    """Run ``attention`` (an attention-interface function) over ``[prefix; key]`` and ``[prefix; value]``;
+    for a gated prefix, run it untouched and add the gated prefix attention."""
+    if prefix.gate is not None:
+        output, weights = attention(module, query, key, value, attention_mask, **kwargs)
+        return output + gated_prefix_attention(query, prefix, kwargs.get("scaling")), weights
     batch = max(query.shape[0], key.shape[0])
     kv_len = key.shape[-2]
     p_keys = prefix.keys.to(dtype=key.dtype, device=key.device)
@@ -160,6 +183,20 @@ def attend(
     return attention(module, query, key, value, attention_mask, **kwargs)
 
 
+def gated_prefix_attention(query: torch.Tensor, prefix: Prefix, scaling: float | None) -> torch.Tensor:
+    """``tanh(gate) * softmax(q Kp^T * scale) Vp``, normalised over the prefix slots alone (LLaMA-Adapter);
+    ``[B, T, heads, head_dim]`` like an attention function's output. Rows that see no slot get zero."""
+    heads, dim = query.shape[1], query.shape[-1]
+    keys = prefix.keys.to(query.dtype).repeat_interleave(heads // prefix.keys.shape[1], dim=1)
+    values = prefix.values.to(query.dtype).repeat_interleave(heads // prefix.values.shape[1], dim=1)
+    scores = query @ keys.transpose(-1, -2) * (dim**-0.5 if scaling is None else scaling)
+    if prefix.visible is not None:
+        scores = scores.masked_fill(~prefix.visible[:, None, None, :], float("-inf"))
+    probs = scores.softmax(-1).nan_to_num(0.0)
+    gate = torch.tanh(prefix.gate).to(query.dtype)[:, None, :, None]
+    return gate * (probs @ values).transpose(1, 2)
+
+
 def prefixed_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -171,6 +208,8 @@ def prefixed_attention(
     """The attention-interface function registered as ``"mmprefix"``."""
     hook: SiteHook = module._mmprefix
     attention = hook.original_attention(module)
+    if hook.capturing:
+        hook.observe(key, value)
     prefix = hook.prefix(max(query.shape[0], key.shape[0]))
     if prefix is None:
         return attention(module, query, key, value, attention_mask, **kwargs)
@@ -180,7 +219,7 @@ def prefixed_attention(
 AttentionInterface.register(ATTENTION_NAME, prefixed_attention)
 
 
-def install(module: nn.Module, site: Site, lookup: Callable[[str, int], Prefix | None]) -> None:
+def install(module: nn.Module, site: Site, source: PrefixSource) -> None:
     """Give ``module`` a prefix route; ``uninstall`` restores it exactly."""
     from .blip import HANDWRITTEN_FORWARDS
 
@@ -193,7 +232,7 @@ def install(module: nn.Module, site: Site, lookup: Callable[[str, int], Prefix |
         module.config = PrefixedConfig(module.config)
     else:
         module.forward = MethodType(HANDWRITTEN_FORWARDS[site.route], module)
-    module._mmprefix = SiteHook(site, lookup, module)
+    module._mmprefix = SiteHook(site, source, module)
 
 
 def uninstall(module: nn.Module) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -13,17 +14,25 @@ from torch import nn
 from . import checkpoint
 from .architectures import Site, find_sites, select_sites
 from .config import PrefixConfig
+from .init import activation_inputs
 from .layer import Prefix, install, uninstall
 from .peft_compat import read_peft_prefix, shifted_positions
 from .prefix import PrefixStore
+from .routing import Routing
+
+
+# Inputs whose first dimension is the batch, to check a routing list before any compute.
+BATCH_INPUTS = ("input_ids", "pixel_values", "inputs_embeds", "attention_mask")
+_ACTIVE = object()  # no per-call routing: use the active prefix
 
 
 class PrefixModel(nn.Module):
-    """Wraps a model, freezes every base parameter and routes prefixes into its attention sites.
+    """Wraps a model, freezes every base parameter and routes named prefixes into its attention sites.
 
-    The wrapped model is modified in place (its targeted attention modules look up the active prefix), so
-    calling it directly also uses the prefix. ``forward``, ``generate`` and every other attribute are
-    delegated to it. Use `add_prefix` to build one.
+    The wrapped model is modified in place (its targeted attention modules look up the current prefix), so
+    calling it directly also uses the active prefix. ``forward``, ``generate`` and every other attribute are
+    delegated to it; ``forward`` and ``generate`` also take ``prefix=``: one name (or None for the base model)
+    for the whole batch, or a list with one name per row. Use `add_prefix` to build one.
     """
 
     def __init__(self, model: nn.Module, config: PrefixConfig | None = None, name: str = "default") -> None:
@@ -33,6 +42,9 @@ class PrefixModel(nn.Module):
         self.base_model = model
         self.prefixes = nn.ModuleDict()
         self.active_prefix: str | None = None
+        self.capturing = False
+        self._captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._route: Any = _ACTIVE
         self._disabled = False
         self._installed: dict[str, Site] = {}
         self._position_hook = None
@@ -51,11 +63,14 @@ class PrefixModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, prefix: Any = _ACTIVE, **kwargs: Any) -> Any:
+        with self._routing(prefix, args, kwargs):
+            return self.base_model(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+    def generate(self, *args: Any, prefix: Any = _ACTIVE, **kwargs: Any) -> Any:
+        """``generate`` of the wrapped model; with a routing list, each sample keeps its prefix across beams."""
+        with self._routing(prefix, args, kwargs):
+            return self.base_model.generate(*args, **kwargs)
 
     # -- prefixes ---------------------------------------------------------------------------------------
     @property
@@ -63,10 +78,20 @@ class PrefixModel(nn.Module):
         """Attention sites that carry a prefix: name, tower, kind, layer, heads, kv_heads, head_dim."""
         return list(self._installed.values())
 
-    def add_prefix(self, name: str, config: PrefixConfig) -> PrefixStore:
-        """Add a new named prefix with fresh parameters; the first one added becomes active."""
+    def add_prefix(self, name: str, config: PrefixConfig, processor: Any = None) -> PrefixStore:
+        """Add a new named prefix; the first one added becomes active. ``processor`` (or tokenizer) is needed
+        for ``init="text"``, which runs the frozen model once to read its own keys and values."""
         sites = select_sites(find_sites(self.base_model, config.target_modules), config.targets)
-        return self._add_store(name, config, sites)
+        if config.init == "text" and processor is None:
+            raise ValueError('init="text" needs the model\'s processor or tokenizer: add_prefix(..., processor=...)')
+        store = self._add_store(name, config, sites)
+        if config.init == "text":
+            try:
+                store.set_kv(self._activations(store, processor))
+            except BaseException:
+                self.delete_prefix(name)
+                raise
+        return store
 
     def _add_store(self, name: str, config: PrefixConfig, sites: list[Site]) -> PrefixStore:
         if not name or "." in name:
@@ -74,11 +99,10 @@ class PrefixModel(nn.Module):
         if name in self.prefixes:
             raise ValueError(f"a prefix named {name!r} already exists; delete_prefix({name!r}) first")
         modules = dict(self.base_model.named_modules())
-        devices = {s.name: _module_device(modules[s.name]) for s in sites}
-        store = PrefixStore(config, sites, devices)
+        store = PrefixStore(config, sites, self._devices(sites))
         for site in sites:
             if site.name not in self._installed:
-                install(modules[site.name], site, self._lookup)
+                install(modules[site.name], site, self)
                 self._installed[site.name] = site
         self.prefixes[name] = store
         if config.position_offset and self._position_hook is None:
@@ -87,22 +111,112 @@ class PrefixModel(nn.Module):
             self.active_prefix = name
         return store
 
+    def delete_prefix(self, name: str) -> None:
+        """Remove a named prefix; attention sites that no other prefix uses get their original code back."""
+        self._check_names([name])
+        del self.prefixes[name]
+        used = {site.name for store in self.prefixes.values() for site in store.sites}
+        modules = dict(self.base_model.named_modules())
+        for site_name in [n for n in self._installed if n not in used]:
+            uninstall(modules[site_name])
+            del self._installed[site_name]
+        if self._position_hook is not None and not any(s.config.position_offset for s in self.prefixes.values()):
+            self._position_hook.remove()
+            self._position_hook = None
+        if self.active_prefix == name:
+            self.active_prefix = next(iter(self.prefixes), None)
+
     def set_prefix(self, name: str | None) -> None:
         """Make ``name`` the prefix every call uses (None: the base model)."""
-        if name is not None and name not in self.prefixes:
-            raise ValueError(f"unknown prefix {name!r}; prefixes: {list(self.prefixes)}")
+        self._check_names([name])
         self.active_prefix = name
 
-    def _lookup(self, site_name: str, batch_size: int) -> Prefix | None:
-        if self._disabled or self.active_prefix is None:
+    def merge_reparam(self, name: str | None = None) -> PrefixStore:
+        """Replace a reparameterised prefix by the flat keys and values its MLP produces (same outputs)."""
+        name = name or self.active_prefix
+        self._check_names([name])
+        store = self.prefixes[name]
+        if store.config.reparam is None:
+            return store
+        flat = PrefixStore(dataclasses.replace(store.config, reparam=None), store.sites, self._devices(store.sites))
+        flat.load_tensors(store.tensors())
+        self.prefixes[name] = flat
+        return flat
+
+    def _devices(self, sites: list[Site]) -> dict[str, torch.device | None]:
+        """Each site's parameters live where its attention module does (models spread over devices)."""
+        return {site.name: _module_device(self.base_model.get_submodule(site.name)) for site in sites}
+
+    def _check_names(self, names: list[str | None]) -> None:
+        unknown = [n for n in names if n is not None and n not in self.prefixes]
+        if unknown:
+            raise ValueError(f"unknown prefix {unknown[0]!r}; this model has {sorted(self.prefixes)}")
+
+    @contextlib.contextmanager
+    def _routing(self, prefix: Any, args: tuple, kwargs: dict) -> Iterator[None]:
+        """Use ``prefix`` (a name, None, or one name per row) for the duration of one call."""
+        if prefix is _ACTIVE:
+            yield
+            return
+        if prefix is None or isinstance(prefix, str):
+            self._check_names([prefix])
+            route: Any = prefix
+        else:
+            names = list(prefix)
+            self._check_names(names)
+            sizes = {v.shape[0] for k, v in kwargs.items() if k in BATCH_INPUTS and torch.is_tensor(v)}
+            sizes |= {a.shape[0] for a in args if torch.is_tensor(a) and a.dim() > 0}
+            if sizes and len(names) not in sizes:
+                raise ValueError(f"the routing list has {len(names)} entries but the batch has {sorted(sizes)} rows")
+            if any(n is not None and self.prefixes[n].config.position_offset for n in set(names)) and len(set(names)) > 1:
+                raise ValueError("prefixes with position_offset (PEFT adapters) cannot be mixed with others in one batch")
+            route = names[0] if len(set(names)) == 1 else Routing(names, self.prefixes)
+        previous, self._route = self._route, route
+        try:
+            yield
+        finally:
+            self._route = previous
+
+    def prefix_for(self, site_name: str, batch_size: int) -> Prefix | None:
+        """What an attention site uses in the current call (see `mmprefix.layer.PrefixSource`)."""
+        route = self.active_prefix if self._route is _ACTIVE else self._route
+        if self._disabled or route is None:
             return None
-        return self.prefixes[self.active_prefix].prefix(site_name)
+        if isinstance(route, Routing):
+            return route.prefix(site_name, batch_size)
+        return self.prefixes[route].prefix(site_name)
+
+    def observe(self, site_name: str, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Record a site's own keys and values while ``capturing`` (first call, first row)."""
+        self._captured.setdefault(site_name, (keys[0].detach(), values[0].detach()))
+
+    def _activations(self, store: PrefixStore, processor: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The frozen model's keys and values for ``init_text`` at each of the store's sites, cycled to P."""
+        config = store.config
+        inputs = activation_inputs(self.base_model, processor, config.init_text, config.init_image)
+        self.capturing, self._captured = True, {}
+        try:
+            with torch.no_grad(), self._routing(None, (), {}):
+                self.base_model(**inputs)
+            captured = self._captured
+        finally:
+            self.capturing, self._captured = False, {}
+        missing = [s.name for s in store.sites if s.name not in captured]
+        if missing:
+            raise ValueError(f'init="text" reached no activations at {len(missing)} sites (e.g. {missing[0]})')
+        slots = torch.arange(config.num_virtual_tokens)
+        return {
+            name: (keys[:, slots % keys.shape[1]], values[:, slots % values.shape[1]])
+            for name, (keys, values) in captured.items()
+            if store.has_site(name)
+        }
 
     def _shift_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Forward pre-hook for prefixes with ``position_offset`` (PEFT's convention): real tokens start at P."""
-        if self._disabled or self.active_prefix is None:
+        route = self.active_prefix if self._route is _ACTIVE else self._route
+        if self._disabled or not isinstance(route, str):
             return None
-        config = self.prefixes[self.active_prefix].config
+        config = self.prefixes[route].config
         if not config.position_offset:
             return None
         kwargs["position_ids"] = shifted_positions(self.base_model, args, kwargs, config.num_virtual_tokens)
@@ -119,15 +233,8 @@ class PrefixModel(nn.Module):
 
     def remove_prefix(self) -> nn.Module:
         """Take every prefix out and give back the original model, with its requires_grad flags restored."""
-        modules = dict(self.base_model.named_modules())
-        for site_name in self._installed:
-            uninstall(modules[site_name])
-        self._installed.clear()
-        if self._position_hook is not None:
-            self._position_hook.remove()
-            self._position_hook = None
-        self.prefixes.clear()
-        self.active_prefix = None
+        for name in list(self.prefixes):
+            self.delete_prefix(name)
         for n, p in self.base_model.named_parameters():
             p.requires_grad_(self._base_requires_grad.get(n, p.requires_grad))
         return self.base_model
@@ -159,16 +266,24 @@ class PrefixModel(nn.Module):
             base.disable_input_require_grads()
 
     # -- saving -----------------------------------------------------------------------------------------
-    def save_prefix(self, directory: str | os.PathLike, name: str | None = None) -> None:
-        """Write ``prefix_config.json`` and ``prefix.safetensors`` for one prefix (default: the active one)."""
+    def save_prefix(self, directory: str | os.PathLike, name: str | None = None, keep_reparam: bool = False) -> None:
+        """Write ``prefix_config.json`` and ``prefix.safetensors`` for one prefix (default: the active one).
+
+        A reparameterised prefix is saved as the flat keys and values its MLP produces; ``keep_reparam=True``
+        also keeps the embedding and MLP, to resume training it."""
         name = name or self.active_prefix
-        if name not in self.prefixes:
-            raise ValueError(f"unknown prefix {name!r}; prefixes: {list(self.prefixes)}")
+        self._check_names([name])
         store = self.prefixes[name]
+        saved_config, tensors = store.config, store.tensors()
+        if store.config.reparam is not None:
+            if keep_reparam:
+                tensors.update({f"reparam.{k}": v for k, v in store.reparam_tensors().items()})
+            else:
+                saved_config = dataclasses.replace(saved_config, reparam=None)
         config = getattr(self.base_model, "config", None)
         meta = {
             "name": name,
-            "prefix_config": store.config.to_dict(),
+            "prefix_config": saved_config.to_dict(),
             "model": {
                 "architecture": type(self.base_model).__name__,
                 "model_type": getattr(config, "model_type", None),
@@ -176,7 +291,7 @@ class PrefixModel(nn.Module):
             },
             "sites": [site.to_dict() for site in store.sites],
         }
-        checkpoint.write_prefix(directory, store.tensors(), meta)
+        checkpoint.write_prefix(directory, tensors, meta)
 
     def load_prefix(self, name: str, directory: str | os.PathLike) -> PrefixStore:
         """Add a prefix saved with ``save_prefix`` (or a PEFT prefix-tuning adapter) under ``name``."""
@@ -192,9 +307,14 @@ def _module_device(module: nn.Module) -> torch.device | None:
     return None
 
 
-def add_prefix(model: nn.Module, config: PrefixConfig | None = None, name: str = "default") -> PrefixModel:
-    """Freeze ``model`` and put a trainable prefix into its attention sites (all of them by default)."""
-    return PrefixModel(model, config or PrefixConfig(), name=name)
+def add_prefix(
+    model: nn.Module, config: PrefixConfig | None = None, name: str = "default", processor: Any = None
+) -> PrefixModel:
+    """Freeze ``model`` and put a trainable prefix into its attention sites (all of them by default).
+    ``processor`` (or a tokenizer) is needed only for ``PrefixConfig(init="text")``."""
+    wrapped = PrefixModel(model)
+    wrapped.add_prefix(name, config or PrefixConfig(), processor=processor)
+    return wrapped
 
 
 def load_prefix(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> PrefixModel:
@@ -267,11 +387,14 @@ def _read_for(model: nn.Module, directory: str | os.PathLike) -> tuple[PrefixCon
     sites, problems = match_sites(meta["sites"], available, expected)
     if problems:
         raise ValueError(f"{origin} and does not fit this {_describe(model)}: " + "; ".join(problems))
-    tensors = {}
+    tensors = {k: v for k, v in saved_tensors.items() if k.startswith("reparam.")}
     for entry, site in zip(meta["sites"], sites):
-        for part in ("key", "value"):
+        shapes = {"key": (site.kv_heads, config.num_virtual_tokens, site.head_dim)}
+        shapes["value"] = shapes["key"]
+        if config.gate is not None:
+            shapes["gate"] = (1,) if config.gate == "scalar" else (site.heads,)
+        for part, shape in shapes.items():
             tensor = saved_tensors.get(f"{entry['name']}.{part}")
-            shape = (site.kv_heads, config.num_virtual_tokens, site.head_dim)
             if tensor is None or tuple(tensor.shape) != shape:
                 got = None if tensor is None else tuple(tensor.shape)
                 raise ValueError(f"{directory}: tensor {entry['name']}.{part} has shape {got}, expected {shape}")

@@ -1,4 +1,4 @@
-"""`PrefixStore`: the trainable keys and values of one named prefix, one pair per attention site."""
+"""`PrefixStore`: the trainable keys, values (and gates) of one named prefix, one set per attention site."""
 
 from __future__ import annotations
 
@@ -16,44 +16,129 @@ def parameter_key(site_name: str) -> str:
 
 
 class PrefixStore(nn.Module):
-    """Flat prefix keys and values ``[kv_heads, P, head_dim]`` for each of its sites, kept in float32."""
+    """Keys and values ``[kv_heads, P, head_dim]`` for each of its sites, kept in float32.
+
+    Flat (the default): one parameter pair per site. ``reparam="mlp"``: an embedding ``[P, hidden]`` and a
+    two-layer MLP whose output row holds every site's keys and values side by side; each site computes only
+    its own slice of the last layer, so no per-call cache is needed.
+    """
 
     def __init__(self, config: PrefixConfig, sites: list[Site], devices: dict[str, torch.device] | None = None):
         super().__init__()
         self.config = config
         self.sites = list(sites)
-        self.keys = nn.ParameterDict()
-        self.values = nn.ParameterDict()
-        p = config.num_virtual_tokens
-        for site in self.sites:
-            device = (devices or {}).get(site.name)
-            for table in (self.keys, self.values):
-                data = torch.empty(site.kv_heads, p, site.head_dim, dtype=torch.float32, device=device)
-                table[parameter_key(site.name)] = nn.Parameter(nn.init.normal_(data, std=config.init_std))
         self._by_name = {site.name: parameter_key(site.name) for site in self.sites}
+        self._site = {site.name: site for site in self.sites}
+        devices = devices or {}
+        p = config.num_virtual_tokens
+        if config.reparam is None:
+            self.keys = nn.ParameterDict()
+            self.values = nn.ParameterDict()
+            for site in self.sites:
+                for table in (self.keys, self.values):
+                    data = torch.empty(site.kv_heads, p, site.head_dim, device=devices.get(site.name))
+                    table[parameter_key(site.name)] = nn.Parameter(self._initial(data))
+        else:
+            device = next(iter(devices.values()), None)
+            self._slices, start = {}, 0
+            for site in self.sites:
+                width = 2 * site.kv_heads * site.head_dim
+                self._slices[site.name] = (start, start + width)
+                start += width
+            self.embedding = nn.Parameter(torch.randn(p, config.reparam_hidden, device=device))
+            self.mlp = nn.Sequential(
+                nn.Linear(config.reparam_hidden, config.reparam_hidden, device=device),
+                nn.Tanh(),
+                nn.Linear(config.reparam_hidden, start, device=device),
+            )
+            if config.init == "zero":
+                nn.init.zeros_(self.mlp[2].weight)
+                nn.init.zeros_(self.mlp[2].bias)
+        if config.gate is not None:
+            self.gates = nn.ParameterDict()
+            for site in self.sites:
+                size = 1 if config.gate == "scalar" else site.heads
+                self.gates[parameter_key(site.name)] = nn.Parameter(torch.zeros(size, device=devices.get(site.name)))
+
+    def _initial(self, data: torch.Tensor) -> torch.Tensor:
+        if self.config.init == "zero":
+            return nn.init.zeros_(data)
+        return nn.init.normal_(data, std=self.config.init_std)  # "text" is overwritten after capture
 
     @property
     def num_virtual_tokens(self) -> int:
         return self.config.num_virtual_tokens
 
-    def prefix(self, site_name: str) -> Prefix | None:
-        key = self._by_name.get(site_name)
-        if key is None or self.config.num_virtual_tokens == 0:
+    def has_site(self, site_name: str) -> bool:
+        return site_name in self._by_name
+
+    def kv(self, site_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[kv_heads, P, head_dim]`` at one site."""
+        if self.config.reparam is None:
+            key = self._by_name[site_name]
+            return self.keys[key], self.values[key]
+        site = self._site[site_name]
+        start, stop = self._slices[site_name]
+        hidden = self.mlp[1](self.mlp[0](self.embedding))
+        out = nn.functional.linear(hidden, self.mlp[2].weight[start:stop], self.mlp[2].bias[start:stop])
+        keys, values = out.view(-1, 2, site.kv_heads, site.head_dim).permute(1, 2, 0, 3)
+        return keys, values
+
+    def gate(self, site_name: str) -> torch.Tensor | None:
+        if self.config.gate is None:
             return None
-        return Prefix(self.keys[key][None], self.values[key][None])
+        return self.gates[self._by_name[site_name]]
+
+    def prefix(self, site_name: str) -> Prefix | None:
+        """The prefix for a call where every row uses this store (None where it has no slots here)."""
+        if site_name not in self._by_name or self.config.num_virtual_tokens == 0:
+            return None
+        keys, values = self.kv(site_name)
+        gate = self.gate(site_name)
+        return Prefix(keys[None], values[None], None, None if gate is None else gate[None])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Flat tensors by ``"<site>.key"`` / ``"<site>.value"``, as saved on disk."""
+        """Flat tensors by ``"<site>.key"``, ``"<site>.value"`` (and ``"<site>.gate"``), as saved on disk."""
         out = {}
-        for site in self.sites:
-            out[f"{site.name}.key"] = self.keys[self._by_name[site.name]].detach()
-            out[f"{site.name}.value"] = self.values[self._by_name[site.name]].detach()
+        with torch.no_grad():
+            for site in self.sites:
+                out[f"{site.name}.key"], out[f"{site.name}.value"] = (t.detach() for t in self.kv(site.name))
+                if self.config.gate is not None:
+                    out[f"{site.name}.gate"] = self.gate(site.name).detach()
         return out
+
+    def reparam_tensors(self) -> dict[str, torch.Tensor]:
+        """The embedding and MLP, to resume training a reparameterised prefix."""
+        return {"embedding": self.embedding.detach(), **{f"mlp.{k}": v for k, v in self.mlp.state_dict().items()}}
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy saved tensors in; the caller has checked names and shapes."""
+        """Copy saved tensors in (the caller has checked names and shapes): flat keys and values, gates, and
+        for a reparameterised store its ``reparam.*`` embedding and MLP when they were kept."""
+        if self.config.reparam is not None and "reparam.embedding" in tensors:
+            self.embedding.copy_(tensors["reparam.embedding"])
+            self.mlp.load_state_dict({k[len("reparam.mlp.") :]: v for k, v in tensors.items() if k.startswith("reparam.mlp.")})
+        else:
+            self.set_kv({s.name: (tensors[f"{s.name}.key"], tensors[f"{s.name}.value"]) for s in self.sites})
+        if self.config.gate is not None:
+            for site in self.sites:
+                self.gates[self._by_name[site.name]].copy_(tensors[f"{site.name}.gate"])
+
+    @torch.no_grad()
+    def set_kv(self, kv: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Make the store produce these keys and values. A reparameterised store sets its last MLP layer to
+        map its hidden rows onto them (exact while P <= reparam_hidden)."""
+        if self.config.reparam is None:
+            for site in self.sites:
+                key = self._by_name[site.name]
+                self.keys[key].copy_(kv[site.name][0])
+                self.values[key].copy_(kv[site.name][1])
+            return
+        rows = []
         for site in self.sites:
-            key = self._by_name[site.name]
-            self.keys[key].copy_(tensors[f"{site.name}.key"])
-            self.values[key].copy_(tensors[f"{site.name}.value"])
+            keys, values = kv[site.name]
+            rows.append(torch.stack([keys, values]).permute(2, 0, 1, 3).reshape(keys.shape[1], -1))
+        target = torch.cat(rows, dim=1).to(self.embedding)
+        hidden = self.mlp[1](self.mlp[0](self.embedding))
+        self.mlp[2].bias.zero_()
+        self.mlp[2].weight.copy_((torch.linalg.pinv(hidden) @ target).T)

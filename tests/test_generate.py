@@ -10,42 +10,18 @@ GREEDY = dict(max_new_tokens=6, do_sample=False)
 BEAM = dict(max_new_tokens=6, do_sample=False, num_beams=3)
 
 
-def _image_prompt(batch=2):
-    ids = tiny.tokens(batch, length=7)
-    ids[:, :4] = tiny.IMAGE_TOKEN
-    return ids
-
-
-# family -> (generation inputs, extra generate kwargs)
-GENERATORS = {
-    "llama": (lambda: dict(input_ids=tiny.tokens(), attention_mask=torch.ones(2, 7, dtype=torch.long)), dict(pad_token_id=0)),
-    "gpt2": (lambda: dict(input_ids=tiny.tokens(), attention_mask=torch.ones(2, 7, dtype=torch.long)), dict(pad_token_id=0)),
-    "opt": (lambda: dict(input_ids=tiny.tokens(), attention_mask=torch.ones(2, 7, dtype=torch.long)), dict()),
-    "t5": (lambda: dict(input_ids=tiny.tokens(), attention_mask=torch.ones(2, 7, dtype=torch.long)), dict()),
-    "blip_caption": (lambda: dict(pixel_values=tiny.pixels()), dict()),
-    "blip_vqa": (lambda: dict(input_ids=tiny.tokens(), pixel_values=tiny.pixels()), dict()),
-    "blip2_opt": (lambda: dict(input_ids=_image_prompt(), pixel_values=tiny.pixels(),
-                               attention_mask=torch.ones(2, 7, dtype=torch.long)), dict()),
-    "blip2_t5": (lambda: dict(input_ids=_image_prompt(), pixel_values=tiny.pixels(),
-                              attention_mask=torch.ones(2, 7, dtype=torch.long)), dict()),
-    "instructblip": (lambda: dict(input_ids=_image_prompt(), pixel_values=tiny.pixels(),
-                                  attention_mask=torch.ones(2, 7, dtype=torch.long),
-                                  qformer_input_ids=tiny.tokens(length=5, seed=4)), dict()),
-}
-
-
 def prefixed(family, std=1.0):
     return add_prefix(tiny.FAMILIES[family][0](), PrefixConfig(num_virtual_tokens=4, init_std=std))
 
 
 def generate(model, family, settings, **extra):
-    inputs, kwargs = GENERATORS[family]
+    inputs, kwargs = tiny.GENERATORS[family]
     with torch.no_grad():
         return model.generate(**inputs(), **kwargs, **settings, **extra, output_scores=True,
                               return_dict_in_generate=True)
 
 
-@pytest.mark.parametrize("family", sorted(GENERATORS))
+@pytest.mark.parametrize("family", sorted(tiny.GENERATORS))
 @pytest.mark.parametrize("settings", [GREEDY, BEAM], ids=["greedy", "beam"])
 def test_cache_on_and_off_give_the_same_tokens(family, settings):
     pm = prefixed(family)
@@ -56,7 +32,7 @@ def test_cache_on_and_off_give_the_same_tokens(family, settings):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", sorted(GENERATORS))
+@pytest.mark.parametrize("family", sorted(tiny.GENERATORS))
 def test_generation_really_uses_the_prefix_and_disabled_is_the_base_model(family):
     """PEFT's prefix is silently ignored by BLIP and BLIP-2 generate(); here the scores must move."""
     base = generate(tiny.FAMILIES[family][0](), family, GREEDY)
@@ -75,7 +51,7 @@ def test_greedy_equals_a_naive_full_recompute_loop(family):
     pm = prefixed(family)
     ids = tiny.tokens(1)
     with torch.no_grad():
-        out = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **GREEDY, **GENERATORS[family][1])
+        out = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **GREEDY, **tiny.GENERATORS[family][1])
         seq = ids
         for _ in range(GREEDY["max_new_tokens"]):
             next_token = pm(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)

@@ -158,3 +158,71 @@ FAMILIES = {
     "t5": (lambda: t5(), lambda: dict(input_ids=tokens(), attention_mask=_padded_mask(tokens()),
                                       labels=tokens(length=4, seed=3)), lambda o: o.logits),
 }
+
+
+# family -> (generation inputs, extra generate kwargs)
+GENERATORS = {
+    "llama": (lambda: dict(input_ids=tokens(), attention_mask=torch.ones(2, 7, dtype=torch.long)), dict(pad_token_id=0)),
+    "gpt2": (lambda: dict(input_ids=tokens(), attention_mask=torch.ones(2, 7, dtype=torch.long)), dict(pad_token_id=0)),
+    "opt": (lambda: dict(input_ids=tokens(), attention_mask=torch.ones(2, 7, dtype=torch.long)), dict()),
+    "t5": (lambda: dict(input_ids=tokens(), attention_mask=torch.ones(2, 7, dtype=torch.long)), dict()),
+    "blip_caption": (lambda: dict(pixel_values=pixels()), dict()),
+    "blip_vqa": (lambda: dict(input_ids=tokens(), pixel_values=pixels()), dict()),
+    "blip2_opt": (lambda: dict(input_ids=_ids_with_image_tokens(), pixel_values=pixels(),
+                               attention_mask=torch.ones(2, 7, dtype=torch.long)), dict()),
+    "blip2_t5": (lambda: dict(input_ids=_ids_with_image_tokens(), pixel_values=pixels(),
+                              attention_mask=torch.ones(2, 7, dtype=torch.long)), dict()),
+    "instructblip": (lambda: dict(input_ids=_ids_with_image_tokens(), pixel_values=pixels(),
+                                  attention_mask=torch.ones(2, 7, dtype=torch.long),
+                                  qformer_input_ids=tokens(length=5, seed=4)), dict()),
+}
+
+
+class TinyProcessor:
+    """Stands in for a model's processor offline: words become ids through a fixed hash, images 32 px tensors.
+    ``image_tokens`` prepends BLIP-2's image placeholders; ``qformer`` adds InstructBLIP's Q-Former text."""
+
+    def __init__(self, image_tokens: int = 0, qformer: bool = False) -> None:
+        self.image_tokens, self.qformer = image_tokens, qformer
+
+    def __call__(self, text=None, images=None, return_tensors="pt"):
+        out = {}
+        if text is not None:
+            words = [4 + sum(map(ord, w)) % 86 for w in text.split()]
+            ids = torch.tensor([[IMAGE_TOKEN] * self.image_tokens + words])
+            out.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+            if self.qformer:
+                out.update(qformer_input_ids=torch.tensor([words]), qformer_attention_mask=torch.ones(1, len(words)))
+        if images is not None:
+            pixels = torch.tensor(list(images.resize((32, 32)).getdata()), dtype=torch.float32) / 127.5 - 1
+            out["pixel_values"] = pixels.T.reshape(1, 3, 32, 32)
+        return out
+
+
+PROCESSORS = {
+    "blip2_opt": TinyProcessor(image_tokens=4),
+    "blip2_t5": TinyProcessor(image_tokens=4),
+    "blip2_model": TinyProcessor(image_tokens=4),
+    "instructblip": TinyProcessor(image_tokens=4, qformer=True),
+}
+
+
+def processor(family: str) -> TinyProcessor:
+    return PROCESSORS.get(family, TinyProcessor())
+
+
+def blip_processor() -> "tf.BlipProcessor":
+    """A real BlipProcessor built offline: a word-level BERT vocabulary and a 32 px image processor."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "a photo of the what is color red blue".split()
+    tokenizer = tf.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    return tf.BlipProcessor(image_processor=tf.BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+
+
+# Families whose output has one row per sample (BLIP-VQA returns only a batch loss: routed through generate).
+def rows(family: str, output):
+    if family == "clip":
+        return torch.cat([output.image_embeds, output.text_embeds], dim=-1)
+    return FAMILIES[family][2](output)
+
+
+ROW_FAMILIES = sorted(f for f in FAMILIES if f != "blip_vqa")
