@@ -141,6 +141,62 @@ def tower_layout(model: nn.Module) -> tuple[tuple[str, str], ...] | None:
     return None
 
 
+@dataclass(frozen=True)
+class PromptInput:
+    """Where a soft prompt (``PrefixConfig(method="prompt")``) goes in a model's text input."""
+
+    embedding: nn.Module  # the token embedding that embeds ``input_ids``
+    column: int  # index in ``input_ids`` where the prompt is inserted
+    labels_follow_input: bool  # ``labels`` are aligned with ``input_ids`` (they get -100 at the prompt)
+    positions: str  # "mask": from the attention mask; "ids": forward takes position_ids; "fixed": by index only
+    filler_id: int  # placeholder token id (the pad token: never an image placeholder)
+
+
+# Vision-language models: (token-embedding path, or None for get_input_embeddings(); column; labels follow input).
+# CLIP and BLIP keep their first token (BOS / [CLS], which they pool or read) in front of the prompt.
+PROMPT_INPUTS = {
+    "CLIPModel": ("text_model.embeddings.token_embedding", 1, False),
+    "CLIPTextModel": (None, 1, False),
+    "CLIPTextModelWithProjection": (None, 1, False),
+    "BlipForConditionalGeneration": (None, 1, True),
+    "BlipForQuestionAnswering": (None, 1, False),
+    "BlipForImageTextRetrieval": (None, 1, False),
+    "Blip2ForConditionalGeneration": (None, 0, True),
+    "Blip2Model": (None, 0, False),
+    "InstructBlipForConditionalGeneration": (None, 0, True),
+}
+
+
+def prompt_input(model: nn.Module) -> PromptInput:
+    """Where a soft prompt goes in ``model``; a ValueError for models without a supported text input."""
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if name in PROMPT_INPUTS:
+        path, column, labels_follow = PROMPT_INPUTS[name]
+        embedding = model.get_submodule(path) if path else model.get_input_embeddings()
+        language = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(language, "is_encoder_decoder", False):
+            labels_follow = False  # a T5 inside BLIP-2: labels are the decoder's
+    elif config is not None and _is_language_model(config):
+        encoder_decoder = getattr(config, "is_encoder_decoder", False)
+        embedding = (model.get_encoder() if encoder_decoder else model).get_input_embeddings()
+        column, labels_follow, language = 0, not encoder_decoder, config
+    else:
+        raise ValueError(
+            f'method="prompt" needs a text input mmprefix knows; {name} has none. Supported: '
+            f"{', '.join(sorted(PROMPT_INPUTS))}, and causal or seq2seq language models"
+        )
+    if getattr(language, "model_type", None) in POSITIONS_FROM_MASK:
+        positions = "mask"
+    elif "position_ids" in inspect.signature(model.forward).parameters and not getattr(
+        language, "is_encoder_decoder", False
+    ):
+        positions = "ids"
+    else:
+        positions = "fixed"
+    return PromptInput(embedding, column, labels_follow, positions, getattr(language, "pad_token_id", None) or 0)
+
+
 def supported_families() -> str:
     return (
         "CLIP and SigLIP (vision/text), BLIP, BLIP-2 and InstructBLIP (with OPT, T5 or another supported LM), and "

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
+METHODS = ("prefix", "prompt")
 INITS = ("random", "zero", "text")
 REPARAMS = (None, "mlp")
 GATES = (None, "scalar", "head")
@@ -17,7 +18,11 @@ class PrefixConfig:
     """Configuration of one prefix.
 
     Args:
-        num_virtual_tokens: number of prefix key/value slots ``P`` prepended in every targeted attention site.
+        num_virtual_tokens: number of prefix key/value slots ``P`` prepended in every targeted attention site
+            (for ``method="prompt"``: the number of soft-prompt tokens).
+        method: ``"prefix"`` (keys and values inside attention) or ``"prompt"``: a soft prompt of
+            ``num_virtual_tokens`` trainable input embeddings inserted into the model's text input (Lester et
+            al., 2021), for comparison; ``"text"`` init then starts from the embeddings of ``init_text``.
         targets: which attention sites get a prefix, as ``"tower.kind[layers]"`` strings, e.g. ``"vision"``,
             ``"lm.self"``, ``"qformer.cross"``, ``"text_decoder.*[6:]"``, ``"*.cross[-2:]"``. ``tower`` and ``kind``
             accept ``*``; the optional ``[start:stop]`` slice selects layers of that tower (negative indices count
@@ -45,6 +50,7 @@ class PrefixConfig:
     """
 
     num_virtual_tokens: int = 16
+    method: str = "prefix"
     targets: list[str] | None = None
     target_modules: list[str] | None = None
     init: str = "random"
@@ -65,12 +71,21 @@ class PrefixConfig:
             raise ValueError(f"num_virtual_tokens must be an integer >= 0, got {self.num_virtual_tokens!r}")
         if self.init_std < 0:
             raise ValueError(f"init_std must be >= 0, got {self.init_std}")
-        choices = {"init": (INITS, self.init), "reparam": (REPARAMS, self.reparam), "gate": (GATES, self.gate)}
+        choices = {
+            "method": (METHODS, self.method),
+            "init": (INITS, self.init),
+            "reparam": (REPARAMS, self.reparam),
+            "gate": (GATES, self.gate),
+        }
         for field, (allowed, value) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
         if self.init == "text" and not self.init_text:
             raise ValueError('init="text" needs the text: PrefixConfig(init="text", init_text="...")')
+        if self.method == "prompt":
+            set_options = [f for f in ("targets", "target_modules", "reparam", "gate") if getattr(self, f) is not None]
+            if set_options or self.position_offset:
+                raise ValueError(f'method="prompt" puts the prompt in the text input; it takes no {set_options or "position_offset"}')
         if self.reparam_hidden < 1:
             raise ValueError(f"reparam_hidden must be >= 1, got {self.reparam_hidden}")
 

@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .architectures import Site, find_sites, select_sites
+from .architectures import Site, find_sites, prompt_input, select_sites
 from .config import PrefixConfig
 from .init import activation_inputs
 from .layer import Prefix, install, uninstall
 from .peft_compat import read_peft_prefix, shifted_positions
 from .prefix import PrefixStore
+from .prompt import Insertion, PromptStore, insert_prompts, remove_placeholders, replace_placeholders
 from .routing import Routing
 
 
@@ -48,6 +49,8 @@ class PrefixModel(nn.Module):
         self._disabled = False
         self._installed: dict[str, Site] = {}
         self._position_hook = None
+        self._prompt_hook = None
+        self._insertion: Insertion | None = None
         self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -64,13 +67,20 @@ class PrefixModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args: Any, prefix: Any = _ACTIVE, **kwargs: Any) -> Any:
-        with self._routing(prefix, args, kwargs):
+        with self._routing(prefix, args, kwargs, generating=False) as kwargs:
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, prefix: Any = _ACTIVE, **kwargs: Any) -> Any:
-        """``generate`` of the wrapped model; with a routing list, each sample keeps its prefix across beams."""
-        with self._routing(prefix, args, kwargs):
-            return self.base_model.generate(*args, **kwargs)
+        """``generate`` of the wrapped model; with a routing list, each sample keeps its prefix across beams.
+        Returned sequences never show a soft prompt's placeholder tokens."""
+        with self._routing(prefix, args, kwargs, generating=True) as kwargs:
+            output, insertion = self.base_model.generate(*args, **kwargs), self._insertion
+        if insertion is None:
+            return output
+        if torch.is_tensor(output):
+            return remove_placeholders(insertion, output)
+        output.sequences = remove_placeholders(insertion, output.sequences)
+        return output
 
     # -- prefixes ---------------------------------------------------------------------------------------
     @property
@@ -78,28 +88,40 @@ class PrefixModel(nn.Module):
         """Attention sites that carry a prefix: name, tower, kind, layer, heads, kv_heads, head_dim."""
         return list(self._installed.values())
 
-    def add_prefix(self, name: str, config: PrefixConfig, processor: Any = None) -> PrefixStore:
+    def add_prefix(self, name: str, config: PrefixConfig, processor: Any = None) -> PrefixStore | PromptStore:
         """Add a new named prefix; the first one added becomes active. ``processor`` (or tokenizer) is needed
-        for ``init="text"``, which runs the frozen model once to read its own keys and values."""
-        sites = select_sites(find_sites(self.base_model, config.target_modules), config.targets)
+        for ``init="text"``, which runs the frozen model once to read its own keys and values (for a soft
+        prompt: embeds the text)."""
         if config.init == "text" and processor is None:
             raise ValueError('init="text" needs the model\'s processor or tokenizer: add_prefix(..., processor=...)')
+        sites = []
+        if config.method == "prefix":
+            sites = select_sites(find_sites(self.base_model, config.target_modules), config.targets)
         store = self._add_store(name, config, sites)
         if config.init == "text":
             try:
-                store.set_kv(self._activations(store, processor))
+                if config.method == "prompt":
+                    store.load_tensors({"prompt.embeddings": self._text_embeddings(config, processor)})
+                else:
+                    store.set_kv(self._activations(store, processor))
             except BaseException:
                 self.delete_prefix(name)
                 raise
         return store
 
-    def _add_store(self, name: str, config: PrefixConfig, sites: list[Site]) -> PrefixStore:
+    def _add_store(self, name: str, config: PrefixConfig, sites: list[Site]) -> PrefixStore | PromptStore:
         if not name or "." in name:
             raise ValueError(f"prefix names must be non-empty and hold no dots, got {name!r}")
         if name in self.prefixes:
             raise ValueError(f"a prefix named {name!r} already exists; delete_prefix({name!r}) first")
+        if config.method == "prompt":
+            where = prompt_input(self.base_model)
+            store = PromptStore(config, where.embedding.embedding_dim, _module_device(where.embedding))
+            if self._prompt_hook is None:
+                self._prompt_hook = where.embedding.register_forward_hook(self._embed_prompt)
+        else:
+            store = PrefixStore(config, sites, self._devices(sites))
         modules = dict(self.base_model.named_modules())
-        store = PrefixStore(config, sites, self._devices(sites))
         for site in sites:
             if site.name not in self._installed:
                 install(modules[site.name], site, self)
@@ -123,6 +145,9 @@ class PrefixModel(nn.Module):
         if self._position_hook is not None and not any(s.config.position_offset for s in self.prefixes.values()):
             self._position_hook.remove()
             self._position_hook = None
+        if self._prompt_hook is not None and not any(s.config.method == "prompt" for s in self.prefixes.values()):
+            self._prompt_hook.remove()
+            self._prompt_hook = None
         if self.active_prefix == name:
             self.active_prefix = next(iter(self.prefixes), None)
 
@@ -153,29 +178,68 @@ class PrefixModel(nn.Module):
             raise ValueError(f"unknown prefix {unknown[0]!r}; this model has {sorted(self.prefixes)}")
 
     @contextlib.contextmanager
-    def _routing(self, prefix: Any, args: tuple, kwargs: dict) -> Iterator[None]:
-        """Use ``prefix`` (a name, None, or one name per row) for the duration of one call."""
-        if prefix is _ACTIVE:
-            yield
-            return
-        if prefix is None or isinstance(prefix, str):
-            self._check_names([prefix])
-            route: Any = prefix
-        else:
-            names = list(prefix)
-            self._check_names(names)
-            sizes = {v.shape[0] for k, v in kwargs.items() if k in BATCH_INPUTS and torch.is_tensor(v)}
-            sizes |= {a.shape[0] for a in args if torch.is_tensor(a) and a.dim() > 0}
-            if sizes and len(names) not in sizes:
-                raise ValueError(f"the routing list has {len(names)} entries but the batch has {sorted(sizes)} rows")
-            if any(n is not None and self.prefixes[n].config.position_offset for n in set(names)) and len(set(names)) > 1:
-                raise ValueError("prefixes with position_offset (PEFT adapters) cannot be mixed with others in one batch")
-            route = names[0] if len(set(names)) == 1 else Routing(names, self.prefixes)
+    def _routing(self, prefix: Any, args: tuple, kwargs: dict, generating: bool) -> Iterator[dict]:
+        """Use ``prefix`` (a name, None, or one name per row) for one call; yields the call's keyword
+        arguments, with placeholders inserted when the call uses soft prompts."""
+        route: Any = self._route
+        if prefix is not _ACTIVE:
+            route = self._resolve(prefix, args, kwargs)
         previous, self._route = self._route, route
         try:
-            yield
+            kwargs, self._insertion = self._insert_prompts(kwargs, generating)
+            yield kwargs
         finally:
-            self._route = previous
+            self._route, self._insertion = previous, None
+
+    def _resolve(self, prefix: Any, args: tuple, kwargs: dict) -> Any:
+        if prefix is None or isinstance(prefix, str):
+            self._check_names([prefix])
+            return prefix
+        names = list(prefix)
+        self._check_names(names)
+        sizes = {v.shape[0] for k, v in kwargs.items() if k in BATCH_INPUTS and torch.is_tensor(v)}
+        sizes |= {a.shape[0] for a in args if torch.is_tensor(a) and a.dim() > 0}
+        if sizes and len(names) not in sizes:
+            raise ValueError(f"the routing list has {len(names)} entries but the batch has {sorted(sizes)} rows")
+        used = {n for n in names if n is not None}
+        if len(set(names)) == 1:
+            return names[0]
+        if any(self.prefixes[n].config.position_offset for n in used):
+            raise ValueError("prefixes with position_offset (PEFT adapters) cannot be mixed with others in one batch")
+        if len({self.prefixes[n].config.method for n in used}) > 1:
+            raise ValueError(f"soft prompts and prefixes cannot share a batch (routing {sorted(used)})")
+        return Routing(names, self.prefixes)
+
+    def _insert_prompts(self, kwargs: dict, generating: bool) -> tuple[dict, Insertion | None]:
+        route = self.active_prefix if self._route is _ACTIVE else self._route
+        if self._disabled or route is None or self._prompt_hook is None:
+            return kwargs, None
+        names = route.names if isinstance(route, Routing) else [route] * _batch_size(kwargs)
+        stores = [None if n is None else self.prefixes[n] for n in names]
+        if not any(isinstance(s, PromptStore) for s in stores):
+            return kwargs, None
+        where = prompt_input(self.base_model)
+        if where.positions == "fixed" and len({0 if s is None else s.num_virtual_tokens for s in stores}) > 1:
+            raise ValueError(
+                f"{type(self.base_model).__name__} numbers its text positions by index alone, so soft prompts of "
+                "different lengths (or rows without one) cannot share a batch; route them in separate calls"
+            )
+        prompts = [None if s is None else s.embeddings for s in stores]
+        return insert_prompts(kwargs, prompts, where, explicit_positions=not generating and where.positions == "ids")
+
+    def _embed_prompt(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Forward hook on the token embedding: soft-prompt vectors into the placeholder slots."""
+        if self._insertion is None or not args:
+            return None
+        return replace_placeholders(self._insertion, args[0], output)
+
+    def _text_embeddings(self, config: PrefixConfig, processor: Any) -> torch.Tensor:
+        """Embeddings of ``init_text``'s tokens, cycled to P: the soft prompt's text initialisation."""
+        embedding = prompt_input(self.base_model).embedding
+        ids = processor(text=config.init_text, return_tensors="pt")["input_ids"].to(embedding.weight.device)
+        with torch.no_grad():
+            vectors = embedding(ids)[0]
+        return vectors[torch.arange(config.num_virtual_tokens) % vectors.shape[0]].float()
 
     def prefix_for(self, site_name: str, batch_size: int) -> Prefix | None:
         """What an attention site uses in the current call (see `mmprefix.layer.PrefixSource`)."""
@@ -196,7 +260,7 @@ class PrefixModel(nn.Module):
         inputs = activation_inputs(self.base_model, processor, config.init_text, config.init_image)
         self.capturing, self._captured = True, {}
         try:
-            with torch.no_grad(), self._routing(None, (), {}):
+            with torch.no_grad(), self._routing(None, (), {}, generating=False):
                 self.base_model(**inputs)
             captured = self._captured
         finally:
@@ -301,6 +365,13 @@ class PrefixModel(nn.Module):
         return store
 
 
+def _batch_size(kwargs: dict) -> int:
+    ids = kwargs.get("input_ids")
+    if ids is None:
+        raise ValueError('method="prompt" needs input_ids in the call (the prompt goes into the text input)')
+    return ids.shape[0]
+
+
 def _module_device(module: nn.Module) -> torch.device | None:
     for tensor in module.parameters():
         return tensor.device if tensor.device.type != "meta" else None
@@ -376,6 +447,15 @@ def _read_for(model: nn.Module, directory: str | os.PathLike) -> tuple[PrefixCon
         f"the prefix in {directory} was saved for {saved_model.get('architecture')} "
         f"(model_type={saved_model.get('model_type')!r})"
     )
+    if config.method == "prompt":
+        try:
+            dim = prompt_input(model).embedding.embedding_dim
+        except ValueError as err:
+            raise ValueError(f"{origin} and cannot go on {_describe(model)}: {err}") from None
+        shape = tuple(saved_tensors["prompt.embeddings"].shape)
+        if shape != (config.num_virtual_tokens, dim):
+            raise ValueError(f"{origin}: its soft prompt is {shape}, this {_describe(model)} embeds text in {dim} dimensions")
+        return config, [], saved_tensors
     try:
         available = find_sites(model, config.target_modules)
     except ValueError as err:
