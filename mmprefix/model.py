@@ -50,6 +50,7 @@ class PrefixModel(nn.Module):
         self._installed: dict[str, Site] = {}
         self._position_hook = None
         self._prompt_hook = None
+        self._checkpoint_wired = False
         self._insertion: Insertion | None = None
         self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for parameter in model.parameters():
@@ -184,12 +185,23 @@ class PrefixModel(nn.Module):
         route: Any = self._route
         if prefix is not _ACTIVE:
             route = self._resolve(prefix, args, kwargs)
+            self._check_checkpointing()
         previous, self._route = self._route, route
         try:
             kwargs, self._insertion = self._insert_prompts(kwargs, generating)
             yield kwargs
         finally:
             self._route, self._insertion = previous, None
+
+    def _check_checkpointing(self) -> None:
+        """Checkpointed layers recompute in backward, after a per-call choice of prefixes has ended; only
+        ``gradient_checkpointing_enable`` of this wrapper brings that choice back for the recomputation."""
+        if self.training and getattr(self.base_model, "is_gradient_checkpointing", False) and not self._checkpoint_wired:
+            raise ValueError(
+                "gradient checkpointing was enabled on the wrapped model directly, so per-call prefixes and "
+                "disable_prefix() would be lost when layers are recomputed; enable it with "
+                "PrefixModel.gradient_checkpointing_enable() instead"
+            )
 
     def _resolve(self, prefix: Any, args: tuple, kwargs: dict) -> Any:
         if prefix is None or isinstance(prefix, str):
@@ -289,6 +301,7 @@ class PrefixModel(nn.Module):
     @contextlib.contextmanager
     def disable_prefix(self) -> Iterator[None]:
         """Inside this context the model behaves exactly as the original model."""
+        self._check_checkpointing()
         previous, self._disabled = self._disabled, True
         try:
             yield
@@ -317,10 +330,15 @@ class PrefixModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         """Activation checkpointing on the base model, non-reentrant by default.
 
-        Non-reentrant checkpointing does not need the inputs to require grad, so the input-grad hook that
-        transformers adds is removed: it breaks BLIP, whose embeddings are updated in place.
+        Layers are recomputed during backward, after the call that chose the prefixes has returned; the
+        checkpoint's ``context_fn`` restores that call's routing for the recomputation. Non-reentrant
+        checkpointing does not need the inputs to require grad, so the input-grad hook that transformers adds
+        is removed: it breaks BLIP, whose embeddings are updated in place.
         """
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self._checkpoint_wired = not kwargs["use_reentrant"]
+        if self._checkpoint_wired:
+            kwargs.setdefault("context_fn", self._recompute_context)
         base = self.base_model
         if hasattr(base, "activation_checkpointing_enable"):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -328,6 +346,20 @@ class PrefixModel(nn.Module):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if not kwargs["use_reentrant"] and hasattr(base, "_require_grads_hook"):
             base.disable_input_require_grads()
+
+    def _recompute_context(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """For torch.utils.checkpoint: nothing in forward; in the recomputation, this moment's routing."""
+        state = (self.active_prefix if self._route is _ACTIVE else self._route, self._disabled)
+
+        @contextlib.contextmanager
+        def recompute() -> Iterator[None]:
+            saved, (self._route, self._disabled) = (self._route, self._disabled), state
+            try:
+                yield
+            finally:
+                self._route, self._disabled = saved
+
+        return contextlib.nullcontext(), recompute()
 
     # -- saving -----------------------------------------------------------------------------------------
     def save_prefix(self, directory: str | os.PathLike, name: str | None = None, keep_reparam: bool = False) -> None:

@@ -30,8 +30,19 @@ class Routing:
         self.gated = gated == {True}
         # Rows without a prefix point one past the used prefixes, at an all-masked entry.
         self.rows = torch.tensor([self.used.index(n) if n is not None else len(self.used) for n in self.names])
+        self._built: dict[tuple[str, int], Prefix | None] = {}
 
     def prefix(self, site_name: str, batch_size: int) -> Prefix | None:
+        """Each row's prefix at one site. Without autograd (generation) it is built once per site and batch
+        size for the whole call: the decoding steps reuse it."""
+        if torch.is_grad_enabled():
+            return self._build(site_name, batch_size)
+        key = (site_name, batch_size)
+        if key not in self._built:
+            self._built[key] = self._build(site_name, batch_size)
+        return self._built[key]
+
+    def _build(self, site_name: str, batch_size: int) -> Prefix | None:
         here = [s.has_site(site_name) and s.num_virtual_tokens > 0 for s in self.stores]
         if not any(here):
             return None
@@ -47,6 +58,8 @@ class Routing:
         values = torch.stack([_pad(kv[1], slots) if kv else empty for kv in kvs] + [empty])
         lengths = torch.tensor([kv[0].shape[1] if kv else 0 for kv in kvs] + [0], device=reference.device)
         visible = torch.arange(slots, device=reference.device)[None] < lengths[:, None]
+        rows = self.rows.to(reference.device).repeat_interleave(batch_size // len(self.names))
+        every_slot_used = bool(visible[rows].all())
         gates = None
         if self.gated:
             heads = max(store.gate(site_name).shape[0] for store, present in zip(self.stores, here) if present)
@@ -55,8 +68,9 @@ class Routing:
                 [store.gate(site_name).expand(heads) if present else closed for store, present in zip(self.stores, here)]
                 + [closed]
             )
-        rows = self.rows.to(reference.device).repeat_interleave(batch_size // len(self.names))
-        return Prefix(keys[rows], values[rows], visible[rows], None if gates is None else gates[rows])
+        return Prefix(
+            keys[rows], values[rows], None if every_slot_used else visible[rows], None if gates is None else gates[rows]
+        )
 
 
 def _pad(tensor: torch.Tensor, slots: int) -> torch.Tensor:

@@ -72,3 +72,35 @@ def test_half_precision_base_with_float32_prefix_under_autocast(family, dtype):
     for name, parameter in pm.prefixes.named_parameters():
         assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
         assert torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("family", ["blip_caption", "blip2_opt", "llama"])
+def test_gradient_checkpointing_recomputes_with_the_calls_own_routing(family):
+    """Layers recompute during backward, after the routed call returned: the routing must come back."""
+    build, inputs, output = tiny.FAMILIES[family]
+
+    def grads(checkpointing):
+        pm = add_prefix(without_dropout(build()), PrefixConfig(num_virtual_tokens=3, init_std=0.5), name="a")
+        pm.add_prefix("b", PrefixConfig(num_virtual_tokens=2, init_std=0.5))
+        if checkpointing:
+            pm.gradient_checkpointing_enable()
+        pm.train()
+        output(pm(**inputs(), prefix=["b", None])).float().pow(2).mean().backward()
+        return {n: p.grad for n, p in pm.prefixes.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name, grad in plain.items():
+        if grad is None:
+            assert checkpointed[name] is None or checkpointed[name].abs().sum() == 0, name
+        else:
+            torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(g is not None and g.abs().sum() > 0 for n, g in checkpointed.items() if n.startswith("b."))
+
+
+def test_checkpointing_enabled_behind_the_wrappers_back_is_refused_for_routed_calls():
+    pm = add_prefix(tiny.gpt2(), PrefixConfig(num_virtual_tokens=2))
+    pm.base_model.gradient_checkpointing_enable()
+    pm.train()
+    with pytest.raises(ValueError, match="PrefixModel.gradient_checkpointing_enable"):
+        pm(input_ids=tiny.tokens(), prefix=[None, "default"])
+    pm(input_ids=tiny.tokens())  # the active prefix needs no routing: fine
