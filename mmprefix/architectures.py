@@ -3,7 +3,8 @@
 Everything model-specific that the mechanism needs is here. Attention modules that go through transformers'
 attention interface are found generically (their ``forward`` asks ``ALL_ATTENTION_FUNCTIONS`` for the
 implementation); the hand-written ones are named in ``HANDWRITTEN``. Towers come from module-name prefixes in
-``TOWERS``, self/cross from ``CROSS_ATTENTION_NAMES``, layers from the first index in the module name.
+``TOWERS`` (by ``config.model_type`` for transformers models, by class for open_clip ones), self/cross from
+``CROSS_ATTENTION_NAMES``, layers from the first index in the module name.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from functools import lru_cache
 
 from torch import nn
 
-# Hand-written attention (never reaches the attention interface): class name -> route in mmprefix.blip.
+# Hand-written attention (never reaches the attention interface): class -> route with a replacement forward
+# (mmprefix.blip, mmprefix.openclip).
 HANDWRITTEN = {
-    "BlipAttention": "blip_vision",
-    "BlipTextSelfAttention": "blip_text",
+    "transformers.models.blip.modeling_blip.BlipAttention": "blip_vision",
+    "transformers.models.blip.modeling_blip_text.BlipTextSelfAttention": "blip_text",
+    "torch.nn.modules.activation.MultiheadAttention": "torch_mha",
+    "open_clip.transformer.Attention": "open_clip",
 }
 
 # Language models nested in a VLM, or standing alone, use one of these two layouts.
@@ -38,10 +42,13 @@ TOWERS: dict[str, tuple[tuple[str, str], ...]] = {
     "blip": (("vision_model.", "vision"), ("text_encoder.", "text_encoder"), ("text_decoder.", "text_decoder")),
     "blip-2": (("vision_model.", "vision"), ("qformer.", "qformer"), ("language_model.", LANGUAGE_MODEL)),
     "instructblip": (("vision_model.", "vision"), ("qformer.", "qformer"), ("language_model.", LANGUAGE_MODEL)),
+    "open_clip.model.CLIP": (("visual.", "vision"), ("transformer.", "text")),
+    "open_clip.model.CustomTextCLIP": (("visual.", "vision"), ("text.", "text")),
+    "open_clip.coca_model.CoCa": (("visual.", "vision"), ("text.", "text"), ("text_decoder.", "text_decoder")),
 }
 
 # A module whose name contains one of these components is a cross-attention site.
-CROSS_ATTENTION_NAMES = ("crossattention", "EncDecAttention", "encoder_attn", "cross_attn")
+CROSS_ATTENTION_NAMES = ("crossattention", "EncDecAttention", "encoder_attn", "cross_attn", "attn_pool", "attn_pool_contrastive")
 
 # Causal LMs that derive position ids from the attention mask (a cumsum) rather than from the cache length.
 POSITIONS_FROM_MASK = ("opt",)
@@ -81,9 +88,13 @@ def uses_attention_interface(cls: type) -> bool:
     return "ALL_ATTENTION_FUNCTIONS" in source and "_attn_implementation" in source
 
 
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def attention_route(module: nn.Module) -> str | None:
     """How mmprefix reaches this module's attention, or None if it is not an attention module it supports."""
-    name = type(module).__name__
+    name = qualified_name(type(module))
     if name in HANDWRITTEN:
         return HANDWRITTEN[name]
     if hasattr(module, "config") and uses_attention_interface(type(module)):
@@ -126,10 +137,10 @@ def _is_language_model(config) -> bool:
 def tower_layout(model: nn.Module) -> tuple[tuple[str, str], ...] | None:
     """((module-name prefix, tower), ...) for a supported model, None for an unknown family."""
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type in TOWERS:
+    family = getattr(config, "model_type", None) or qualified_name(type(model))
+    if family in TOWERS:
         layout = []
-        for prefix, tower in TOWERS[model_type]:
+        for prefix, tower in TOWERS[family]:
             if tower == LANGUAGE_MODEL:
                 text_config = config.get_text_config()
                 layout += [(prefix + sub, sub_tower) for sub, sub_tower in _lm_layout(text_config)]
@@ -199,7 +210,8 @@ def prompt_input(model: nn.Module) -> PromptInput:
 
 def supported_families() -> str:
     return (
-        "CLIP and SigLIP (vision/text), BLIP, BLIP-2 and InstructBLIP (with OPT, T5 or another supported LM), and "
+        "CLIP and SigLIP (vision/text), BLIP, BLIP-2 and InstructBLIP (with OPT, T5 or another supported LM), "
+        "open_clip CLIP, CustomTextCLIP and CoCa, and "
         "causal or seq2seq language models whose attention uses transformers' attention interface "
         "(e.g. Llama, Mistral, Qwen2, GPT-2, OPT, T5, BART)"
     )
@@ -262,6 +274,22 @@ def find_sites(model: nn.Module, target_modules: list[str] | None = None) -> lis
             f"{type(model).__name__} has no supported attention module {where}. Supported: {supported_families()}."
         )
     return sites
+
+
+def unreachable_towers(model: nn.Module, sites: list[Site]) -> dict[str, str]:
+    """Towers of a supported family that exist but hold no attention mmprefix can reach (e.g. an open_clip
+    vision tower taken from timm): tower -> class of the tower's module."""
+    found = {site.tower for site in sites}
+    missing = {}
+    for prefix, tower in tower_layout(model) or ():
+        if not prefix or tower in found:
+            continue
+        try:
+            module = model.get_submodule(prefix.rstrip("."))
+        except AttributeError:
+            continue
+        missing.setdefault(tower, type(module).__name__)
+    return missing
 
 
 _TARGET = re.compile(r"^(?P<tower>[\w*?]+)(?:\.(?P<kind>[\w*?]+))?(?:\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")

@@ -126,4 +126,4 @@ def heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
     return states.view(*states.shape[:-1], -1, head_dim).transpose(1, 2)
 
 
-HANDWRITTEN_FORWARDS = {"blip_vision": blip_vision_attention, "blip_text": blip_text_attention}
+FORWARDS = {"blip_vision": blip_vision_attention, "blip_text": blip_text_attention}

@@ -31,6 +31,15 @@ def load_image(path: str | None, size: int = 224):
 def activation_inputs(model: nn.Module, processor: Any, text: str, image_path: str | None) -> dict[str, Any]:
     """Keyword arguments for ``model(**inputs)`` built with ``processor`` from ``text`` and an image."""
     accepted = inspect.signature(model.forward).parameters
+    if "image" in accepted and "text" in accepted:  # open_clip: forward(image, text)
+        try:
+            tokenizer, transform = processor
+        except (TypeError, ValueError):
+            raise ValueError(
+                'init="text" on open_clip models takes processor=(tokenizer, preprocess), e.g. '
+                "(open_clip.get_tokenizer(name), the preprocess of open_clip.create_model_and_transforms(name))"
+            ) from None
+        return {"image": transform(load_image(image_path)).unsqueeze(0), "text": tokenizer([text])}
     wants_text, wants_image = "input_ids" in accepted, "pixel_values" in accepted
     kwargs: dict[str, Any] = {"return_tensors": "pt"}
     if wants_text:

@@ -221,7 +221,7 @@ AttentionInterface.register(ATTENTION_NAME, prefixed_attention)
 
 def install(module: nn.Module, site: Site, source: PrefixSource) -> None:
     """Give ``module`` a prefix route; ``uninstall`` restores it exactly."""
-    from .blip import HANDWRITTEN_FORWARDS
+    from . import blip, openclip  # their forwards build on this module
 
     if hasattr(module, "_mmprefix"):
         raise ValueError(f"{site.name} already carries an mmprefix prefix; call remove_prefix() on its PrefixModel first")
@@ -231,7 +231,8 @@ def install(module: nn.Module, site: Site, source: PrefixSource) -> None:
             raise ValueError(unsupported_implementation(implementation))
         module.config = PrefixedConfig(module.config)
     else:
-        module.forward = MethodType(HANDWRITTEN_FORWARDS[site.route], module)
+        openclip.check_supported(module)
+        module.forward = MethodType({**blip.FORWARDS, **openclip.FORWARDS}[site.route], module)
     module._mmprefix = SiteHook(site, source, module)
 
 

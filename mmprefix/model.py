@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import checkpoint
-from .architectures import Site, find_sites, prompt_input, select_sites
+from .architectures import Site, find_sites, prompt_input, select_sites, unreachable_towers
 from .config import PrefixConfig
 from .init import activation_inputs
 from .layer import Prefix, install, uninstall
@@ -97,7 +97,10 @@ class PrefixModel(nn.Module):
             raise ValueError('init="text" needs the model\'s processor or tokenizer: add_prefix(..., processor=...)')
         sites = []
         if config.method == "prefix":
-            sites = select_sites(find_sites(self.base_model, config.target_modules), config.targets)
+            available = find_sites(self.base_model, config.target_modules)
+            if not config.target_modules:
+                _check_reachable(self.base_model, available, config.targets)
+            sites = select_sites(available, config.targets)
         store = self._add_store(name, config, sites)
         if config.init == "text":
             try:
@@ -193,14 +196,26 @@ class PrefixModel(nn.Module):
         finally:
             self._route, self._insertion = previous, None
 
+    @contextlib.contextmanager
+    def using(self, prefix: str | None | Sequence[str | None]) -> Iterator[None]:
+        """Route every call inside to ``prefix`` (a name, None, or one name per row), e.g. for methods that
+        are not ``forward``/``generate``: ``with model.using(["a", "b"]): model.encode_image(images)``."""
+        with self._routing(prefix, (), {}, generating=False):
+            yield
+
     def _check_checkpointing(self) -> None:
         """Checkpointed layers recompute in backward, after a per-call choice of prefixes has ended; only
-        ``gradient_checkpointing_enable`` of this wrapper brings that choice back for the recomputation."""
-        if self.training and getattr(self.base_model, "is_gradient_checkpointing", False) and not self._checkpoint_wired:
+        ``gradient_checkpointing_enable`` of this wrapper brings that choice back for the recomputation (for
+        transformers models; open_clip checkpoints with no hook for it)."""
+        base = self.base_model
+        checkpointing = getattr(base, "is_gradient_checkpointing", False) or any(
+            getattr(m, "grad_checkpointing", False) for m in base.modules()
+        )
+        if self.training and torch.is_grad_enabled() and checkpointing and not self._checkpoint_wired:
             raise ValueError(
-                "gradient checkpointing was enabled on the wrapped model directly, so per-call prefixes and "
-                "disable_prefix() would be lost when layers are recomputed; enable it with "
-                "PrefixModel.gradient_checkpointing_enable() instead"
+                "with this gradient checkpointing, per-call prefixes and disable_prefix() would be lost when layers "
+                "are recomputed in backward; enable it with PrefixModel.gradient_checkpointing_enable() "
+                "(transformers models), or choose the prefix with set_prefix() before the step"
             )
 
     def _resolve(self, prefix: Any, args: tuple, kwargs: dict) -> Any:
@@ -336,10 +351,13 @@ class PrefixModel(nn.Module):
         is removed: it breaks BLIP, whose embeddings are updated in place.
         """
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        base = self.base_model
+        if hasattr(base, "set_grad_checkpointing"):  # open_clip: its own non-reentrant checkpoint calls
+            base.set_grad_checkpointing(True)
+            return
         self._checkpoint_wired = not kwargs["use_reentrant"]
         if self._checkpoint_wired:
             kwargs.setdefault("context_fn", self._recompute_context)
-        base = self.base_model
         if hasattr(base, "activation_checkpointing_enable"):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
@@ -395,6 +413,20 @@ class PrefixModel(nn.Module):
         store = self._add_store(name, config, sites)
         store.load_tensors(tensors)
         return store
+
+
+def _check_reachable(model: nn.Module, sites: list[Site], targets: list[str] | None) -> None:
+    """A tower mmprefix cannot reach is an error when the prefix asks for it (or for everything)."""
+    from fnmatch import fnmatchcase
+
+    missing = unreachable_towers(model, sites)
+    wanted = [t for t in missing if targets is None or any(fnmatchcase(t, x.split(".")[0].split("[")[0]) for x in targets)]
+    if wanted:
+        reachable = sorted({s.tower for s in sites})
+        raise ValueError(
+            f"the {', '.join(f'{t!r} tower ({missing[t]})' for t in wanted)} of {type(model).__name__} has no "
+            f"attention mmprefix can reach; target the others explicitly, e.g. targets={reachable}"
+        )
 
 
 def _batch_size(kwargs: dict) -> int:

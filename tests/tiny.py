@@ -226,3 +226,56 @@ def rows(family: str, output):
 
 
 ROW_FAMILIES = sorted(f for f in FAMILIES if f != "blip_vqa")
+
+
+# -- open_clip ------------------------------------------------------------------------------------------------
+OPEN_CLIP_VISION = dict(image_size=32, layers=2, width=32, head_width=8, patch_size=8)
+OPEN_CLIP_TEXT = dict(context_length=12, vocab_size=100, width=32, heads=4, layers=2)
+OPEN_CLIP_CONFIGS = {
+    "mmprefix-tiny-clip": dict(embed_dim=16, vision_cfg=OPEN_CLIP_VISION, text_cfg=OPEN_CLIP_TEXT),
+    # CustomResidualAttentionBlock with open_clip's own Attention: qk-norm and per-head scaling
+    "mmprefix-tiny-clip-custom": dict(
+        embed_dim=16, custom_text=True,
+        vision_cfg=dict(OPEN_CLIP_VISION, qk_norm=True, scale_heads=True),
+        text_cfg=dict(OPEN_CLIP_TEXT, qk_norm=True, scale_heads=True),
+    ),
+    "mmprefix-tiny-coca": dict(
+        embed_dim=32, custom_text=True,
+        vision_cfg=dict(OPEN_CLIP_VISION, attentional_pool=True, attn_pooler_heads=4, output_tokens=True),
+        text_cfg=dict(OPEN_CLIP_TEXT, embed_cls=True, output_tokens=True),
+        multimodal_cfg=dict(context_length=12, vocab_size=100, width=32, heads=4, layers=2, attn_pooler_heads=4),
+    ),
+    "mmprefix-tiny-clip-timm": dict(
+        embed_dim=16, vision_cfg=dict(timm_model_name="vit_tiny_patch16_224", timm_model_pretrained=False,
+                                      timm_pool="token", timm_proj="linear", image_size=32),
+        text_cfg=OPEN_CLIP_TEXT,
+    ),
+}
+SOT, EOT = 98, 99  # tiny open_clip vocabulary: start and end of text
+
+
+def open_clip_model(name: str = "mmprefix-tiny-clip", seed: int = 0):
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import open_clip
+
+    if name not in open_clip.list_models():
+        folder = Path(tempfile.mkdtemp(prefix="mmprefix-open-clip-"))
+        for config_name, config in OPEN_CLIP_CONFIGS.items():
+            (folder / f"{config_name}.json").write_text(json.dumps(config))
+        open_clip.add_model_config(folder)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None)
+    if hasattr(model, "text_decoder"):  # CoCa leaves its decoder projection uninitialised (torch.empty)
+        torch.nn.init.normal_(model.text_decoder.text_projection, std=32**-0.5)
+    return model.eval()
+
+
+def open_clip_text(batch: int = 2, seed: int = 3) -> torch.Tensor:
+    """Token ids padded to the context length: SOT, words, EOT, then padding 0."""
+    text = torch.zeros(batch, 12, dtype=torch.long)
+    words = torch.randint(1, 90, (batch, 6), generator=torch.Generator().manual_seed(seed))
+    text[:, 0], text[:, 1:7], text[:, 7] = SOT, words, EOT
+    return text
