@@ -1,0 +1,191 @@
+"""The embedded default's data: a synthetic visual world, generated deterministically in seconds.
+
+64 px images hold one to three coloured shapes (circle, square, triangle; six colours; small or large) in
+left / middle / right slots on a noisy light background. Every image comes with text for two kinds of tasks:
+
+* pretraining tasks, which the tiny backbones were trained on: captions in style A ("two shapes: a large red
+  circle and a small blue square", objects left to right), questions about colour, shape and existence, and
+  attribute records turned into phrases;
+* downstream tasks, which they never saw and which the recipes adapt them to with prefixes: questions about
+  counts, sizes and the leftmost / rightmost object, captions in style B ("a red circle and a blue square":
+  no count, no sizes), and a new record-to-sentence format.
+
+Downstream answers and captions only use words the backbones' decoders already emit in pretraining (counts and
+sizes come from style-A captions): a frozen decoder cannot learn to emit a word it has always suppressed.
+
+Files are written once per version into a cache folder in the readers' JSONL formats (``image`` paths relative
+to the file), so recipes read the world exactly as they read any benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+VERSION = "world-v1"
+IMAGE_SIZE = 64
+COLORS = {
+    "red": (215, 45, 45),
+    "green": (45, 165, 70),
+    "blue": (45, 85, 215),
+    "yellow": (225, 200, 40),
+    "purple": (145, 60, 185),
+    "orange": (240, 135, 35),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 6, "large": 10}  # half-width in pixels
+COUNTS = ("one", "two", "three")
+SLOTS = (11, 32, 53)  # x centres of the left, middle and right slots
+SPLITS = {"train": 4000, "val": 400, "test": 400}
+SEEDS = {"train": 0, "val": 1, "test": 2}
+PRETRAIN_QUESTIONS = ("color", "shape", "exist")
+DOWNSTREAM_QUESTIONS = ("count", "size", "position")
+
+
+@dataclass(frozen=True)
+class Shape:
+    shape: str
+    color: str
+    size: str
+    slot: int  # 0 left, 1 middle, 2 right
+
+    @property
+    def phrase(self) -> str:
+        return f"{self.size} {self.color} {self.shape}"
+
+
+def scene(rng: np.random.Generator) -> list[Shape]:
+    """One to three shapes in distinct slots, left to right; no two share both colour and shape."""
+    count = int(rng.integers(1, 4))
+    slots = sorted(rng.choice(3, size=count, replace=False).tolist())
+    shapes, seen = [], set()
+    for slot in slots:
+        while True:
+            kind, color = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
+            if (kind, color) not in seen:
+                break
+        seen.add((kind, color))
+        shapes.append(Shape(kind, color, str(rng.choice(list(SIZES))), slot))
+    return shapes
+
+
+def draw(shapes: list[Shape], rng: np.random.Generator) -> Image.Image:
+    background = rng.integers(195, 235)
+    noise = rng.normal(0, 6, (IMAGE_SIZE, IMAGE_SIZE, 3))
+    pixels = np.clip(background + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    canvas = ImageDraw.Draw(image)
+    for item in shapes:
+        half = SIZES[item.size]
+        x = SLOTS[item.slot] + int(rng.integers(-2, 3))
+        y = 32 + int(rng.integers(-14 + half, 15 - half))
+        box = (x - half, y - half, x + half, y + half)
+        color = COLORS[item.color]
+        if item.shape == "circle":
+            canvas.ellipse(box, fill=color)
+        elif item.shape == "square":
+            canvas.rectangle(box, fill=color)
+        else:
+            canvas.polygon([(x, y - half), (x - half, y + half), (x + half, y + half)], fill=color)
+    return image
+
+
+def caption_a(shapes: list[Shape]) -> str:
+    """Pretraining style: count, then every object with its size, left to right."""
+    noun = "shape" if len(shapes) == 1 else "shapes"
+    return f"{COUNTS[len(shapes) - 1]} {noun}: " + " and ".join(f"a {s.phrase}" for s in shapes)
+
+
+def caption_b(shapes: list[Shape]) -> str:
+    """Downstream style: objects left to right, without count or sizes."""
+    return " and ".join(f"a {s.color} {s.shape}" for s in shapes)
+
+
+def questions(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(question type, question, answer) for every type that this scene can answer."""
+    out = []
+    kinds = [s.shape for s in shapes]
+    colors = [s.color for s in shapes]
+    unique_kinds = [s for s in shapes if kinds.count(s.shape) == 1]
+    unique_colors = [s for s in shapes if colors.count(s.color) == 1]
+    if unique_kinds:
+        s = unique_kinds[int(rng.integers(len(unique_kinds)))]
+        out.append(("color", f"what color is the {s.shape}?", s.color))
+    if unique_colors:
+        s = unique_colors[int(rng.integers(len(unique_colors)))]
+        out.append(("shape", f"what shape is the {s.color} object?", s.shape))
+    if rng.random() < 0.5:
+        s = shapes[int(rng.integers(len(shapes)))]
+        out.append(("exist", f"is there a {s.color} {s.shape}?", "yes"))
+    else:
+        present = {(s.color, s.shape) for s in shapes}
+        while True:
+            color, kind = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
+            if (color, kind) not in present:
+                break
+        out.append(("exist", f"is there a {color} {kind}?", "no"))
+    out.append(("count", "how many shapes are there?", COUNTS[len(shapes) - 1]))
+    s = shapes[int(rng.integers(len(shapes)))]
+    out.append(("size", f"what size is the {s.color} {s.shape}?", s.size))
+    if len(shapes) > 1:
+        side, s = ("left", shapes[0]) if rng.random() < 0.5 else ("right", shapes[-1])
+        out.append(("position", f"what color is the shape on the {side}?", s.color))
+    return out
+
+
+def record_text(s: Shape) -> tuple[str, str, str, str]:
+    """Attribute record in the pretraining format (A) and the downstream format (B), each with its phrase."""
+    a_prompt = f"describe: size={s.size} color={s.color} shape={s.shape} =>"
+    a_target = f"a {s.phrase}"
+    b_prompt = f"{s.shape} | {s.color} | {s.size} ->"
+    b_target = f"the {s.shape} is {s.color} and {s.size}"
+    return a_prompt, a_target, b_prompt, b_target
+
+
+def default_root() -> Path:
+    base = os.environ.get("MMPREFIX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mmprefix")
+    return Path(base) / VERSION
+
+
+def build_world(root: str | os.PathLike | None = None, splits: dict[str, int] | None = None) -> Path:
+    """Write the world under ``root`` (default: ``$MMPREFIX_CACHE/world-v1`` or ``~/.cache/mmprefix``) unless
+    it is already there; return the folder. Same version, same files, on every machine."""
+    root = Path(root) if root is not None else default_root()
+    splits = splits or SPLITS
+    if (root / "complete.json").is_file() and json.loads((root / "complete.json").read_text()) == splits:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[dict]] = {}
+    for split, size in splits.items():
+        rng = np.random.default_rng(SEEDS.get(split, len(split)))
+        (root / split).mkdir(exist_ok=True)
+        for index in range(size):
+            shapes = scene(rng)
+            name = f"{split}/{index:05d}.png"
+            draw(shapes, rng).save(root / name)
+            image_id = f"{split}-{index:05d}"
+            files.setdefault(f"captions_a_{split}", []).append({"image": name, "image_id": image_id, "captions": [caption_a(shapes)]})
+            files.setdefault(f"captions_b_{split}", []).append({"image": name, "image_id": image_id, "captions": [caption_b(shapes)]})
+            for number, (kind, question, answer) in enumerate(questions(shapes, rng)):
+                group = "pretrain" if kind in PRETRAIN_QUESTIONS else "downstream"
+                files.setdefault(f"vqa_{group}_{split}", []).append({
+                    "question_id": f"{image_id}-{number}", "image_id": image_id, "image": name,
+                    "question": question, "answers": [answer] * 10, "question_type": kind,
+                    "answer_type": "yes/no" if answer in ("yes", "no") else "number" if answer in COUNTS else "other",
+                })
+            for number, item in enumerate(shapes):
+                a_prompt, a_target, b_prompt, b_target = record_text(item)
+                files.setdefault(f"text_a_{split}", []).append({"id": f"{image_id}-{number}", "prompt": a_prompt, "target": a_target})
+                files.setdefault(f"text_b_{split}", []).append({"id": f"{image_id}-{number}", "prompt": b_prompt, "target": b_target})
+    for name, rows in files.items():
+        path = root / f"{name}.jsonl"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        tmp.replace(path)
+    (root / "complete.json").write_text(json.dumps(splits))
+    return root

@@ -1,0 +1,59 @@
+"""The synthetic world: deterministic files, pretraining/downstream split of tasks, images that match the text."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from mmprefix.data import synthetic
+
+SMALL = {"train": 40, "val": 6}
+
+
+def rows(root, name):
+    return [json.loads(line) for line in (root / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_the_world_is_the_same_on_every_build(tmp_path):
+    a = synthetic.build_world(tmp_path / "a", SMALL)
+    b = synthetic.build_world(tmp_path / "b", SMALL)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    mtime = (a / "captions_a_train.jsonl").stat().st_mtime
+    synthetic.build_world(a, SMALL)  # already complete: nothing rewritten
+    assert (a / "captions_a_train.jsonl").stat().st_mtime == mtime
+
+
+def test_downstream_tasks_are_new_but_use_words_the_decoders_already_emit(tmp_path):
+    root = synthetic.build_world(tmp_path, SMALL)
+    pretrain = rows(root, "vqa_pretrain_train")
+    downstream = rows(root, "vqa_downstream_train")
+    assert {r["question_type"] for r in pretrain} == set(synthetic.PRETRAIN_QUESTIONS)
+    assert {r["question_type"] for r in downstream} == set(synthetic.DOWNSTREAM_QUESTIONS)
+    emitted = {w for r in rows(root, "captions_a_train") for c in r["captions"] for w in c.replace(":", " ").split()}
+    emitted |= {r["answers"][0] for r in pretrain}
+    assert {r["answers"][0] for r in downstream} <= emitted
+    assert {w for r in rows(root, "captions_b_train") for w in r["captions"][0].split()} <= emitted
+    assert all(len(r["answers"]) == 10 for r in pretrain + downstream)
+
+
+def test_images_show_what_the_text_says(tmp_path):
+    root = synthetic.build_world(tmp_path, SMALL)
+    checked = 0
+    for row in rows(root, "vqa_downstream_train"):
+        if row["question_type"] != "position":
+            continue
+        pixels = np.asarray(Image.open(root / row["image"]).convert("RGB")).astype(int)
+        centres = {}  # mean x of each colour drawn in the image
+        for name, rgb in synthetic.COLORS.items():
+            xs = np.nonzero(np.abs(pixels - np.array(rgb)).sum(-1) < 30)[1]
+            if len(xs) >= 20:
+                centres[name] = xs.mean()
+        pick = min if row["question"].endswith("left?") else max
+        assert pick(centres, key=centres.get) == row["answers"][0], row
+        checked += 1
+    assert checked > 5
+    for row in rows(root, "captions_a_train"):
+        count = synthetic.COUNTS.index(row["captions"][0].split()[0]) + 1
+        assert row["captions"][0].count(" a ") + row["captions"][0].startswith("a ") == count

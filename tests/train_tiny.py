@@ -1,0 +1,67 @@
+"""A tiny training run for the engine tests, started as its own process (killed, resumed, or launched on two
+processes): python tests/train_tiny.py OUTPUT_DIR STEPS [--resume] [--slow] [--accumulate N]."""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny  # noqa: E402
+
+from mmprefix import PrefixConfig, add_prefix  # noqa: E402
+from mmprefix.training import TrainConfig, train  # noqa: E402
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, count: int = 40):
+        self.ids = torch.randint(4, 90, (count, 8), generator=torch.Generator().manual_seed(5))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        return self.ids[index]
+
+
+def make_collate(slow: bool):
+    def collate(rows):
+        if slow:  # gives a test time to kill the process between checkpoints
+            time.sleep(0.05)
+        ids = torch.stack(rows)
+        return {"input_ids": ids, "labels": ids}
+
+    return collate
+
+
+def build(dropout: float):
+    model = tiny.gpt2()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = dropout
+    return add_prefix(model, PrefixConfig(num_virtual_tokens=4))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("output_dir")
+    parser.add_argument("steps", type=int)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--slow", action="store_true")
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    args = parser.parse_args()
+    pm = build(args.dropout)
+    config = TrainConfig(output_dir=args.output_dir, max_steps=args.steps, batch_size=4, learning_rate=1e-2,
+                         save_every=4, resume=args.resume, log_every=2, gradient_accumulation_steps=args.accumulate,
+                         plot=False)
+    train(pm, Rows(), make_collate(args.slow), config)
+    weights = {n: p.detach().contiguous() for n, p in pm.prefixes.named_parameters()}
+    save_file(weights, os.path.join(args.output_dir, f"final-rank{os.environ.get('RANK', '0')}.safetensors"))
+
+
+if __name__ == "__main__":
+    main()
