@@ -1,5 +1,16 @@
 """Data for training and evaluation: sample records, readers for benchmark formats, images, the synthetic world."""
 
+from .images import BadImageError, ImageLoader, load_image
+from .readers import AnnotationError, read_samples
 from .records import CaptionSample, TextSample, VQASample
 
-__all__ = ["CaptionSample", "TextSample", "VQASample"]
+__all__ = [
+    "AnnotationError",
+    "BadImageError",
+    "CaptionSample",
+    "ImageLoader",
+    "TextSample",
+    "VQASample",
+    "load_image",
+    "read_samples",
+]
