@@ -12,20 +12,22 @@ from typing import Any
 
 from torch import nn
 
+from .data.images import BadImageError
+from .data.images import load_image as read_image
+
 GREY = (128, 128, 128)
 
 
 def load_image(path: str | None, size: int = 224):
+    """``init_image``, or a plain grey image when none is given."""
     from PIL import Image
 
     if path is None:
         return Image.new("RGB", (size, size), GREY)
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except OSError as err:
-        raise ValueError(f"cannot read init_image {path!r}: {err}") from None
+        return read_image(path)
+    except BadImageError as err:
+        raise ValueError(f"cannot read init_image {path!r}: {err.reason}") from None
 
 
 def activation_inputs(model: nn.Module, processor: Any, text: str, image_path: str | None) -> dict[str, Any]:
