@@ -1,0 +1,77 @@
+"""The embedded default: tiny backbones pretrained on the synthetic world, shipped with the package.
+
+``load_backbone(name)`` returns ``(model, processor)`` for ``"blip"`` (heads ``"vqa"`` and ``"caption"``, one
+shared vision tower and text decoder), ``"blip2"`` (OPT language model), ``"clip"`` and ``"lm"`` (a Llama-style
+causal LM with grouped-query attention). The weights (a few MB each, safetensors) were made by
+``python -m mmprefix.embedded.pretrain NAME`` and are shipped rather than built on first use because
+pretraining takes minutes of CPU per backbone; the script stays in the package so anyone can rebuild them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import transformers as tf
+
+from . import text
+
+ASSETS = Path(__file__).parent / "assets"
+IMAGE_SIZE = {"height": 64, "width": 64}
+IMAGE_PROCESSOR = dict(size=IMAGE_SIZE)
+QUERY_TOKENS = 8
+
+
+def blip_processor() -> tf.BlipProcessor:
+    return tf.BlipProcessor(image_processor=tf.BlipImageProcessor(**IMAGE_PROCESSOR), tokenizer=text.bert_tokenizer())
+
+
+def blip2_processor() -> tf.Blip2Processor:
+    return tf.Blip2Processor(image_processor=tf.BlipImageProcessor(**IMAGE_PROCESSOR), tokenizer=text.lm_tokenizer(),
+                             num_query_tokens=QUERY_TOKENS)
+
+
+def clip_processor() -> tf.CLIPProcessor:
+    images = tf.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size=IMAGE_SIZE)
+    return tf.CLIPProcessor(image_processor=images, tokenizer=text.lm_tokenizer(append_eos=True))
+
+
+# name -> {head: model class}, processor loader class
+MODELS = {
+    "blip": ({"vqa": tf.BlipForQuestionAnswering, "caption": tf.BlipForConditionalGeneration}, tf.BlipProcessor),
+    "blip2": ({"default": tf.Blip2ForConditionalGeneration}, tf.Blip2Processor),
+    "clip": ({"default": tf.CLIPModel}, tf.CLIPProcessor),
+    "lm": ({"default": tf.LlamaForCausalLM}, tf.AutoTokenizer),
+}
+
+
+def backbone_dir(name: str) -> Path:
+    if name not in MODELS:
+        raise ValueError(f"unknown embedded backbone {name!r}; choose from {sorted(MODELS)}")
+    return ASSETS / name
+
+
+def load_backbone(name: str, head: str | None = None) -> tuple[Any, Any]:
+    """``(model, processor)`` of an embedded backbone, in eval mode (for ``"lm"`` the processor is its tokenizer)."""
+    folder = backbone_dir(name)
+    heads, processor_class = MODELS[name]
+    if not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the embedded backbone {name!r} is not in {folder}; rebuild it with python -m mmprefix.embedded.pretrain {name}"
+        )
+    head = head or next(iter(heads))
+    if head not in heads:
+        raise ValueError(f"backbone {name!r} has heads {sorted(heads)}, not {head!r}")
+    verbosity = tf.logging.get_verbosity()
+    tf.logging.set_verbosity_error()  # the caption head reads only part of the shared BLIP weights: no warnings
+    try:
+        model = heads[head].from_pretrained(folder)
+    finally:
+        tf.logging.set_verbosity(verbosity)
+    return model.eval(), processor_class.from_pretrained(folder)
+
+
+def pretraining_scores(name: str) -> dict[str, float]:
+    """The scores the backbone reached on its pretraining tasks (validation split), as measured when built."""
+    return json.loads((backbone_dir(name) / "metrics.json").read_text())

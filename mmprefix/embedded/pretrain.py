@@ -1,0 +1,279 @@
+"""Pretrain the embedded default's tiny backbones on the synthetic world's pretraining tasks.
+
+    python -m mmprefix.embedded.pretrain blip|blip2|clip|lm [--steps N] [--out DIR]
+
+This is how the weights shipped in ``mmprefix/embedded/assets/`` were made (CPU, deterministic seeds). Each
+backbone learns only the pretraining half of the world (style-A captions; colour, shape and existence
+questions; record format A), so that the recipes' downstream tasks are new to it. The run ends with the
+pretraining-task scores, written to ``metrics.json`` beside the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers as tf
+from torch import nn
+
+from .. import tasks
+from ..data import load_image, read_samples, synthetic
+from ..metrics import caption_metrics, vqa_accuracy
+from ..training import TrainConfig, train
+from . import ASSETS, blip2_processor, blip_processor, clip_processor, text
+
+WIDTH = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4)
+VISION = dict(WIDTH, num_hidden_layers=4, image_size=synthetic.IMAGE_SIZE, patch_size=8, initializer_range=0.02)
+
+
+def blip_model() -> tf.BlipForQuestionAnswering:
+    tokenizer = text.bert_tokenizer()
+    text_config = dict(WIDTH, num_hidden_layers=3, vocab_size=len(tokenizer), max_position_embeddings=40,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.sep_token_id,
+                       sep_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = tf.BlipConfig(vision_config=VISION, text_config=text_config, image_text_hidden_size=64, projection_dim=64)
+    return tf.BlipForQuestionAnswering(config)
+
+
+def blip2_model() -> tf.Blip2ForConditionalGeneration:
+    tokenizer = blip2_processor().tokenizer
+    language = tf.OPTConfig(vocab_size=len(tokenizer), hidden_size=128, ffn_dim=256, num_hidden_layers=3,
+                            num_attention_heads=4, word_embed_proj_dim=128, max_position_embeddings=64,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+    qformer = dict(WIDTH, num_hidden_layers=2, cross_attention_frequency=1, vocab_size=len(tokenizer),
+                   max_position_embeddings=40)
+    config = tf.Blip2Config(vision_config=VISION, qformer_config=qformer, text_config=language.to_dict(),
+                            num_query_tokens=8, image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    model = tf.Blip2ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.query_tokens.normal_(std=0.02)  # transformers starts them at zero: no gradient to their keys
+    return model
+
+
+def clip_model() -> tf.CLIPModel:
+    tokenizer = clip_processor().tokenizer
+    text_config = dict(WIDTH, num_hidden_layers=3, vocab_size=len(tokenizer), max_position_embeddings=40,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    return tf.CLIPModel(tf.CLIPConfig(vision_config=VISION, text_config=text_config, projection_dim=64))
+
+
+def lm_model() -> tf.LlamaForCausalLM:
+    tokenizer = text.lm_tokenizer()
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    return tf.LlamaForCausalLM(config)
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, rows: list) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.rows[index]
+
+
+class JointBlip(nn.Module):
+    """BLIP's VQA and captioning heads on one vision tower and one text decoder, trained together."""
+
+    def __init__(self, vqa: tf.BlipForQuestionAnswering) -> None:
+        super().__init__()
+        self.vqa = vqa
+        self.caption = tf.BlipForConditionalGeneration(vqa.config)
+        self.caption.vision_model, self.caption.text_decoder = vqa.vision_model, vqa.text_decoder
+
+    def forward(self, vqa: dict, caption: dict) -> torch.Tensor:
+        return self.vqa(**vqa).loss + self.caption(**caption).loss
+
+
+class PromptedLoss(nn.Module):
+    """A model whose batches are a list of sub-batches (several tasks per step): the summed loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batches: list[dict]) -> torch.Tensor:
+        return sum(self.model(**batch).loss for batch in batches)
+
+
+def world_samples(root: Path, split: str) -> dict[str, list]:
+    return {
+        "vqa": read_samples("vqa", root / f"vqa_pretrain_{split}.jsonl"),
+        "captions": read_samples("caption", root / f"captions_a_{split}.jsonl"),
+        "text": read_samples("text", root / f"text_a_{split}.jsonl"),
+    }
+
+
+def images_of(samples: list) -> dict[str, Any]:
+    return {s.image: load_image(s.image) for s in samples}
+
+
+def pretrain_blip(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, dict[str, float]]:
+    processor = blip_processor()
+    model = blip_model()
+    data = world_samples(root, "train")
+    images = images_of(data["captions"])
+    caption_of = {s.image: s.captions[0] for s in data["captions"]}
+
+    def collate(rows: list) -> dict:
+        pictures = [images[r.image] for r in rows]
+        return {
+            "vqa": tasks.vqa_batch(model, processor, pictures, [r.question for r in rows], [r.answers[0] for r in rows]),
+            "caption": tasks.caption_batch(model, processor, pictures, [caption_of[r.image] for r in rows]),
+        }
+
+    joint = JointBlip(model)
+    train(joint, Rows(data["vqa"]), collate, _config(out, steps, 1e-3), loss_fn=lambda m, b: m(**b), save=_no_save)
+    model.eval()
+    return model, processor, evaluate_vision_language(model, joint.caption.eval(), processor, root)
+
+
+def pretrain_blip2(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, dict[str, float]]:
+    processor = blip2_processor()
+    model = blip2_model()
+    data = world_samples(root, "train")
+    images = images_of(data["captions"])
+    caption_of = {s.image: s.captions[0] for s in data["captions"]}
+
+    def collate(rows: list) -> list[dict]:
+        pictures = [images[r.image] for r in rows]
+        return [
+            tasks.vqa_batch(model, processor, pictures, [r.question for r in rows], [r.answers[0] for r in rows]),
+            tasks.caption_batch(model, processor, pictures, [caption_of[r.image] for r in rows]),
+        ]
+
+    train(PromptedLoss(model), Rows(data["vqa"]), collate, _config(out, steps, 1e-3), loss_fn=lambda m, b: m(b),
+          save=_no_save)
+    model.eval()
+    return model, processor, evaluate_vision_language(model, model, processor, root)
+
+
+def pretrain_clip(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, dict[str, float]]:
+    processor = clip_processor()
+    model = clip_model()
+    captions = world_samples(root, "train")["captions"]
+    images = images_of(captions)
+
+    def collate(rows: list) -> dict:
+        batch = processor(text=[r.captions[0] for r in rows], images=[images[r.image] for r in rows],
+                          return_tensors="pt", padding=True)
+        return {**batch, "return_loss": True}
+
+    train(model, Rows(captions), collate, _config(out, steps, 1e-3), save=_no_save)
+    model.eval()
+    return model, processor, evaluate_clip(model, processor, root)
+
+
+def lm_texts(data: dict[str, list]) -> list[tuple[str, str]]:
+    """Everything the language model reads in pretraining: captions, question-answer pairs, records (A)."""
+    pairs = [("", s.captions[0]) for s in data["captions"]]
+    pairs += [(f"question: {s.question} answer:", s.answers[0]) for s in data["vqa"]]
+    pairs += [(s.prompt, s.target) for s in data["text"]]
+    return pairs
+
+
+def pretrain_lm(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, dict[str, float]]:
+    tokenizer = text.lm_tokenizer()
+    model = lm_model()
+    pairs = lm_texts(world_samples(root, "train"))
+
+    def collate(rows: list) -> dict:
+        return tasks.prompt_and_target(tokenizer, [p for p, _ in rows], [t for _, t in rows])
+
+    train(model, Rows(pairs), collate, _config(out, steps, 2e-3), save=_no_save)
+    model.eval()
+    samples = world_samples(root, "val")["text"][:200]
+    outputs = tasks.complete_texts(model, tokenizer, [s.prompt for s in samples])
+    return model, tokenizer, {"record_exact_match": 100 * sum(o == s.target for o, s in zip(outputs, samples)) / len(samples)}
+
+
+def evaluate_vision_language(vqa_model, caption_model, processor, root: Path, limit: int = 300) -> dict[str, float]:
+    """Pretraining-task scores on the validation split: VQA accuracy and caption exact match / CIDEr."""
+    data = world_samples(root, "val")
+    questions = data["vqa"][:limit]
+    images = images_of(data["captions"])
+    answers = []
+    for start in range(0, len(questions), 50):
+        chunk = questions[start : start + 50]
+        answers += tasks.answer_questions(vqa_model, processor, [images[s.image] for s in chunk], [s.question for s in chunk])
+    captions_samples = data["captions"][:limit]
+    captions = []
+    for start in range(0, len(captions_samples), 50):
+        chunk = captions_samples[start : start + 50]
+        captions += tasks.caption_images(caption_model, processor, [images[s.image] for s in chunk])
+    scores = caption_metrics({i: c for i, c in enumerate(captions)}, {i: s.captions for i, s in enumerate(captions_samples)}, spice=False)
+    by_type: dict[str, list[float]] = {}
+    for sample, answer in zip(questions, answers):
+        by_type.setdefault(sample.question_type, []).append(vqa_accuracy(answer, sample.answers))
+    return {
+        "vqa_accuracy": 100 * sum(sum(v) for v in by_type.values()) / len(questions),
+        **{f"vqa_accuracy_{k}": 100 * sum(v) / len(v) for k, v in sorted(by_type.items())},
+        "caption_exact_match": 100 * sum(c == s.captions[0] for c, s in zip(captions, captions_samples)) / len(captions),
+        "CIDEr": scores["CIDEr"],
+    }
+
+
+@torch.no_grad()
+def evaluate_clip(model, processor, root: Path) -> dict[str, float]:
+    """Image-to-caption retrieval among validation images (chance: 1 / number of distinct captions)."""
+    captions = world_samples(root, "val")["captions"][:300]
+    images = [load_image(s.image) for s in captions]
+    texts = sorted({s.captions[0] for s in captions})
+    inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    logits = model(**inputs).logits_per_image
+    truth = torch.tensor([texts.index(s.captions[0]) for s in captions])
+    top1 = (logits.argmax(-1) == truth).float().mean().item()
+    top5 = (logits.topk(5, dim=-1).indices == truth[:, None]).any(-1).float().mean().item()
+    return {"caption_retrieval_top1": 100 * top1, "caption_retrieval_top5": 100 * top5, "chance_top1": 100 / len(texts)}
+
+
+def _config(out: Path, steps: int, lr: float) -> TrainConfig:
+    return TrainConfig(output_dir=str(out / "run"), max_steps=steps, batch_size=64, learning_rate=lr,
+                       warmup_steps=min(200, steps // 10), weight_decay=0.01, log_every=50, save_every=500, resume=True)
+
+
+def _no_save(model: nn.Module, directory: Any) -> None:
+    """The pretraining script saves the backbone itself, with its processor, once it has been scored."""
+
+
+BACKBONES = {
+    "blip": (pretrain_blip, 3000),
+    "blip2": (pretrain_blip2, 3000),
+    "clip": (pretrain_clip, 1500),
+    "lm": (pretrain_lm, 1500),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("backbone", choices=sorted(BACKBONES))
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--out", type=Path, help="default: the package's assets folder")
+    parser.add_argument("--world", type=Path, help="default: the cache folder of the synthetic world")
+    args = parser.parse_args(argv)
+    run, default_steps = BACKBONES[args.backbone]
+    out = args.out or ASSETS / args.backbone
+    random.seed(0)
+    torch.manual_seed(0)
+    root = synthetic.build_world(args.world)
+    model, processor, scores = run(root, out.parent / f"_pretraining-{args.backbone}", args.steps or default_steps)
+    print(json.dumps(scores, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "metrics.json").write_text(json.dumps({**scores, "steps": args.steps or default_steps}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

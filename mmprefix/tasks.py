@@ -1,0 +1,158 @@
+"""Turning samples into model inputs and model outputs into text, per task and model family.
+
+Shared by the recipes, the evaluation harness and the embedded backbones' pretraining, so that a model is
+trained and evaluated on exactly the same formatting:
+
+* BLIP: decoder text starts with the tokenizer's bos token ([DEC]), as BLIP's ``generate`` starts it, and
+  ends with [SEP]; padding is ignored in the loss.
+* BLIP-2 and InstructBLIP: the processor inserts the image tokens; VQA uses the prompt
+  ``"Question: {q} Answer:"``; the answer (or caption) follows the prompt and only it is scored.
+* Causal language models: prompt then target, only the target scored; generation reads after the prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+IGNORE = -100
+VQA_PROMPT = "Question: {question} Answer:"
+
+
+def family(model: Any) -> str:
+    """``"blip"``, ``"blip2"`` (BLIP-2 and InstructBLIP) or ``"lm"``, from the model's config."""
+    model = getattr(model, "base_model", model) if type(model).__name__ == "PrefixModel" else model
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type == "blip":
+        return "blip"
+    if model_type in ("blip-2", "instructblip"):
+        return "blip2"
+    return "lm"
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    padded = [([value] * (width - len(r)) + list(r)) if left else (list(r) + [value] * (width - len(r))) for r in rows]
+    return torch.tensor(padded)
+
+
+def _words(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def blip_decoder_text(tokenizer: Any, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder inputs ``[bos] text [SEP]`` padded, and labels with the padding ignored."""
+    rows = [[tokenizer.bos_token_id, *_words(tokenizer, t), tokenizer.sep_token_id] for t in texts]
+    ids = _pad(rows, tokenizer.pad_token_id)
+    labels = _pad(rows, IGNORE)
+    return ids, labels
+
+
+def prompt_and_target(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Causal-LM training rows ``prompt target </s>``: labels score the target only; padding on the right."""
+    ids, labels = [], []
+    for prompt, target in zip(prompts, targets):
+        head = tokenizer(prompt)["input_ids"]
+        tail = [*_words(tokenizer, " " + target), tokenizer.eos_token_id]
+        ids.append(head + tail)
+        labels.append([IGNORE] * len(head) + tail)
+    input_ids = _pad(ids, tokenizer.pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": _pad([[1] * len(r) for r in ids], 0), "labels": _pad(labels, IGNORE)}
+
+
+def vqa_batch(model: Any, processor: Any, images: Sequence[Any], questions: Sequence[str], answers: Sequence[str]) -> dict:
+    """Training inputs for visual question answering, for the model's family."""
+    kind = family(model)
+    tokenizer = _tokenizer(processor)
+    if kind == "blip":
+        batch = dict(processor(images=list(images), text=list(questions), return_tensors="pt", padding=True))
+        batch["decoder_input_ids"], batch["labels"] = blip_decoder_text(tokenizer, answers)
+        return batch
+    prompts = [VQA_PROMPT.format(question=q) for q in questions]
+    return _prompted_batch(processor, images, prompts, answers)
+
+
+def caption_batch(model: Any, processor: Any, images: Sequence[Any], captions: Sequence[str]) -> dict:
+    """Training inputs for captioning, for the model's family."""
+    kind = family(model)
+    if kind == "blip":
+        batch = dict(processor(images=list(images), return_tensors="pt"))
+        batch["input_ids"], batch["labels"] = blip_decoder_text(_tokenizer(processor), captions)
+        batch["attention_mask"] = (batch["input_ids"] != _tokenizer(processor).pad_token_id).long()
+        return batch
+    return _prompted_batch(processor, images, [""] * len(captions), captions)
+
+
+def _prompted_batch(processor: Any, images: Sequence[Any], prompts: Sequence[str], targets: Sequence[str]) -> dict:
+    """BLIP-2: the processor's image tokens and prompt, then the target; only the target is scored."""
+    tokenizer = _tokenizer(processor)
+    pixel_values = processor(images=list(images), return_tensors="pt")["pixel_values"]
+    heads = [processor(text=p, return_tensors="pt")["input_ids"][0].tolist() for p in prompts]
+    tails = [[*_words(tokenizer, " " + t), tokenizer.eos_token_id] for t in targets]
+    ids = [h + t for h, t in zip(heads, tails)]
+    labels = [[IGNORE] * len(h) + t for h, t in zip(heads, tails)]
+    return {
+        "pixel_values": pixel_values,
+        "input_ids": _pad(ids, tokenizer.pad_token_id),
+        "attention_mask": _pad([[1] * len(r) for r in ids], 0),
+        "labels": _pad(labels, IGNORE),
+    }
+
+
+def _decode(tokenizer: Any, rows: torch.Tensor) -> list[str]:
+    return [" ".join(tokenizer.decode(r, skip_special_tokens=True).split()) for r in rows]
+
+
+@torch.no_grad()
+def answer_questions(model: Any, processor: Any, images: Sequence[Any], questions: Sequence[str], **generate: Any) -> list[str]:
+    """Generated answers, decoded without special tokens."""
+    kind = family(model)
+    tokenizer = _tokenizer(processor)
+    settings = {"max_new_tokens": 8, "num_beams": 1, **generate}
+    if kind == "blip":
+        inputs = processor(images=list(images), text=list(questions), return_tensors="pt", padding=True)
+        return _decode(tokenizer, model.generate(**inputs, **settings))
+    prompts = [VQA_PROMPT.format(question=q) for q in questions]
+    return _generate_after_prompt(model, processor, images, prompts, settings)
+
+
+@torch.no_grad()
+def caption_images(model: Any, processor: Any, images: Sequence[Any], **generate: Any) -> list[str]:
+    """Generated captions, decoded without special tokens."""
+    kind = family(model)
+    settings = {"max_new_tokens": 24, "num_beams": 1, **generate}
+    if kind == "blip":
+        inputs = processor(images=list(images), return_tensors="pt")
+        return _decode(_tokenizer(processor), model.generate(**inputs, **settings))
+    return _generate_after_prompt(model, processor, images, [""] * len(images), settings)
+
+
+def _generate_after_prompt(model: Any, processor: Any, images, prompts, settings) -> list[str]:
+    tokenizer = _tokenizer(processor)
+    rows = [processor(text=p, return_tensors="pt")["input_ids"][0].tolist() for p in prompts]
+    ids = _pad(rows, tokenizer.pad_token_id, left=True)
+    mask = _pad([[1] * len(r) for r in rows], 0, left=True)
+    pixel_values = processor(images=list(images), return_tensors="pt")["pixel_values"]
+    out = model.generate(pixel_values=pixel_values, input_ids=ids, attention_mask=mask,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
+    if out.shape[1] > ids.shape[1] and torch.equal(out[:, : ids.shape[1]], ids):
+        out = out[:, ids.shape[1] :]  # decoder-only language models return the prompt too
+    return _decode(tokenizer, out)
+
+
+@torch.no_grad()
+def complete_texts(model: Any, tokenizer: Any, prompts: Sequence[str], **generate: Any) -> list[str]:
+    """A causal LM's continuations of ``prompts`` (left-padded batch), without the prompts."""
+    settings = {"max_new_tokens": 16, "num_beams": 1, **generate}
+    rows = [tokenizer(p)["input_ids"] for p in prompts]
+    ids = _pad(rows, tokenizer.pad_token_id, left=True)
+    mask = _pad([[1] * len(r) for r in rows], 0, left=True)
+    out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **settings)
+    return _decode(tokenizer, out[:, ids.shape[1] :])
