@@ -328,6 +328,7 @@ def caption_metrics(
     predictions: Mapping[Hashable, str],
     references: Mapping[Hashable, Sequence[str]],
     spice: bool = True,
+    meteor: bool = True,
 ) -> dict[str, Any]:
     """COCO caption metrics with pycocoevalcap, as ``COCOEvalCap.evaluate`` computes them.
 
@@ -340,6 +341,7 @@ def caption_metrics(
         references: ``{image_id: [reference captions]}``, same ids, at least one each.
         spice: also try SPICE.  It runs only if Java and its Stanford CoreNLP jars are already
             installed (no download is attempted); any failure is reported, never raised.
+        meteor: compute METEOR (its JVM start costs seconds; leave it out for quick checks).
 
     Returns:
         ``{"Bleu_1".."Bleu_4", "METEOR", "ROUGE_L", "CIDEr": float}``, plus ``"SPICE"`` when it
@@ -361,7 +363,8 @@ def caption_metrics(
 
     bleu_scores, _ = Bleu(4).compute_score(gts, res, verbose=0)
     results: dict[str, Any] = {f"Bleu_{n + 1}": float(s) for n, s in enumerate(bleu_scores)}
-    results["METEOR"] = _meteor(gts, res)
+    if meteor:
+        results["METEOR"] = _meteor(gts, res)
     results["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     results["CIDEr"] = float(Cider().compute_score(gts, res)[0])
 

@@ -66,15 +66,16 @@ def prompt_and_target(tokenizer: Any, prompts: Sequence[str], targets: Sequence[
     return {"input_ids": input_ids, "attention_mask": _pad([[1] * len(r) for r in ids], 0), "labels": _pad(labels, IGNORE)}
 
 
-def vqa_batch(model: Any, processor: Any, images: Sequence[Any], questions: Sequence[str], answers: Sequence[str]) -> dict:
-    """Training inputs for visual question answering, for the model's family."""
+def vqa_batch(model: Any, processor: Any, images: Sequence[Any], questions: Sequence[str], answers: Sequence[str],
+              prompt: str = VQA_PROMPT) -> dict:
+    """Training inputs for visual question answering, for the model's family (``prompt``: BLIP-2's)."""
     kind = family(model)
     tokenizer = _tokenizer(processor)
     if kind == "blip":
         batch = dict(processor(images=list(images), text=list(questions), return_tensors="pt", padding=True))
         batch["decoder_input_ids"], batch["labels"] = blip_decoder_text(tokenizer, answers)
         return batch
-    prompts = [VQA_PROMPT.format(question=q) for q in questions]
+    prompts = [prompt.format(question=q) for q in questions]
     return _prompted_batch(processor, images, prompts, answers)
 
 
@@ -105,20 +106,27 @@ def _prompted_batch(processor: Any, images: Sequence[Any], prompts: Sequence[str
     }
 
 
+def _on_device(inputs: Any, model: Any) -> dict[str, Any]:
+    """Generation inputs moved to where the model's weights are."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in dict(inputs).items()}
+
+
 def _decode(tokenizer: Any, rows: torch.Tensor) -> list[str]:
     return [" ".join(tokenizer.decode(r, skip_special_tokens=True).split()) for r in rows]
 
 
 @torch.no_grad()
-def answer_questions(model: Any, processor: Any, images: Sequence[Any], questions: Sequence[str], **generate: Any) -> list[str]:
-    """Generated answers, decoded without special tokens."""
+def answer_questions(model: Any, processor: Any, images: Sequence[Any], questions: Sequence[str],
+                     prompt: str = VQA_PROMPT, **generate: Any) -> list[str]:
+    """Generated answers, decoded without special tokens (``prompt``: BLIP-2's question template)."""
     kind = family(model)
     tokenizer = _tokenizer(processor)
     settings = {"max_new_tokens": 8, "num_beams": 1, **generate}
     if kind == "blip":
         inputs = processor(images=list(images), text=list(questions), return_tensors="pt", padding=True)
-        return _decode(tokenizer, model.generate(**inputs, **settings))
-    prompts = [VQA_PROMPT.format(question=q) for q in questions]
+        return _decode(tokenizer, model.generate(**_on_device(inputs, model), **settings))
+    prompts = [prompt.format(question=q) for q in questions]
     return _generate_after_prompt(model, processor, images, prompts, settings)
 
 
@@ -129,7 +137,7 @@ def caption_images(model: Any, processor: Any, images: Sequence[Any], **generate
     settings = {"max_new_tokens": 24, "num_beams": 1, **generate}
     if kind == "blip":
         inputs = processor(images=list(images), return_tensors="pt")
-        return _decode(_tokenizer(processor), model.generate(**inputs, **settings))
+        return _decode(_tokenizer(processor), model.generate(**_on_device(inputs, model), **settings))
     return _generate_after_prompt(model, processor, images, [""] * len(images), settings)
 
 
@@ -139,8 +147,9 @@ def _generate_after_prompt(model: Any, processor: Any, images, prompts, settings
     ids = _pad(rows, tokenizer.pad_token_id, left=True)
     mask = _pad([[1] * len(r) for r in rows], 0, left=True)
     pixel_values = processor(images=list(images), return_tensors="pt")["pixel_values"]
-    out = model.generate(pixel_values=pixel_values, input_ids=ids, attention_mask=mask,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
+    inputs = _on_device({"pixel_values": pixel_values, "input_ids": ids, "attention_mask": mask}, model)
+    out = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
+    ids = inputs["input_ids"]
     if out.shape[1] > ids.shape[1] and torch.equal(out[:, : ids.shape[1]], ids):
         out = out[:, ids.shape[1] :]  # decoder-only language models return the prompt too
     return _decode(tokenizer, out)
@@ -153,6 +162,6 @@ def complete_texts(model: Any, tokenizer: Any, prompts: Sequence[str], **generat
     rows = [tokenizer(p)["input_ids"] for p in prompts]
     ids = _pad(rows, tokenizer.pad_token_id, left=True)
     mask = _pad([[1] * len(r) for r in rows], 0, left=True)
-    out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **settings)
+    inputs = _on_device({"input_ids": ids, "attention_mask": mask}, model)
+    out = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
     return _decode(tokenizer, out[:, ids.shape[1] :])

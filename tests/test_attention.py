@@ -5,7 +5,6 @@ output from the module's own projection weights in plain torch."""
 
 import pytest
 import torch
-import transformers as tf
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import tiny

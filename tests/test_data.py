@@ -6,7 +6,6 @@ Every file is generated in ``tmp_path``; expectations are computed independently
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os

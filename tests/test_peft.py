@@ -14,7 +14,7 @@ from peft import PrefixTuningConfig, get_peft_model
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import tiny
-from mmprefix import PrefixConfig, add_prefix, load_prefix
+from mmprefix import PrefixConfig, load_prefix
 
 FAMILIES = ["gpt2", "opt", "llama"]
 P = 5

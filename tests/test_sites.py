@@ -1,7 +1,6 @@
 """Where prefixes go: site tables per family, targets, and the `mmprefix sites` command."""
 
 import pytest
-import transformers as tf
 
 import tiny
 from mmprefix import PrefixConfig, add_prefix

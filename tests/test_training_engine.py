@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
-from mmprefix import PrefixConfig, add_prefix, load_prefix
+from mmprefix import load_prefix
 from mmprefix.training import TrainConfig, TrainingError, train
 from train_tiny import Rows, build, make_collate
 

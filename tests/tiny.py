@@ -279,3 +279,84 @@ def open_clip_text(batch: int = 2, seed: int = 3) -> torch.Tensor:
     words = torch.randint(1, 90, (batch, 6), generator=torch.Generator().manual_seed(seed))
     text[:, 0], text[:, 1:7], text[:, 7] = SOT, words, EOT
     return text
+
+
+# -- evaluation: tiny models that read the embedded tokenizers' vocabularies, and their processors -------------
+def world_blip(cls=tf.BlipForQuestionAnswering, seed: int = 0):
+    """A random BLIP whose text vocabulary is the embedded BERT tokenizer's (a real BlipProcessor feeds it);
+    weights ten times the default scale, so that random outputs vary with the image, question and prefix."""
+    from mmprefix.embedded import text
+
+    tokenizer = text.bert_tokenizer()
+    text_config = dict(TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, pad_token_id=0,
+                       eos_token_id=tokenizer.sep_token_id, sep_token_id=tokenizer.sep_token_id, initializer_range=0.2)
+    config = tf.BlipConfig(text_config=text_config, vision_config=dict(VISION, initializer_range=0.2),
+                           image_text_hidden_size=16, projection_dim=16)
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+def world_blip_processor() -> "tf.BlipProcessor":
+    from mmprefix.embedded import text
+
+    return tf.BlipProcessor(image_processor=tf.BlipImageProcessor(size={"height": 32, "width": 32}),
+                            tokenizer=text.bert_tokenizer())
+
+
+def world_clip_processor() -> "tf.CLIPProcessor":
+    """For `clip()`: 32 px images, the embedded LM tokenizer (its ids fit the vocabulary of 99)."""
+    from mmprefix.embedded import text
+
+    images = tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return tf.CLIPProcessor(image_processor=images, tokenizer=text.lm_tokenizer(append_eos=True))
+
+
+def world_llama(seed: int = 0):
+    """A random Llama over the embedded LM tokenizer's vocabulary."""
+    from mmprefix.embedded import text
+
+    tokenizer = text.lm_tokenizer()
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, initializer_range=0.2)
+    torch.manual_seed(seed)
+    return tf.LlamaForCausalLM(config).eval()
+
+
+def open_clip_tokenizer(texts) -> torch.Tensor:
+    """open_clip-style tokenizer for the tiny open_clip models: SOT, hashed words, EOT, zero padding to 12."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    out = torch.zeros(len(texts), 12, dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids = [SOT, *[1 + sum(map(ord, w)) % 89 for w in text.split()][:10], EOT]
+        out[row, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+def open_clip_preprocess(image) -> torch.Tensor:
+    """open_clip-style preprocess for the tiny open_clip models: 32 px, scaled to [-1, 1]."""
+    pixels = torch.tensor(list(image.convert("RGB").resize((32, 32)).getdata()), dtype=torch.float32) / 127.5 - 1
+    return pixels.T.reshape(3, 32, 32)
+
+
+def world_blip2(seed: int = 0):
+    """A random BLIP-2 (OPT) that `mmprefix.embedded.blip2_processor()` feeds: 64 px images, 8 query tokens, the
+    embedded LM tokenizer's vocabulary."""
+    from mmprefix.embedded import QUERY_TOKENS, blip2_processor
+
+    tokenizer = blip2_processor().tokenizer
+    language = tf.OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                            num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, init_std=0.2)
+    qformer = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                   cross_attention_frequency=1, vocab_size=len(tokenizer), max_position_embeddings=32)
+    config = tf.Blip2Config(vision_config=dict(VISION, image_size=64, patch_size=16), qformer_config=qformer,
+                            text_config=language.to_dict(), num_query_tokens=QUERY_TOKENS,
+                            image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = tf.Blip2ForConditionalGeneration(config)
+    with torch.no_grad():
+        model.query_tokens.normal_()
+    return model.eval()

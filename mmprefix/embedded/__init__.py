@@ -33,8 +33,11 @@ def blip2_processor() -> tf.Blip2Processor:
 
 
 def clip_processor() -> tf.CLIPProcessor:
+    """CLIP pools its text at </s> and has absolute positions: its text is padded on the right."""
     images = tf.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size=IMAGE_SIZE)
-    return tf.CLIPProcessor(image_processor=images, tokenizer=text.lm_tokenizer(append_eos=True))
+    tokenizer = text.lm_tokenizer(append_eos=True)
+    tokenizer.padding_side = "right"
+    return tf.CLIPProcessor(image_processor=images, tokenizer=tokenizer)
 
 
 # name -> {head: model class}, processor loader class

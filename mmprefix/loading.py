@@ -1,0 +1,127 @@
+"""Loading a model for a task from a short spec, and data paths: shared by the evaluation harness and the
+recipes. A spec is ``embedded:NAME[:HEAD]`` (the tiny backbones shipped with mmprefix), a local folder or a
+Hugging Face id, or ``open_clip:MODEL[:PRETRAINED]``. A checkpoint that is not there (offline, a typo) is a
+``LoadError`` with one readable line, never a long traceback."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+class LoadError(ValueError):
+    """A model or data path that cannot be loaded; the message says what to fix."""
+
+
+# transformers classes per (task, model_type); the config's own architecture is used when it is one of them
+HF_CLASSES = {
+    "vqa": {"blip": ["BlipForQuestionAnswering"], "blip-2": ["Blip2ForConditionalGeneration"],
+            "instructblip": ["InstructBlipForConditionalGeneration"]},
+    "caption": {"blip": ["BlipForConditionalGeneration"], "blip-2": ["Blip2ForConditionalGeneration"],
+                "instructblip": ["InstructBlipForConditionalGeneration"]},
+    "classification": {"clip": ["CLIPModel"], "siglip": ["SiglipModel"]},
+    "retrieval": {"clip": ["CLIPModel"], "siglip": ["SiglipModel"]},
+}
+EMBEDDED_HEADS = {"vqa": "vqa", "caption": "caption"}  # the BLIP backbone's head per task
+
+
+def load_model(spec: str, task: str) -> tuple[Any, Any]:
+    """``(model, processor)`` in eval mode from a model spec; a missing checkpoint is a LoadError."""
+    if spec.startswith("embedded:"):
+        return load_embedded(spec, task)
+    if spec.startswith("open_clip:"):
+        return load_open_clip(spec)
+    return load_transformers(spec, task)
+
+
+def load_embedded(spec: str, task: str) -> tuple[Any, Any]:
+    from mmprefix.embedded import load_backbone
+
+    _, name, *head = spec.split(":")
+    head = head[0] if head else (EMBEDDED_HEADS.get(task) if name == "blip" else None)
+    try:
+        return load_backbone(name, head)
+    except (FileNotFoundError, ValueError) as err:
+        raise LoadError(str(err)) from None
+
+
+def load_open_clip(spec: str) -> tuple[Any, Any]:
+    import open_clip
+
+    _, name, *pretrained = spec.split(":", 2)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained[0] if pretrained else None)
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as err:  # unknown name, weights not downloadable offline, ...
+        raise LoadError(f"cannot load open_clip model {spec!r}: {type(err).__name__}: {err}") from None
+    return model.eval(), (tokenizer, preprocess)
+
+
+def offline() -> bool:
+    import huggingface_hub.constants
+
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or huggingface_hub.constants.HF_HUB_OFFLINE
+
+
+def load_transformers(spec: str, task: str) -> tuple[Any, Any]:
+    import transformers
+
+    if not os.path.isdir(spec) and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise LoadError(f"cannot load model {spec!r}: no such folder")
+    local_only = os.path.isdir(spec) or offline()
+    model_class = pick_class(task, transformers_config(spec, local_only))
+    try:
+        model = model_class.from_pretrained(spec, local_files_only=local_only)
+        processor_class = transformers.AutoTokenizer if task == "text" else transformers.AutoProcessor
+        processor = processor_class.from_pretrained(spec, local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        raise LoadError(f"cannot load model {spec!r}: {first_line(err)}") from None
+    return model.eval(), processor
+
+
+def transformers_config(spec: str, local_only: bool) -> Any:
+    """The model's config: from the folder or the local cache first (no network round trip for what is there)."""
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError) as err:
+        if local_only:
+            where = ("the folder has no usable config.json" if os.path.isdir(spec)
+                     else "it is not in the local Hugging Face cache and the hub is offline (HF_HUB_OFFLINE)")
+            raise LoadError(f"cannot load model {spec!r}: {where} ({first_line(err)})") from None
+    try:
+        return transformers.AutoConfig.from_pretrained(spec)
+    except (OSError, ValueError) as err:
+        raise LoadError(f"cannot load model {spec!r}: not a local folder, not cached, and not downloadable "
+                         f"({first_line(err)})") from None
+
+
+def first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def pick_class(task: str, config: Any) -> type:
+    """The transformers class that evaluates ``task`` for this config: its own architecture when that fits."""
+    import transformers
+
+    if task == "text":
+        return transformers.AutoModelForCausalLM
+    choices = HF_CLASSES[task].get(config.model_type)
+    if not choices:
+        raise LoadError(f"no {task} evaluation for model_type {config.model_type!r}; "
+                         f"supported: {sorted(HF_CLASSES[task])}")
+    architecture = next((a for a in (config.architectures or []) if a in choices), choices[0])
+    return getattr(transformers, architecture)
+
+
+def data_path(spec: str) -> str:
+    """``world:NAME`` is a file of the synthetic world (built on first use, in seconds); paths may hold ``~`` and
+    ``$VARIABLES``."""
+    if spec.startswith("world:"):
+        from mmprefix.data import synthetic
+
+        return str(synthetic.build_world() / f"{spec.split(':', 1)[1]}.jsonl")
+    return os.path.expandvars(os.path.expanduser(spec))
+
+
