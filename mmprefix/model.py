@@ -208,9 +208,8 @@ class PrefixModel(nn.Module):
         ``gradient_checkpointing_enable`` of this wrapper brings that choice back for the recomputation (for
         transformers models; open_clip checkpoints with no hook for it)."""
         base = self.base_model
-        checkpointing = getattr(base, "is_gradient_checkpointing", False) or any(
-            getattr(m, "grad_checkpointing", False) for m in base.modules()
-        )
+        flag = "is_activation_checkpointing" if hasattr(type(base), "is_activation_checkpointing") else "is_gradient_checkpointing"
+        checkpointing = getattr(base, flag, False) or any(getattr(m, "grad_checkpointing", False) for m in base.modules())
         if self.training and torch.is_grad_enabled() and checkpointing and not self._checkpoint_wired:
             raise ValueError(
                 "with this gradient checkpointing, per-call prefixes and disable_prefix() would be lost when layers "

@@ -12,6 +12,7 @@ trained and evaluated on exactly the same formatting:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,7 +114,10 @@ def _on_device(inputs: Any, model: Any) -> dict[str, Any]:
 
 
 def _decode(tokenizer: Any, rows: torch.Tensor) -> list[str]:
-    return [" ".join(tokenizer.decode(r, skip_special_tokens=True).split()) for r in rows]
+    """Token ids to text, with single spaces and no space before punctuation (word-level vocabularies
+    decode "shapes :" where the text said "shapes:")."""
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    return [re.sub(r"\s+([:;,.?!])", r"\1", " ".join(t.split())) for t in texts]
 
 
 @torch.no_grad()

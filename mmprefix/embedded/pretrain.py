@@ -20,9 +20,8 @@ import torch
 import transformers as tf
 from torch import nn
 
-from .. import tasks
+from .. import evaluation, tasks
 from ..data import load_image, read_samples, synthetic
-from ..metrics import caption_metrics, vqa_accuracy
 from ..training import TrainConfig, train
 from . import ASSETS, blip2_processor, blip_processor, clip_processor, text
 
@@ -193,34 +192,30 @@ def pretrain_lm(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, dict
 
     train(model, Rows(pairs), collate, _config(out, steps, 2e-3), save=_no_save)
     model.eval()
+    return model, tokenizer, evaluate_lm(model, tokenizer, root)
+
+
+def evaluate_lm(model, tokenizer, root: Path) -> dict[str, float]:
+    """Record (format A) to phrase, exact match on validation records."""
     samples = world_samples(root, "val")["text"][:200]
     outputs = tasks.complete_texts(model, tokenizer, [s.prompt for s in samples])
-    return model, tokenizer, {"record_exact_match": 100 * sum(o == s.target for o, s in zip(outputs, samples)) / len(samples)}
+    return {"record_exact_match": 100 * sum(o == s.target for o, s in zip(outputs, samples)) / len(samples)}
 
 
 def evaluate_vision_language(vqa_model, caption_model, processor, root: Path, limit: int = 300) -> dict[str, float]:
-    """Pretraining-task scores on the validation split: VQA accuracy and caption exact match / CIDEr."""
+    """Pretraining-task scores on the validation split: VQA accuracy (per question type) and captions'
+    exact match and CIDEr, through the evaluation harness."""
     data = world_samples(root, "val")
-    questions = data["vqa"][:limit]
-    images = images_of(data["captions"])
-    answers = []
-    for start in range(0, len(questions), 50):
-        chunk = questions[start : start + 50]
-        answers += tasks.answer_questions(vqa_model, processor, [images[s.image] for s in chunk], [s.question for s in chunk])
-    captions_samples = data["captions"][:limit]
-    captions = []
-    for start in range(0, len(captions_samples), 50):
-        chunk = captions_samples[start : start + 50]
-        captions += tasks.caption_images(caption_model, processor, [images[s.image] for s in chunk])
-    scores = caption_metrics({i: c for i, c in enumerate(captions)}, {i: s.captions for i, s in enumerate(captions_samples)}, spice=False)
-    by_type: dict[str, list[float]] = {}
-    for sample, answer in zip(questions, answers):
-        by_type.setdefault(sample.question_type, []).append(vqa_accuracy(answer, sample.answers))
+    questions, images = data["vqa"][:limit], data["captions"][:limit]
+    answers, _ = evaluation.predict("vqa", vqa_model, processor, questions, batch_size=50, progress=False)
+    vqa = evaluation.score("vqa", answers, questions)
+    captions, _ = evaluation.predict("caption", caption_model, processor, images, batch_size=50, progress=False)
+    by_type = {k.split("/", 1)[1]: v for k, v in vqa.items() if k.startswith("vqa_accuracy_by_question/")}
     return {
-        "vqa_accuracy": 100 * sum(sum(v) for v in by_type.values()) / len(questions),
-        **{f"vqa_accuracy_{k}": 100 * sum(v) / len(v) for k, v in sorted(by_type.items())},
-        "caption_exact_match": 100 * sum(c == s.captions[0] for c, s in zip(captions, captions_samples)) / len(captions),
-        "CIDEr": scores["CIDEr"],
+        "vqa_accuracy": vqa["vqa_accuracy"],
+        **{f"vqa_accuracy_{kind}": value for kind, value in sorted(by_type.items())},
+        "caption_exact_match": 100 * sum(captions[s.image_id] == s.captions[0] for s in images) / len(images),
+        "CIDEr": evaluation.score("caption", captions, images, meteor=False)["CIDEr"],
     }
 
 
@@ -247,6 +242,28 @@ def _no_save(model: nn.Module, directory: Any) -> None:
     """The pretraining script saves the backbone itself, with its processor, once it has been scored."""
 
 
+def _evaluate_saved_blip(folder: Path, root: Path) -> dict[str, float]:
+    heads = {head: cls.from_pretrained(folder).eval() for head, cls in (("vqa", tf.BlipForQuestionAnswering),
+                                                                          ("caption", tf.BlipForConditionalGeneration))}
+    return evaluate_vision_language(heads["vqa"], heads["caption"], tf.BlipProcessor.from_pretrained(folder), root)
+
+
+def _evaluate_saved_blip2(folder: Path, root: Path) -> dict[str, float]:
+    model = tf.Blip2ForConditionalGeneration.from_pretrained(folder).eval()
+    return evaluate_vision_language(model, model, tf.Blip2Processor.from_pretrained(folder), root)
+
+
+def _evaluate_saved_clip(folder: Path, root: Path) -> dict[str, float]:
+    return evaluate_clip(tf.CLIPModel.from_pretrained(folder).eval(), tf.CLIPProcessor.from_pretrained(folder), root)
+
+
+def _evaluate_saved_lm(folder: Path, root: Path) -> dict[str, float]:
+    return evaluate_lm(tf.LlamaForCausalLM.from_pretrained(folder).eval(), tf.AutoTokenizer.from_pretrained(folder), root)
+
+
+EVALUATE = {"blip": _evaluate_saved_blip, "blip2": _evaluate_saved_blip2, "clip": _evaluate_saved_clip,
+            "lm": _evaluate_saved_lm}
+
 BACKBONES = {
     "blip": (pretrain_blip, 3000),
     "blip2": (pretrain_blip2, 3000),
@@ -261,12 +278,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--out", type=Path, help="default: the package's assets folder")
     parser.add_argument("--world", type=Path, help="default: the cache folder of the synthetic world")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="score the saved backbone again and rewrite its metrics.json (no training)")
     args = parser.parse_args(argv)
     run, default_steps = BACKBONES[args.backbone]
     out = args.out or ASSETS / args.backbone
     random.seed(0)
     torch.manual_seed(0)
     root = synthetic.build_world(args.world)
+    if args.evaluate_only:
+        scores = EVALUATE[args.backbone](out, root)
+        saved = json.loads((out / "metrics.json").read_text())
+        (out / "metrics.json").write_text(json.dumps({**scores, "steps": saved.get("steps")}, indent=2) + "\n")
+        print(json.dumps(scores, indent=2))
+        return
     model, processor, scores = run(root, out.parent / f"_pretraining-{args.backbone}", args.steps or default_steps)
     print(json.dumps(scores, indent=2))
     out.mkdir(parents=True, exist_ok=True)

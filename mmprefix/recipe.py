@@ -1,0 +1,174 @@
+"""What the recipes share, so that each recipe reads top to bottom in one sitting: the command line, YAML
+configs with overrides, and a dataset of samples whose images load (or are skipped) as rows are drawn."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from . import loading
+from .data import ImageLoader, read_samples
+from .evaluation import PRIMARY_METRIC
+from .methods import METHODS, for_generation
+from .model import PrefixModel
+from .report import write_report
+
+FLAGS = {  # command-line flag -> dotted config key
+    "output_dir": "output_dir",
+    "max_steps": "train.max_steps",
+    "save_every": "train.save_every",
+    "resume": "train.resume",
+    "seed": "train.seed",
+    "mixed_precision": "train.mixed_precision",
+    "method": "method",
+}
+
+
+def parse_args(argv: list[str] | None, default_config: Path, description: str) -> dict[str, Any]:
+    """The run's configuration: the YAML file, then the flags, then ``key=value`` overrides (dotted keys,
+    values parsed as YAML: ``train.learning_rate=3e-3 prefix.num_virtual_tokens=8``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, default=default_config, help="YAML config (default: %(default)s)")
+    parser.add_argument("--output-dir", dest="output_dir")
+    parser.add_argument("--max-steps", dest="max_steps", type=int)
+    parser.add_argument("--save-every", dest="save_every", type=int)
+    parser.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--mixed-precision", dest="mixed_precision", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--method", choices=METHODS)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="any config key, e.g. train.batch_size=8")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
+    if not args.config.is_file():
+        parser.error(f"config file {args.config} does not exist")
+    config = yaml.safe_load(args.config.read_text()) or {}
+    for flag, key in FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            set_key(config, key, value)
+    for override in args.overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            parser.error(f"override {override!r} is not key=value")
+        set_key(config, key, yaml.safe_load(value))
+    return config
+
+
+def run(main: Any, argv: list[str] | None = None) -> int:
+    """Run a recipe's ``main``; a missing checkpoint or data file ends with one readable line and status 2."""
+    try:
+        main(argv)
+    except (loading.LoadError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def set_key(config: dict[str, Any], dotted: str, value: Any) -> None:
+    node = config
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {dotted!r}: {part!r} is not a section of the config")
+    node[last] = value
+
+
+def method_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The options of the configured method (its own section: ``prefix:``, ``prompt:``, ``lora:``)."""
+    return copy.deepcopy(config.get(config.get("method", "prefix"), None) or {})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Samples with their images loaded when drawn; with ``on_bad_image="skip"`` unreadable images drop their
+    rows from the batch (the collate function sees only good rows) and are counted in ``images.skipped``."""
+
+    def __init__(self, samples: list, on_bad_image: str = "error") -> None:
+        self.samples = samples
+        self.images = ImageLoader(on_bad_image=on_bad_image)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        sample = self.samples[index]
+        image = getattr(sample, "image", None)
+        return sample, (self.images.load(image) if image is not None else None)
+
+
+def good_rows(rows: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """Rows whose image loaded (or that have none)."""
+    return [(sample, image) for sample, image in rows if image is not None or getattr(sample, "image", None) is None]
+
+
+def load_splits(task: str, data: dict[str, Any]) -> dict[str, list]:
+    """Samples of each split in ``data`` (``train``, ``val``, ``test``: ``{path, format, options, limit}``);
+    paths may be ``world:NAME`` (the synthetic world) and hold ``~`` or ``$VARIABLES``."""
+    splits = {}
+    for split in ("train", "val", "test"):
+        spec = data.get(split)
+        if not spec:
+            continue
+        path = loading.data_path(spec["path"])
+        if not Path(path).exists():
+            raise loading.LoadError(f"the {split} data {spec['path']!r} ({path}) does not exist; download it or fix data.{split}.path")
+        samples = read_samples(task, path, format=spec.get("format"), **(spec.get("options") or {}))
+        splits[split] = samples[: spec["limit"]] if spec.get("limit") else samples
+    return splits
+
+
+def training_answer(sample: Any) -> str:
+    """The answer a VQA sample is trained on: the most common of its reference answers."""
+    return Counter(sample.answers).most_common(1)[0][0]
+
+
+def evaluated(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """The model to evaluate after training and the prefix to route it to (PEFT models generate through the
+    model they adapted in place; full fine-tuning is the model itself)."""
+    if isinstance(model, PrefixModel):
+        return model, model.active_prefix
+    return for_generation(model), None
+
+
+def report(output_dir: Path, task: str, samples: list, results: dict[str, dict], trainable: int, total: int,
+           seconds: float) -> dict[str, Any]:
+    """``metrics.json`` (``zero_shot`` and ``tuned`` maps), the evaluation reports, and a summary printed for
+    the person who ran the recipe."""
+    summary = {
+        "zero_shot": results["zero-shot"]["metrics"],
+        "tuned": results["tuned"]["metrics"],
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_percent": 100 * trainable / total,
+        "training_seconds": seconds,
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    paths = write_report(output_dir, task, samples, results)
+    primary = PRIMARY_METRIC[task]
+    print(f"\ntrainable parameters: {trainable:,} of {total:,} ({summary['trainable_percent']:.3f}%)")
+    print(f"{primary}: zero-shot {summary['zero_shot'].get(primary, float('nan')):.2f} -> tuned "
+          f"{summary['tuned'].get(primary, float('nan')):.2f}  (training {seconds:.0f} s)")
+    print(f"outputs in {output_dir}: prefix/, checkpoints/, log.jsonl, curves.png, metrics.json, "
+          f"{Path(paths['html']).name}, <run>/results.json (official format)")
+    return summary
+
+
+def training_caption(sample: Any) -> str:
+    """The caption an image is trained on this time: one of its references, drawn at random (seeded)."""
+    return random.choice(sample.captions)

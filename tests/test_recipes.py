@@ -1,0 +1,184 @@
+"""The recipes end to end: on tiny stand-ins of every configured architecture, with every method, on two
+processes, resumed; and the real-checkpoint configs fail clearly where the checkpoint or data is missing."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mmprefix import recipe
+from mmprefix.embedded import blip2_processor, blip_processor, pretrain, text
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {name: ROOT / "recipes" / f"{name}.py" for name in ("vqa", "captioning", "textgen")}
+QUICK = ["train.max_steps=4", "train.batch_size=4", "train.eval_every=2", "train.save_every=2", "train.log_every=2",
+         "eval.batch_size=16", "eval.meteor=false"]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES[name])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """Random-weight models of the configured architectures, saved like checkpoints, with their processors."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(0)
+    for name, (build, processor) in {
+        "blip": (pretrain.blip_model, blip_processor),
+        "blip2": (pretrain.blip2_model, blip2_processor),
+        "lm": (pretrain.lm_model, text.lm_tokenizer),
+    }.items():
+        build().save_pretrained(folder / name)
+        processor().save_pretrained(folder / name)
+    return folder
+
+
+def world(split_limits):
+    return [f"data.{split}.limit={n}" for split, n in split_limits.items()]
+
+
+@pytest.mark.parametrize("name, checkpoint", [("vqa", "blip"), ("captioning", "blip"), ("textgen", "lm")])
+def test_a_recipe_writes_everything_it_promises(name, checkpoint, stand_ins, tmp_path, capsys):
+    out = tmp_path / name
+    summary = load(name).main([f"model={stand_ins / checkpoint}", f"output_dir={out}", *QUICK,
+                               *world({"train": 40, "val": 8, "test": 12})])
+    printed = capsys.readouterr().out
+    assert "trainable parameters" in printed and "zero-shot" in printed and str(out) in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    primary = {"vqa": "vqa_accuracy", "captioning": "CIDEr", "textgen": "Bleu_4"}[name]
+    assert primary in metrics["zero_shot"] and primary in metrics["tuned"] and metrics == summary
+    assert 0 < metrics["trainable_percent"] < 3
+    for path in ("prefix/prefix_config.json", "prefix/prefix.safetensors", "log.jsonl", "curves.png",
+                 "report.html", "results.md", "zero-shot/results.json", "tuned/results.json"):
+        assert (out / path).is_file(), path
+    assert (out / "checkpoints" / "step-00000004" / "complete").is_file()
+    official = json.loads((out / "tuned" / "results.json").read_text())
+    key = {"vqa": "question_id", "captioning": "image_id", "textgen": "id"}[name]
+    assert len(official) == 12 and all(key in row for row in official)
+
+
+@pytest.mark.parametrize("method", ["prompt", "lora", "full"])
+def test_the_comparison_methods_run_through_the_same_recipe(method, stand_ins, tmp_path):
+    out = tmp_path / method
+    metrics = load("vqa").main([f"model={stand_ins / 'blip'}", f"output_dir={out}", "--method", method, *QUICK,
+                                *world({"train": 24, "val": 6, "test": 6})])
+    assert (metrics["trainable_percent"] == 100) == (method == "full")
+    assert (out / "prefix").is_dir()
+
+
+def test_flags_and_overrides():
+    config = recipe.parse_args(["--max-steps", "7", "--method", "lora", "--seed", "3", "--resume",
+                                "train.learning_rate=0.5", "prefix.num_virtual_tokens=4", "new.key=[1, 2]"],
+                               RECIPES["vqa"].parent / "configs" / "vqa.yaml", "test")
+    assert config["train"]["max_steps"] == 7 and config["train"]["seed"] == 3 and config["train"]["resume"] is True
+    assert config["method"] == "lora" and config["train"]["learning_rate"] == 0.5
+    assert config["prefix"]["num_virtual_tokens"] == 4 and config["new"]["key"] == [1, 2]
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["no_equals_sign"], RECIPES["vqa"].parent / "configs" / "vqa.yaml", "test")
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--config", "/nowhere.yaml"], RECIPES["vqa"].parent / "configs" / "vqa.yaml", "test")
+
+
+def _images(folder, names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (48, 40), (40 * i % 255, 90, 200)).save(folder / name)
+
+
+def vqav2_files(root):
+    """A VQAv2 question/annotation pair for train2014 and val2014, with their COCO-named images."""
+    for split in ("train2014", "val2014"):
+        ids = [1, 2, 3, 4, 5, 6]
+        _images(root / split, [f"COCO_{split}_{i:012d}.jpg" for i in ids])
+        questions = [{"image_id": i, "question": "what color is it?", "question_id": i * 10} for i in ids]
+        annotations = [{"question_id": i * 10, "image_id": i, "answer_type": "other", "question_type": "what color",
+                        "answers": [{"answer": "blue", "answer_confidence": "yes", "answer_id": k} for k in range(10)],
+                        "multiple_choice_answer": "blue"} for i in ids]
+        (root / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(
+            json.dumps({"questions": questions, "data_subtype": split}))
+        (root / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps({"annotations": annotations}))
+
+
+def karpathy_file(root):
+    images = []
+    for i in range(9):
+        split = ("train", "val", "test")[i % 3]
+        folder = "train2014" if split == "train" else "val2014"
+        _images(root / folder, [f"img{i}.jpg"])
+        images.append({"filepath": folder, "filename": f"img{i}.jpg", "split": split, "cocoid": i,
+                       "sentences": [{"raw": "a blue square"}, {"raw": "a square in blue"}]})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images}))
+
+
+def text_files(root):
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": f"circle | red | {s} ->", "target": f"the circle is red and {s}"} for s in ("small", "large")]
+    for split in ("train", "val", "test"):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+
+
+REAL = {  # config -> (recipe, stand-in checkpoint, data environment variable, data builder)
+    "vqa_blip_vqav2.yaml": ("vqa", "blip", "VQAV2", vqav2_files),
+    "vqa_blip2_vqav2.yaml": ("vqa", "blip2", "VQAV2", vqav2_files),
+    "captioning_blip_coco.yaml": ("captioning", "blip", "COCO", karpathy_file),
+    "captioning_blip2_coco.yaml": ("captioning", "blip2", "COCO", karpathy_file),
+    "textgen_llama.yaml": ("textgen", "lm", "TEXTGEN", text_files),
+}
+
+
+@pytest.mark.parametrize("config", sorted(REAL))
+def test_real_checkpoint_configs_build_on_tiny_stand_ins(config, stand_ins, tmp_path, monkeypatch):
+    name, checkpoint, variable, build = REAL[config]
+    build(tmp_path / "data")
+    monkeypatch.setenv(variable, str(tmp_path / "data"))
+    path = RECIPES[name].parent / "configs" / config
+    overrides = [f"model={stand_ins / checkpoint}", f"output_dir={tmp_path / 'out'}", *QUICK,
+                 "train.mixed_precision=no", "train.num_workers=0", "data.val.limit=2", "data.test.limit=3"]
+    metrics = load(name).main(["--config", str(path), *overrides])
+    assert set(metrics) >= {"zero_shot", "tuned"}
+
+
+@pytest.mark.parametrize("config", sorted(REAL))
+def test_real_checkpoint_configs_fail_clearly_without_checkpoint_or_data(config, stand_ins, tmp_path, monkeypatch,
+                                                                         capsys):
+    name, checkpoint, variable, _ = REAL[config]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv(variable, str(tmp_path / "no-data"))
+    path = RECIPES[name].parent / "configs" / config
+    module = load(name)
+    assert recipe.run(module.main, ["--config", str(path), f"output_dir={tmp_path}"]) == 2
+    assert "cannot load model" in capsys.readouterr().err
+    assert recipe.run(module.main, ["--config", str(path), f"model={stand_ins / checkpoint}", f"output_dir={tmp_path}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_two_processes_with_accelerate_launch(stand_ins, tmp_path):
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = subprocess.run([*launch, str(RECIPES["vqa"]), f"model={stand_ins / 'blip'}", f"output_dir={out}", *QUICK,
+                             *world({"train": 24, "val": 4, "test": 6})], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["tuned"]
+
+
+def test_resume_continues_from_the_last_checkpoint(stand_ins, tmp_path, capsys):
+    arguments = [f"model={stand_ins / 'lm'}", f"output_dir={tmp_path}", *QUICK, *world({"train": 40, "val": 4, "test": 4})]
+    load("textgen").main(arguments)
+    first = json.loads((tmp_path / "metrics.json").read_text())
+    load("textgen").main([*arguments, "--resume", "--max-steps", "6"])
+    assert "resuming from" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    assert first["tuned"]
