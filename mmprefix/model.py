@@ -182,25 +182,28 @@ class PrefixModel(nn.Module):
             raise ValueError(f"unknown prefix {unknown[0]!r}; this model has {sorted(self.prefixes)}")
 
     @contextlib.contextmanager
-    def _routing(self, prefix: Any, args: tuple, kwargs: dict, generating: bool) -> Iterator[dict]:
+    def _routing(self, prefix: Any, args: tuple, kwargs: dict, generating: bool | None) -> Iterator[dict]:
         """Use ``prefix`` (a name, None, or one name per row) for one call; yields the call's keyword
-        arguments, with placeholders inserted when the call uses soft prompts."""
+        arguments, with placeholders inserted when the call uses soft prompts (``generating=None``: a scope
+        around several calls, each of which inserts its own)."""
         route: Any = self._route
         if prefix is not _ACTIVE:
             route = self._resolve(prefix, args, kwargs)
             self._check_checkpointing()
         previous, self._route = self._route, route
+        previous_insertion = self._insertion
         try:
-            kwargs, self._insertion = self._insert_prompts(kwargs, generating)
+            if generating is not None:
+                kwargs, self._insertion = self._insert_prompts(kwargs, generating)
             yield kwargs
         finally:
-            self._route, self._insertion = previous, None
+            self._route, self._insertion = previous, previous_insertion
 
     @contextlib.contextmanager
     def using(self, prefix: str | None | Sequence[str | None]) -> Iterator[None]:
         """Route every call inside to ``prefix`` (a name, None, or one name per row), e.g. for methods that
         are not ``forward``/``generate``: ``with model.using(["a", "b"]): model.encode_image(images)``."""
-        with self._routing(prefix, (), {}, generating=False):
+        with self._routing(prefix, (), {}, generating=None):
             yield
 
     def _check_checkpointing(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import sys
 from collections import Counter
@@ -128,9 +129,15 @@ def load_splits(task: str, data: dict[str, Any]) -> dict[str, list]:
         path = loading.data_path(spec["path"])
         if not Path(path).exists():
             raise loading.LoadError(f"the {split} data {spec['path']!r} ({path}) does not exist; download it or fix data.{split}.path")
-        samples = read_samples(task, path, format=spec.get("format"), **(spec.get("options") or {}))
+        options = {k: _expand(v) for k, v in (spec.get("options") or {}).items()}
+        samples = read_samples(task, path, format=spec.get("format"), **options)
         splits[split] = samples[: spec["limit"]] if spec.get("limit") else samples
     return splits
+
+
+def _expand(value: Any) -> Any:
+    """``~`` and ``$VARIABLES`` in reader options that are paths (e.g. ``image_root: $COCO``)."""
+    return os.path.expandvars(os.path.expanduser(value)) if isinstance(value, str) else value
 
 
 def training_answer(sample: Any) -> str:

@@ -68,6 +68,8 @@ class TrainConfig:
     plot: bool = True
 
     def __post_init__(self) -> None:
+        if self.mixed_precision is False:  # YAML reads an unquoted `no` as false
+            self.mixed_precision = "no"
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:

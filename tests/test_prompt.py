@@ -146,3 +146,16 @@ def test_save_load_and_refusals(tmp_path):
     blip.add_prefix("kv", PrefixConfig(num_virtual_tokens=2))
     with pytest.raises(ValueError, match="soft prompts and prefixes cannot share a batch"):
         blip(**tiny.FAMILIES["blip_caption"][1](), prefix=["a", "kv"])
+
+
+def test_using_routes_soft_prompts_for_every_call_inside():
+    pm = add_prefix(tiny.gpt2(), PrefixConfig(num_virtual_tokens=3, method="prompt", init_std=1.0), name="a")
+    pm.add_prefix("b", PrefixConfig(num_virtual_tokens=2, method="prompt", init_std=1.0))
+    ids = tiny.tokens()
+    with torch.no_grad():
+        with pm.using("b"):
+            inside = pm(input_ids=ids).logits
+            generated = pm.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(inside, pm(input_ids=ids, prefix="b").logits)
+        assert torch.equal(generated, pm.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                                  prefix="b"))

@@ -111,7 +111,7 @@ def vqav2_files(root):
 
 def karpathy_file(root):
     images = []
-    for i in range(9):
+    for i in range(18):
         split = ("train", "val", "test")[i % 3]
         folder = "train2014" if split == "train" else "val2014"
         _images(root / folder, [f"img{i}.jpg"])
@@ -177,7 +177,7 @@ def test_resume_continues_from_the_last_checkpoint(stand_ins, tmp_path, capsys):
     arguments = [f"model={stand_ins / 'lm'}", f"output_dir={tmp_path}", *QUICK, *world({"train": 40, "val": 4, "test": 4})]
     load("textgen").main(arguments)
     first = json.loads((tmp_path / "metrics.json").read_text())
-    load("textgen").main([*arguments, "--resume", "--max-steps", "6"])
+    load("textgen").main([*arguments, "--resume", "train.max_steps=6"])  # overrides come after flags: they win
     assert "resuming from" in capsys.readouterr().out
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
