@@ -91,11 +91,18 @@ def caption_batch(model: Any, processor: Any, images: Sequence[Any], captions: S
     return _prompted_batch(processor, images, [""] * len(captions), captions)
 
 
+def _image_prompts(processor: Any, images: Sequence[Any], prompts: Sequence[str]) -> tuple[torch.Tensor, list[list[int]]]:
+    """Pixel values and each row's ids: the processor's image tokens and the prompt (BLIP-2's processor adds
+    the image tokens only when it is given the images too), without its padding."""
+    encoded = processor(images=list(images), text=list(prompts), return_tensors="pt", padding=True)
+    rows = [row[mask.bool()].tolist() for row, mask in zip(encoded["input_ids"], encoded["attention_mask"])]
+    return encoded["pixel_values"], rows
+
+
 def _prompted_batch(processor: Any, images: Sequence[Any], prompts: Sequence[str], targets: Sequence[str]) -> dict:
     """BLIP-2: the processor's image tokens and prompt, then the target; only the target is scored."""
     tokenizer = _tokenizer(processor)
-    pixel_values = processor(images=list(images), return_tensors="pt")["pixel_values"]
-    heads = [processor(text=p, return_tensors="pt")["input_ids"][0].tolist() for p in prompts]
+    pixel_values, heads = _image_prompts(processor, images, prompts)
     tails = [[*_words(tokenizer, " " + t), tokenizer.eos_token_id] for t in targets]
     ids = [h + t for h, t in zip(heads, tails)]
     labels = [[IGNORE] * len(h) + t for h, t in zip(heads, tails)]
@@ -147,10 +154,9 @@ def caption_images(model: Any, processor: Any, images: Sequence[Any], **generate
 
 def _generate_after_prompt(model: Any, processor: Any, images, prompts, settings) -> list[str]:
     tokenizer = _tokenizer(processor)
-    rows = [processor(text=p, return_tensors="pt")["input_ids"][0].tolist() for p in prompts]
+    pixel_values, rows = _image_prompts(processor, images, prompts)
     ids = _pad(rows, tokenizer.pad_token_id, left=True)
     mask = _pad([[1] * len(r) for r in rows], 0, left=True)
-    pixel_values = processor(images=list(images), return_tensors="pt")["pixel_values"]
     inputs = _on_device({"pixel_values": pixel_values, "input_ids": ids, "attention_mask": mask}, model)
     out = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
     ids = inputs["input_ids"]

@@ -561,3 +561,19 @@ def test_cli_classification_and_retrieval(tmp_path, colour_images):
     assert cli.main(["--task", "retrieval", "--data", str(tmp_path / "caps.jsonl"), *common, f"p={prefix}",
                      "--output-dir", str(tmp_path / "ret")]) == 0
     assert "i2t_R@1" in json.loads((tmp_path / "ret" / "results.json").read_text())["runs"]["p"]["metrics"]
+
+
+def test_blip2_inputs_carry_the_image_tokens_and_answers_depend_on_the_image():
+    """BLIP-2's processor inserts its image tokens only when it also gets the images."""
+    from mmprefix.embedded import QUERY_TOKENS, blip2_processor
+    from mmprefix.embedded.pretrain import blip2_model
+
+    torch.manual_seed(0)
+    model, processor = blip2_model().eval(), blip2_processor()
+    images = [Image.new("RGB", (64, 64), color) for color in ((250, 10, 10), (10, 10, 250))]
+    batch = tasks.vqa_batch(model, processor, images, ["what color is it?"] * 2, ["red", "blue"])
+    assert ((batch["input_ids"] == model.config.image_token_index).sum(1) == QUERY_TOKENS).all()
+    with torch.no_grad():
+        loss = model(**batch).loss
+        swapped = model(**{**batch, "pixel_values": batch["pixel_values"].flip(0)}).loss
+    assert not torch.isclose(loss, swapped)

@@ -1,0 +1,67 @@
+"""Prefix tuning against a soft prompt, LoRA and full fine-tuning, on the recipes' embedded default.
+
+    python benchmarks/methods.py [--recipes vqa captioning textgen] [--methods prefix prompt lora full]
+
+Each (recipe, method) runs the recipe with its default config in a fresh process, one after the other; the
+peak resident memory is that process's own (``os.wait4`` returns the resource usage of that one child). Scores are the
+recipes' test-split primary metrics; "time" is the training time the recipe reports (evaluation excluded).
+Full fine-tuning uses a learning rate suited to all weights (``--full-lr``); the other methods use their
+config's. Prints a Markdown table and writes every run's metrics to ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRIMARY = {"vqa": "vqa_accuracy", "captioning": "CIDEr", "textgen": "Bleu_4"}
+
+
+def run(recipe: str, method: str, output: Path, full_lr: float) -> dict:
+    command = [sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), "--method", method, f"output_dir={output}"]
+    if method == "full":
+        command.append(f"train.learning_rate={full_lr}")
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(output / "run.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{recipe} --method {method} failed: see {output / 'run.log'}")
+    metrics = json.loads((output / "metrics.json").read_text())
+    return {**metrics, "wall_seconds": time.perf_counter() - started, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", nargs="+", default=list(PRIMARY), choices=list(PRIMARY))
+    parser.add_argument("--methods", nargs="+", default=["prefix", "prompt", "lora", "full"])
+    parser.add_argument("--full-lr", type=float, default=3e-4)
+    parser.add_argument("--output-dir", type=Path, default=Path("out/methods"))
+    args = parser.parse_args()
+
+    rows = []
+    for recipe in args.recipes:
+        for method in args.methods:
+            result = run(recipe, method, args.output_dir / recipe / method, args.full_lr)
+            rows.append((recipe, method, result))
+            print(f"[{time.strftime('%H:%M:%S')}] {recipe} {method}: {result['tuned'][PRIMARY[recipe]]:.2f}", file=sys.stderr)
+    (args.output_dir / "methods.json").write_text(json.dumps([{"recipe": r, "method": m, **x} for r, m, x in rows], indent=2))
+
+    print("| recipe | method | zero-shot | tuned | trainable % | training time | peak memory |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for recipe, method, result in rows:
+        metric = PRIMARY[recipe]
+        print(f"| {recipe} ({metric}) | {method} | {result['zero_shot'][metric]:.2f} | {result['tuned'][metric]:.2f} | "
+              f"{result['trainable_percent']:.2f} | {result['training_seconds']:.0f} s | {result['peak_rss_mib']:.0f} MiB |")
+    print("\nPeak memory is the recipe process's peak resident set (weights, data, evaluation included).")
+
+
+if __name__ == "__main__":
+    main()
