@@ -135,6 +135,16 @@ def load_splits(task: str, data: dict[str, Any]) -> dict[str, list]:
     return splits
 
 
+def fresh_start(config: dict[str, Any]) -> Path:
+    """The output folder; without ``--resume`` a previous run's predictions there are removed, since the
+    evaluation would otherwise continue them (with another model's answers)."""
+    out = Path(config["output_dir"])
+    if not config["train"].get("resume"):
+        for stale in ("zero-shot", "tuned"):
+            (out / stale / "predictions.jsonl").unlink(missing_ok=True)
+    return out
+
+
 def _expand(value: Any) -> Any:
     """``~`` and ``$VARIABLES`` in reader options that are paths (e.g. ``image_root: $COCO``)."""
     return os.path.expandvars(os.path.expanduser(value)) if isinstance(value, str) else value

@@ -25,7 +25,7 @@ CONFIG = Path(__file__).parent / "configs" / "textgen.yaml"
 def main(argv: list[str] | None = None) -> dict:
     config = recipe.parse_args(argv, CONFIG, __doc__)
     recipe.seed_everything(config["train"].get("seed", 0))
-    out = Path(config["output_dir"])
+    out = recipe.fresh_start(config)
     main_process = PartialState().is_main_process
     evaluate = config["eval"]
 

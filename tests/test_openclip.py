@@ -283,3 +283,27 @@ def test_coca_beam_search_equals_a_naive_beam_search_and_routes_per_sample():
 def test_coca_generate_refuses_other_models():
     with pytest.raises(ValueError, match="needs an open_clip CoCa"):
         coca_generate(tiny.open_clip_model(), tiny.pixels(), sot_token_id=1, eot_token_id=2)
+
+
+def test_a_transformers_text_tower_in_open_clip_takes_prefixes_through_the_interface(tmp_path):
+    """CustomTextCLIP with a BERT text tower (open_clip's HFTextEncoder, here from a local config folder)."""
+    import transformers as tf
+    from open_clip.model import CustomTextCLIP
+
+    tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=32).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    model = CustomTextCLIP(
+        embed_dim=16, vision_cfg=tiny.OPEN_CLIP_VISION,
+        text_cfg=dict(hf_model_name=str(tmp_path), hf_model_pretrained=False, hf_tokenizer_name=str(tmp_path),
+                      hf_proj_type="linear", hf_pooler_type="mean_pooler", context_length=12, vocab_size=100),
+    ).eval()
+    pm = add_prefix(model, PrefixConfig(num_virtual_tokens=2, init_std=1.0, targets=["text"]))
+    assert {(s.tower, s.kind, s.route) for s in pm.sites} == {("text", "self", "interface")}
+    ids = torch.randint(1, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with pm.disable_prefix():
+            plain = pm.encode_text(ids)
+        assert not torch.allclose(pm.encode_text(ids), plain)
+    pm.encode_text(ids).pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pm.prefixes.parameters())

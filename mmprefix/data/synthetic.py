@@ -5,7 +5,7 @@ left / middle / right slots on a noisy light background. Every image comes with 
 
 * pretraining tasks, which the tiny backbones were trained on: captions in style A ("two shapes: a large red
   circle and a small blue square", objects left to right), questions about colour, shape and existence, and
-  attribute records turned into phrases;
+  attribute records (keys in random order) turned into phrases or names;
 * downstream tasks, which they never saw and which the recipes adapt them to with prefixes: questions about
   counts, sizes and the leftmost / rightmost object, captions in style B ("a red circle and a blue square":
   no count, no sizes), and a new record-to-sentence format.
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = "world-v1"
+VERSION = "world-v3"
 IMAGE_SIZE = 64
 COLORS = {
     "red": (215, 45, 45),
@@ -138,13 +138,17 @@ def questions(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[str, 
     return out
 
 
-def record_text(s: Shape) -> tuple[str, str, str, str]:
-    """Attribute record in the pretraining format (A) and the downstream format (B), each with its phrase."""
-    a_prompt = f"describe: size={s.size} color={s.color} shape={s.shape} =>"
-    a_target = f"a {s.phrase}"
-    b_prompt = f"{s.shape} | {s.color} | {s.size} ->"
-    b_target = f"the {s.shape} is {s.color} and {s.size}"
-    return a_prompt, a_target, b_prompt, b_target
+def records_a(s: Shape, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Pretraining records: the attributes in a random order (so that copying them is by key, not by
+    position), turned into a phrase ("describe:") or a name ("name:")."""
+    fields = [f"size={s.size}", f"color={s.color}", f"shape={s.shape}"]
+    order = " ".join(fields[i] for i in rng.permutation(3))
+    return [(f"describe: {order} =>", f"a {s.phrase}"), (f"name: {order} =>", f"{s.color} {s.shape}")]
+
+
+def record_b(s: Shape) -> tuple[str, str]:
+    """The downstream format: a new cue and a sentence template the language model never produced."""
+    return f"shape={s.shape} color={s.color} size={s.size} ->", f"the {s.shape} is {s.color} and {s.size}"
 
 
 def default_root() -> Path:
@@ -153,7 +157,7 @@ def default_root() -> Path:
 
 
 def build_world(root: str | os.PathLike | None = None, splits: dict[str, int] | None = None) -> Path:
-    """Write the world under ``root`` (default: ``$MMPREFIX_CACHE/world-v1`` or ``~/.cache/mmprefix``) unless
+    """Write the world under ``root`` (default: ``$MMPREFIX_CACHE/world-v3`` or ``~/.cache/mmprefix``) unless
     it is already there; return the folder. Same version, same files, on every machine."""
     root = Path(root) if root is not None else default_root()
     splits = splits or SPLITS
@@ -163,6 +167,7 @@ def build_world(root: str | os.PathLike | None = None, splits: dict[str, int] | 
     files: dict[str, list[dict]] = {}
     for split, size in splits.items():
         rng = np.random.default_rng(SEEDS.get(split, len(split)))
+        record_rng = np.random.default_rng(100 + SEEDS.get(split, len(split)))  # records leave the scenes as they were
         (root / split).mkdir(exist_ok=True)
         for index in range(size):
             shapes = scene(rng)
@@ -179,9 +184,11 @@ def build_world(root: str | os.PathLike | None = None, splits: dict[str, int] | 
                     "answer_type": "yes/no" if answer in ("yes", "no") else "number" if answer in COUNTS else "other",
                 })
             for number, item in enumerate(shapes):
-                a_prompt, a_target, b_prompt, b_target = record_text(item)
-                files.setdefault(f"text_a_{split}", []).append({"id": f"{image_id}-{number}", "prompt": a_prompt, "target": a_target})
-                files.setdefault(f"text_b_{split}", []).append({"id": f"{image_id}-{number}", "prompt": b_prompt, "target": b_target})
+                for variant, (prompt, target) in enumerate(records_a(item, record_rng)):
+                    files.setdefault(f"text_a_{split}", []).append(
+                        {"id": f"{image_id}-{number}-{variant}", "prompt": prompt, "target": target})
+                prompt, target = record_b(item)
+                files.setdefault(f"text_b_{split}", []).append({"id": f"{image_id}-{number}", "prompt": prompt, "target": target})
     for name, rows in files.items():
         path = root / f"{name}.jsonl"
         tmp = path.with_suffix(".tmp")

@@ -233,9 +233,13 @@ def evaluate_clip(model, processor, root: Path) -> dict[str, float]:
     return {"caption_retrieval_top1": 100 * top1, "caption_retrieval_top5": 100 * top5, "chance_top1": 100 / len(texts)}
 
 
+RESUME = False  # set by --resume: continue a killed pretraining run (same code and settings only)
+
+
 def _config(out: Path, steps: int, lr: float) -> TrainConfig:
     return TrainConfig(output_dir=str(out / "run"), max_steps=steps, batch_size=64, learning_rate=lr,
-                       warmup_steps=min(200, steps // 10), weight_decay=0.01, log_every=50, save_every=500, resume=True)
+                       warmup_steps=min(200, steps // 10), weight_decay=0.01, log_every=50, save_every=500,
+                       resume=RESUME)
 
 
 def _no_save(model: nn.Module, directory: Any) -> None:
@@ -278,9 +282,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--out", type=Path, help="default: the package's assets folder")
     parser.add_argument("--world", type=Path, help="default: the cache folder of the synthetic world")
+    parser.add_argument("--resume", action="store_true", help="continue a killed run of the same settings")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="score the saved backbone again and rewrite its metrics.json (no training)")
     args = parser.parse_args(argv)
+    global RESUME
+    RESUME = args.resume
     run, default_steps = BACKBONES[args.backbone]
     out = args.out or ASSETS / args.backbone
     random.seed(0)
