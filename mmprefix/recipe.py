@@ -38,7 +38,8 @@ FLAGS = {  # command-line flag -> dotted config key
 
 def parse_args(argv: list[str] | None, default_config: Path, description: str) -> dict[str, Any]:
     """The run's configuration: the YAML file, then the flags, then ``key=value`` overrides (dotted keys,
-    values parsed as YAML: ``train.learning_rate=3e-3 prefix.num_virtual_tokens=8``)."""
+    values parsed as YAML scalars or flow-style ``[...]``/``{...}``: ``train.learning_rate=3e-3
+    prefix.targets=[text]``; any other text, e.g. ``"prefix.init_text=describe: a red circle"``, stays text)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, default=default_config, help="YAML config (default: %(default)s)")
     parser.add_argument("--output-dir", dest="output_dir")
@@ -61,8 +62,19 @@ def parse_args(argv: list[str] | None, default_config: Path, description: str) -
         key, sep, value = override.partition("=")
         if not sep or not key:
             parser.error(f"override {override!r} is not key=value")
-        set_key(config, key, yaml.safe_load(value))
+        set_key(config, key, _override_value(value))
     return config
+
+
+def _override_value(text: str) -> Any:
+    """A scalar, or a flow-style list or mapping; plain text with ': ' in it (a prompt) stays text."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, (dict, list)) and not text.lstrip().startswith(("{", "[")):
+        return text
+    return value
 
 
 def run(main: Any, argv: list[str] | None = None) -> int:

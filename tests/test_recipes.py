@@ -78,11 +78,14 @@ def test_the_comparison_methods_run_through_the_same_recipe(method, stand_ins, t
 
 def test_flags_and_overrides():
     config = recipe.parse_args(["--max-steps", "7", "--method", "lora", "--seed", "3", "--resume",
-                                "train.learning_rate=0.5", "prefix.num_virtual_tokens=4", "new.key=[1, 2]"],
+                                "train.learning_rate=0.5", "prefix.num_virtual_tokens=4", "new.key=[1, 2]",
+                                "prefix.init_text=describe: a red circle", "eval.generation={num_beams: 3}"],
                                RECIPES["vqa"].parent / "configs" / "vqa.yaml", "test")
     assert config["train"]["max_steps"] == 7 and config["train"]["seed"] == 3 and config["train"]["resume"] is True
     assert config["method"] == "lora" and config["train"]["learning_rate"] == 0.5
     assert config["prefix"]["num_virtual_tokens"] == 4 and config["new"]["key"] == [1, 2]
+    assert config["prefix"]["init_text"] == "describe: a red circle"  # text with ': ' is not a mapping
+    assert config["eval"]["generation"] == {"num_beams": 3}
     with pytest.raises(SystemExit):
         recipe.parse_args(["no_equals_sign"], RECIPES["vqa"].parent / "configs" / "vqa.yaml", "test")
     with pytest.raises(SystemExit):
