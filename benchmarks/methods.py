@@ -5,8 +5,8 @@
 Each (recipe, method) runs the recipe with its default config in a fresh process, one after the other; the
 peak resident memory is that process's own (``os.wait4`` returns the resource usage of that one child). Scores are the
 recipes' test-split primary metrics; "time" is the training time the recipe reports (evaluation excluded).
-Full fine-tuning uses a learning rate suited to all weights (``--full-lr``); the other methods use their
-config's. Prints a Markdown table and writes every run's metrics to ``--output-dir``.
+Each method trains with its learning rate from the recipe's config (full fine-tuning and LoRA
+have their own there). Prints a Markdown table and writes every run's metrics to ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PRIMARY = {"vqa": "vqa_accuracy", "captioning": "CIDEr", "textgen": "Bleu_4"}
 
 
-def run(recipe: str, method: str, output: Path, full_lr: float) -> dict:
+def run(recipe: str, method: str, output: Path) -> dict:
     command = [sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), "--method", method, f"output_dir={output}"]
-    if method == "full":
-        command.append(f"train.learning_rate={full_lr}")
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(output / "run.log", "w") as log:
@@ -42,14 +40,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=list(PRIMARY), choices=list(PRIMARY))
     parser.add_argument("--methods", nargs="+", default=["prefix", "prompt", "lora", "full"])
-    parser.add_argument("--full-lr", type=float, default=3e-4)
     parser.add_argument("--output-dir", type=Path, default=Path("out/methods"))
     args = parser.parse_args()
 
     rows = []
     for recipe in args.recipes:
         for method in args.methods:
-            result = run(recipe, method, args.output_dir / recipe / method, args.full_lr)
+            result = run(recipe, method, args.output_dir / recipe / method)
             rows.append((recipe, method, result))
             print(f"[{time.strftime('%H:%M:%S')}] {recipe} {method}: {result['tuned'][PRIMARY[recipe]]:.2f}", file=sys.stderr)
     (args.output_dir / "methods.json").write_text(json.dumps([{"recipe": r, "method": m, **x} for r, m, x in rows], indent=2))

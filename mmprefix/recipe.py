@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None, default_config: Path, description: str) -
         if not sep or not key:
             parser.error(f"override {override!r} is not key=value")
         set_key(config, key, _override_value(value))
+    # A method's own section may set its learning rate (full fine-tuning wants a far smaller one than a
+    # prefix); an explicit train.learning_rate override still wins.
+    section = config.get(config.get("method", "prefix")) or {}
+    if "learning_rate" in section:
+        rate = section.pop("learning_rate")
+        if not any(o.partition("=")[0] == "train.learning_rate" for o in args.overrides):
+            set_key(config, "train.learning_rate", rate)
     return config
 
 

@@ -30,7 +30,7 @@ def test_readme_python_examples_and_commands(tmp_path, monkeypatch):
 
 def test_readme_starts_with_the_two_commands():
     first = blocks("bash")[0].strip().splitlines()
-    assert first[0].endswith("python examples/quickstart.py") and first[1] == "python -m pytest"
+    assert first[0].endswith("python recipes/vqa.py") and first[1] == "python -m pytest"
     ci = (ROOT / ".ci" / "run").read_text()
     assert "\npython -m pytest\n" in ci
 

@@ -86,6 +86,12 @@ def test_flags_and_overrides():
     assert config["prefix"]["num_virtual_tokens"] == 4 and config["new"]["key"] == [1, 2]
     assert config["prefix"]["init_text"] == "describe: a red circle"  # text with ': ' is not a mapping
     assert config["eval"]["generation"] == {"num_beams": 3}
+    vqa_yaml = RECIPES["vqa"].parent / "configs" / "vqa.yaml"
+    rates = {method: recipe.parse_args(["--method", method], vqa_yaml, "test")["train"]["learning_rate"]
+             for method in ("prefix", "lora", "full")}
+    assert rates == {"prefix": 0.03, "lora": 1e-3, "full": 3e-4}  # a method's own rate, else train's
+    full = recipe.parse_args(["--method", "full", "train.learning_rate=0.1"], vqa_yaml, "test")
+    assert full["train"]["learning_rate"] == 0.1 and recipe.method_options(full) == {}  # the flag wins
     with pytest.raises(SystemExit):
         recipe.parse_args(["no_equals_sign"], RECIPES["vqa"].parent / "configs" / "vqa.yaml", "test")
     with pytest.raises(SystemExit):
@@ -185,3 +191,22 @@ def test_resume_continues_from_the_last_checkpoint(stand_ins, tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
     assert first["tuned"]
+
+
+# What each recipe, run as written, must at least reach on the embedded default's test split.
+ADAPTS = {"vqa": ("vqa_accuracy", 30.0), "captioning": ("CIDEr", 1.0), "textgen": ("Bleu_4", 0.5)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ADAPTS))
+def test_recipe_as_written_adapts_the_frozen_backbone(name, tmp_path):
+    """README's main job and its siblings: the default config, offline, on the pretrained tiny backbones. The
+    tuned score must beat the frozen backbone's zero-shot score by a wide margin."""
+    result = subprocess.run([sys.executable, str(RECIPES[name]), "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metric, gain = ADAPTS[name]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["tuned"][metric] >= metrics["zero_shot"][metric] + gain, metrics
+    assert metrics["trainable_percent"] < 3
+    assert f"{metric}: zero-shot" in result.stdout and (tmp_path / "prefix" / "prefix.safetensors").is_file()

@@ -272,7 +272,7 @@ BACKBONES = {
     "blip": (pretrain_blip, 3000),
     "blip2": (pretrain_blip2, 3000),
     "clip": (pretrain_clip, 1500),
-    "lm": (pretrain_lm, 1500),
+    "lm": (pretrain_lm, 6000),
 }
 
 
