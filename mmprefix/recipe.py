@@ -20,6 +20,7 @@ from torch import nn
 
 from . import loading
 from .data import ImageLoader, read_samples
+from . import evaluation
 from .evaluation import PRIMARY_METRIC
 from .methods import METHODS, for_generation
 from .model import PrefixModel
@@ -147,7 +148,8 @@ def load_splits(task: str, data: dict[str, Any]) -> dict[str, list]:
             continue
         path = loading.data_path(spec["path"])
         if not Path(path).exists():
-            raise loading.LoadError(f"the {split} data {spec['path']!r} ({path}) does not exist; download it or fix data.{split}.path")
+            raise loading.LoadError(f"the {split} data {spec['path']!r} ({path}) does not exist; "
+                                    f"download it or fix data.{split}.path")
         options = {k: _expand(v) for k, v in (spec.get("options") or {}).items()}
         samples = read_samples(task, path, format=spec.get("format"), **options)
         splits[split] = samples[: spec["limit"]] if spec.get("limit") else samples
@@ -180,6 +182,27 @@ def evaluated(model: nn.Module) -> tuple[nn.Module, str | None]:
     if isinstance(model, PrefixModel):
         return model, model.active_prefix
     return for_generation(model), None
+
+
+def score_on_test(task: str, model: nn.Module, processor: Any, samples: list, output_dir: Path,
+                  evaluate: dict[str, Any], run: str) -> dict[str, Any]:
+    """One run (``"zero-shot"`` or ``"tuned"``) of ``model`` on the test split: predictions in the official
+    format and scores, under ``output_dir/<run>/``."""
+    scored, prefix = evaluated(model)
+    return evaluation.evaluate_runs(task, scored, processor, samples, {run: prefix}, output_dir, **evaluate)[run]
+
+
+def validation(task: str, processor: Any, samples: list, evaluate: dict[str, Any]) -> Any:
+    """The ``evaluate`` hook of :func:`mmprefix.training.train`: the validation split scored with the
+    model being trained (METEOR left out: its JVM start would dominate frequent evaluations)."""
+
+    def validate(trained: nn.Module) -> dict[str, float]:
+        scored, prefix = evaluated(trained)
+        predictions, _ = evaluation.predict(task, scored, processor, samples, prefix=prefix, progress=False,
+                                            batch_size=evaluate["batch_size"], generation=evaluate.get("generation"))
+        return evaluation.score(task, predictions, samples, meteor=False)
+
+    return validate
 
 
 def report(output_dir: Path, task: str, samples: list, results: dict[str, dict], trainable: int, total: int,

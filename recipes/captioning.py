@@ -16,7 +16,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from mmprefix import evaluation, loading, methods, recipe, tasks
+from mmprefix import loading, methods, recipe, tasks
 from mmprefix.training import TrainConfig, train
 
 CONFIG = Path(__file__).parent / "configs" / "captioning.yaml"
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. The frozen backbone's own captions.
     results = {}
     if main_process:
-        results["zero-shot"] = evaluation.evaluate_runs(
-            "caption", model, processor, data["test"], {"zero-shot": None}, out, **evaluate)["zero-shot"]
+        results["zero-shot"] = recipe.score_on_test("caption", model, processor, data["test"], out, evaluate,
+                                                    "zero-shot")
 
     # 3. The method: a prefix (or a soft prompt, LoRA, full fine-tuning).
     model = methods.prepare(model, config["method"], recipe.method_options(config), processor)
@@ -51,11 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
         captions = [recipe.training_caption(s) for s, _ in rows]
         return tasks.caption_batch(model, processor, [image for _, image in rows], captions)
 
-    def validate(trained):
-        scored, prefix = recipe.evaluated(trained)
-        predictions, _ = evaluation.predict("caption", scored, processor, data["val"], prefix=prefix, progress=False,
-                                            batch_size=evaluate["batch_size"], generation=evaluate.get("generation"))
-        return evaluation.score("caption", predictions, data["val"], meteor=False)
+    validate = recipe.validation("caption", processor, data["val"], evaluate)
 
     started = time.perf_counter()
     dataset = recipe.SampleDataset(data["train"], config["data"].get("on_bad_image", "error"))
@@ -65,9 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. The tuned model's captions of the test images, next to the zero-shot ones.
     if not main_process:
         return {}
-    scored, prefix = recipe.evaluated(model)
-    results["tuned"] = evaluation.evaluate_runs("caption", scored, processor, data["test"], {"tuned": prefix}, out,
-                                                **evaluate)["tuned"]
+    results["tuned"] = recipe.score_on_test("caption", model, processor, data["test"], out, evaluate, "tuned")
     return recipe.report(out, "caption", data["test"], results, trainable, total, seconds)
 
 

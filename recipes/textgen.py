@@ -16,7 +16,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from mmprefix import evaluation, loading, methods, recipe, tasks
+from mmprefix import loading, methods, recipe, tasks
 from mmprefix.training import TrainConfig, train
 
 CONFIG = Path(__file__).parent / "configs" / "textgen.yaml"
@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. What the frozen model writes after each prompt.
     results = {}
     if main_process:
-        results["zero-shot"] = evaluation.evaluate_runs(
-            "text", model, tokenizer, data["test"], {"zero-shot": None}, out, **evaluate)["zero-shot"]
+        results["zero-shot"] = recipe.score_on_test("text", model, tokenizer, data["test"], out, evaluate, "zero-shot")
 
     # 3. The method: a prefix (or a soft prompt, LoRA, full fine-tuning).
     model = methods.prepare(model, config["method"], recipe.method_options(config), tokenizer)
@@ -49,11 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     def collate(rows):
         return tasks.prompt_and_target(tokenizer, [s.prompt for s, _ in rows], [s.target for s, _ in rows])
 
-    def validate(trained):
-        scored, prefix = recipe.evaluated(trained)
-        predictions, _ = evaluation.predict("text", scored, tokenizer, data["val"], prefix=prefix, progress=False,
-                                            batch_size=evaluate["batch_size"], generation=evaluate.get("generation"))
-        return evaluation.score("text", predictions, data["val"])
+    validate = recipe.validation("text", tokenizer, data["val"], evaluate)
 
     started = time.perf_counter()
     train(model, recipe.SampleDataset(data["train"]), collate, TrainConfig(output_dir=str(out), **config["train"]),
@@ -63,9 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. The tuned model on the test prompts, next to the zero-shot one.
     if not main_process:
         return {}
-    scored, prefix = recipe.evaluated(model)
-    results["tuned"] = evaluation.evaluate_runs("text", scored, tokenizer, data["test"], {"tuned": prefix}, out,
-                                                **evaluate)["tuned"]
+    results["tuned"] = recipe.score_on_test("text", model, tokenizer, data["test"], out, evaluate, "tuned")
     return recipe.report(out, "text", data["test"], results, trainable, total, seconds)
 
 

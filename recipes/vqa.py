@@ -16,7 +16,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from mmprefix import evaluation, loading, methods, recipe, tasks
+from mmprefix import loading, methods, recipe, tasks
 from mmprefix.training import TrainConfig, train
 
 CONFIG = Path(__file__).parent / "configs" / "vqa.yaml"
@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. What the frozen backbone answers before any tuning.
     results = {}
     if main_process:
-        results["zero-shot"] = evaluation.evaluate_runs(
-            "vqa", model, processor, data["test"], {"zero-shot": None}, out, **evaluate)["zero-shot"]
+        results["zero-shot"] = recipe.score_on_test("vqa", model, processor, data["test"], out, evaluate, "zero-shot")
 
     # 3. The method: a prefix (or a soft prompt, LoRA, full fine-tuning).
     model = methods.prepare(model, config["method"], recipe.method_options(config), processor)
@@ -53,11 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         return tasks.vqa_batch(model, processor, [image for _, image in rows], [s.question for s, _ in rows],
                                [recipe.training_answer(s) for s, _ in rows], prompt=prompt)
 
-    def validate(trained):
-        scored, prefix = recipe.evaluated(trained)
-        predictions, _ = evaluation.predict("vqa", scored, processor, data["val"], prefix=prefix, progress=False,
-                                            batch_size=evaluate["batch_size"], generation=evaluate.get("generation"))
-        return evaluation.score("vqa", predictions, data["val"])
+    validate = recipe.validation("vqa", processor, data["val"], evaluate)
 
     started = time.perf_counter()
     dataset = recipe.SampleDataset(data["train"], config["data"].get("on_bad_image", "error"))
@@ -67,9 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. The tuned model on the test questions, next to the zero-shot one.
     if not main_process:
         return {}
-    scored, prefix = recipe.evaluated(model)
-    results["tuned"] = evaluation.evaluate_runs("vqa", scored, processor, data["test"], {"tuned": prefix}, out,
-                                                **evaluate)["tuned"]
+    results["tuned"] = recipe.score_on_test("vqa", model, processor, data["test"], out, evaluate, "tuned")
     return recipe.report(out, "vqa", data["test"], results, trainable, total, seconds)
 
 
