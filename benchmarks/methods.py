@@ -1,6 +1,6 @@
 """Prefix tuning against a soft prompt, LoRA and full fine-tuning, on the recipes' embedded default.
 
-    python benchmarks/methods.py [--recipes vqa captioning textgen] [--methods prefix prompt lora full]
+    python benchmarks/methods.py [--recipes vqa captioning textgen classification] [--methods prefix prompt lora full]
 
 Each (recipe, method) runs the recipe with its default config in a fresh process, one after the other; the
 peak resident memory is that process's own (``os.wait4`` returns the resource usage of that one child). Scores are the
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRIMARY = {"vqa": "vqa_accuracy", "captioning": "CIDEr", "textgen": "Bleu_4"}
+PRIMARY = {"vqa": "vqa_accuracy", "captioning": "CIDEr", "textgen": "Bleu_4", "classification": "top1"}
 
 
 def run(recipe: str, method: str, output: Path) -> dict:

@@ -632,7 +632,7 @@ def classify(
     encoder = _ClipEncoder(model, processor)
     loader = ImageLoader(on_bad_image=on_bad_image)
     with _routed(model, prefix):
-        prompts = [template.format(name) for name in classnames for template in templates]
+        prompts = tasks.class_prompts(classnames, templates)
         text = _encode_texts(encoder, prompts, batch_size).view(len(classnames), len(templates), -1)
         classes = F.normalize(text.mean(dim=1), dim=-1)
         images, kept, bad = _encode_images(encoder, [s[0] for s in samples], batch_size, loader, progress, "classify")

@@ -18,9 +18,8 @@ import torch
 import yaml
 from torch import nn
 
-from . import loading
+from . import evaluation, loading
 from .data import ImageLoader, read_samples
-from . import evaluation
 from .evaluation import PRIMARY_METRIC
 from .methods import METHODS, for_generation
 from .model import PrefixModel
@@ -129,18 +128,24 @@ class SampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         sample = self.samples[index]
-        image = getattr(sample, "image", None)
+        image = _image_of(sample)
         return sample, (self.images.load(image) if image is not None else None)
+
+
+def _image_of(sample: Any) -> Any:
+    """A sample's image: the ``image`` field, or the first item of a classification ``(image, label)`` pair."""
+    return sample[0] if isinstance(sample, tuple) else getattr(sample, "image", None)
 
 
 def good_rows(rows: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
     """Rows whose image loaded (or that have none)."""
-    return [(sample, image) for sample, image in rows if image is not None or getattr(sample, "image", None) is None]
+    return [(sample, image) for sample, image in rows if image is not None or _image_of(sample) is None]
 
 
 def load_splits(task: str, data: dict[str, Any]) -> dict[str, list]:
     """Samples of each split in ``data`` (``train``, ``val``, ``test``: ``{path, format, options, limit}``);
-    paths may be ``world:NAME`` (the synthetic world) and hold ``~`` or ``$VARIABLES``."""
+    paths may be ``world:NAME`` (the synthetic world) and hold ``~`` or ``$VARIABLES``. Classification
+    samples are ``(image path, label)`` pairs from a ``{image, label}`` JSONL file or a folder per class."""
     splits = {}
     for split in ("train", "val", "test"):
         spec = data.get(split)
@@ -151,9 +156,31 @@ def load_splits(task: str, data: dict[str, Any]) -> dict[str, list]:
             raise loading.LoadError(f"the {split} data {spec['path']!r} ({path}) does not exist; "
                                     f"download it or fix data.{split}.path")
         options = {k: _expand(v) for k, v in (spec.get("options") or {}).items()}
-        samples = read_samples(task, path, format=spec.get("format"), **options)
+        if task == "classification":
+            samples, _ = evaluation.read_classification(path)
+        else:
+            samples = read_samples(task, path, format=spec.get("format"), **options)
         splits[split] = samples[: spec["limit"]] if spec.get("limit") else samples
     return splits
+
+
+def name_classes(splits: dict[str, list], names_file: str | None = None) -> tuple[dict[str, list], list[str]]:
+    """Classification splits with each label replaced by the name its prompts use, and the sorted names.
+    ``names_file``: a JSON object from label to name (e.g. ImageNet's folder ids to class names); without
+    it the labels are the names."""
+    labels = sorted({label for samples in splits.values() for _, label in samples})
+    names = {label: label for label in labels}
+    if names_file:
+        path = loading.data_path(names_file)
+        if not Path(path).is_file():
+            raise loading.LoadError(f"the class names file {names_file!r} ({path}) does not exist")
+        mapping = json.loads(Path(path).read_text(encoding="utf-8"))
+        missing = [label for label in labels if label not in mapping]
+        if missing:
+            raise ValueError(f"{path} names no class for labels {missing[:5]} ({len(missing)} in all)")
+        names = {label: str(mapping[label]) for label in labels}
+    named = {split: [(image, names[label]) for image, label in samples] for split, samples in splits.items()}
+    return named, sorted(set(names.values()))
 
 
 def fresh_start(config: dict[str, Any]) -> Path:
@@ -185,19 +212,24 @@ def evaluated(model: nn.Module) -> tuple[nn.Module, str | None]:
 
 
 def score_on_test(task: str, model: nn.Module, processor: Any, samples: list, output_dir: Path,
-                  evaluate: dict[str, Any], run: str) -> dict[str, Any]:
+                  evaluate: dict[str, Any], run: str, classnames: list[str] | None = None) -> dict[str, Any]:
     """One run (``"zero-shot"`` or ``"tuned"``) of ``model`` on the test split: predictions in the official
     format and scores, under ``output_dir/<run>/``."""
     scored, prefix = evaluated(model)
-    return evaluation.evaluate_runs(task, scored, processor, samples, {run: prefix}, output_dir, **evaluate)[run]
+    return evaluation.evaluate_runs(task, scored, processor, samples, {run: prefix}, output_dir,
+                                    classnames=classnames, **evaluate)[run]
 
 
-def validation(task: str, processor: Any, samples: list, evaluate: dict[str, Any]) -> Any:
+def validation(task: str, processor: Any, samples: list, evaluate: dict[str, Any],
+               classnames: list[str] | None = None) -> Any:
     """The ``evaluate`` hook of :func:`mmprefix.training.train`: the validation split scored with the
     model being trained (METEOR left out: its JVM start would dominate frequent evaluations)."""
 
     def validate(trained: nn.Module) -> dict[str, float]:
         scored, prefix = evaluated(trained)
+        if task == "classification":
+            return evaluation.classify(scored, processor, samples, classnames, evaluate["templates"], prefix=prefix,
+                                       batch_size=evaluate["batch_size"])
         predictions, _ = evaluation.predict(task, scored, processor, samples, prefix=prefix, progress=False,
                                             batch_size=evaluate["batch_size"], generation=evaluate.get("generation"))
         return evaluation.score(task, predictions, samples, meteor=False)

@@ -8,6 +8,8 @@ trained and evaluated on exactly the same formatting:
 * BLIP-2 and InstructBLIP: the processor inserts the image tokens; VQA uses the prompt
   ``"Question: {q} Answer:"``; the answer (or caption) follows the prompt and only it is scored.
 * Causal language models: prompt then target, only the target scored; generation reads after the prompt.
+* CLIP-like models (transformers CLIP or open_clip): each class is named by prompts from templates, and an
+  image's class logits are the model's own scaled image-text similarities, averaged over the templates.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 IGNORE = -100
 VQA_PROMPT = "Question: {question} Answer:"
@@ -175,3 +178,40 @@ def complete_texts(model: Any, tokenizer: Any, prompts: Sequence[str], **generat
     inputs = _on_device({"input_ids": ids, "attention_mask": mask}, model)
     out = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
     return _decode(tokenizer, out[:, ids.shape[1] :])
+
+
+def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every class's prompts, class by class: ``len(classnames) * len(templates)`` texts."""
+    return [template.format(name) for name in classnames for template in templates]
+
+
+def classification_batch(processor: Any, images: Sequence[Any], labels: Sequence[int], classnames: Sequence[str],
+                         templates: Sequence[str]) -> dict[str, Any]:
+    """Training inputs for a CLIP-like model: the images, every class prompt, and each image's class index.
+    ``processor``: a transformers processor, or ``(tokenizer, preprocess)`` for open_clip."""
+    prompts = class_prompts(classnames, templates)
+    batch: dict[str, Any] = {"labels": torch.tensor(list(labels)), "num_templates": len(templates)}
+    if isinstance(processor, (tuple, list)):
+        tokenizer, preprocess = processor
+        return {**batch, "image": torch.stack([preprocess(image) for image in images]), "text": tokenizer(prompts)}
+    encoded = processor(images=list(images), text=prompts, return_tensors="pt", padding=True)
+    return {**batch, **{k: encoded[k] for k in ("pixel_values", "input_ids", "attention_mask")}}
+
+
+def classification_logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """``[images, classes]`` logits through the model's ``forward`` (so that DDP synchronises gradients): the
+    scaled cosine similarity of each image with each class prompt, averaged over each class's templates."""
+    if "image" in batch:  # open_clip: forward(image, text) -> features and the logit scale
+        out = model(image=batch["image"], text=batch["text"])
+        image, text, scale = (out["image_features"], out["text_features"], out["logit_scale"]) \
+            if isinstance(out, dict) else out[:3]
+        logits = scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    else:
+        logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits_per_image
+    return logits.view(len(logits), -1, batch["num_templates"]).mean(-1)
+
+
+def classification_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """Cross-entropy of :func:`classification_logits` against the labels (CoOp's objective)."""
+    return F.cross_entropy(classification_logits(model, batch), batch["labels"])

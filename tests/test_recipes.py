@@ -8,15 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from PIL import Image
 
 from mmprefix import recipe
-from mmprefix.embedded import blip2_processor, blip_processor, pretrain, text
+from mmprefix.embedded import blip2_processor, blip_processor, clip_processor, pretrain, text
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {name: ROOT / "recipes" / f"{name}.py" for name in ("vqa", "captioning", "textgen")}
+RECIPES = {name: ROOT / "recipes" / f"{name}.py" for name in ("vqa", "captioning", "textgen", "classification")}
+PRIMARY = {"vqa": "vqa_accuracy", "captioning": "CIDEr", "textgen": "Bleu_4", "classification": "top1"}
 QUICK = ["train.max_steps=4", "train.batch_size=4", "train.eval_every=2", "train.save_every=2", "train.log_every=2",
          "eval.batch_size=16", "eval.meteor=false"]
 
@@ -37,9 +39,16 @@ def stand_ins(tmp_path_factory):
         "blip": (pretrain.blip_model, blip_processor),
         "blip2": (pretrain.blip2_model, blip2_processor),
         "lm": (pretrain.lm_model, text.lm_tokenizer),
+        "clip": (pretrain.clip_model, clip_processor),
     }.items():
         build().save_pretrained(folder / name)
         processor().save_pretrained(folder / name)
+    # open_clip: a tiny ViT model config registered offline, with the real tokenizer's vocabulary
+    (folder / "open_clip").mkdir()
+    (folder / "open_clip" / "mmprefix-recipe-clip.json").write_text(json.dumps(dict(
+        embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, head_width=8, patch_size=8),
+        text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=1))))
+    open_clip.add_model_config(folder / "open_clip")
     return folder
 
 
@@ -47,7 +56,8 @@ def world(split_limits):
     return [f"data.{split}.limit={n}" for split, n in split_limits.items()]
 
 
-@pytest.mark.parametrize("name, checkpoint", [("vqa", "blip"), ("captioning", "blip"), ("textgen", "lm")])
+@pytest.mark.parametrize("name, checkpoint", [("vqa", "blip"), ("captioning", "blip"), ("textgen", "lm"),
+                                              ("classification", "clip")])
 def test_a_recipe_writes_everything_it_promises(name, checkpoint, stand_ins, tmp_path, capsys):
     out = tmp_path / name
     summary = load(name).main([f"model={stand_ins / checkpoint}", f"output_dir={out}", *QUICK,
@@ -55,23 +65,59 @@ def test_a_recipe_writes_everything_it_promises(name, checkpoint, stand_ins, tmp
     printed = capsys.readouterr().out
     assert "trainable parameters" in printed and "zero-shot" in printed and str(out) in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    primary = {"vqa": "vqa_accuracy", "captioning": "CIDEr", "textgen": "Bleu_4"}[name]
-    assert primary in metrics["zero_shot"] and primary in metrics["tuned"] and metrics == summary
+    assert PRIMARY[name] in metrics["zero_shot"] and PRIMARY[name] in metrics["tuned"] and metrics == summary
     assert 0 < metrics["trainable_percent"] < 3
     for path in ("prefix/prefix_config.json", "prefix/prefix.safetensors", "log.jsonl", "curves.png",
-                 "report.html", "results.md", "zero-shot/results.json", "tuned/results.json"):
+                 "report.html", "results.md", "zero-shot/metrics.json", "tuned/metrics.json"):
         assert (out / path).is_file(), path
     assert (out / "checkpoints" / "step-00000004" / "complete").is_file()
-    official = json.loads((out / "tuned" / "results.json").read_text())
-    key = {"vqa": "question_id", "captioning": "image_id", "textgen": "id"}[name]
-    assert len(official) == 12 and all(key in row for row in official)
+    if name != "classification":  # scores only: no official prediction format
+        official = json.loads((out / "tuned" / "results.json").read_text())
+        key = {"vqa": "question_id", "captioning": "image_id", "textgen": "id"}[name]
+        assert len(official) == 12 and all(key in row for row in official)
 
 
+def test_classification_trains_on_the_models_own_similarities(stand_ins):
+    """The training logits are the model's scaled image-class similarities (templates averaged), and the
+    evaluation harness ranks classes the same way."""
+    from mmprefix import evaluation, tasks
+
+    model = pretrain.clip_model().eval()
+    processor = clip_processor()
+    images = [Image.new("RGB", (64, 64), color) for color in ((200, 30, 30), (30, 30, 200), (30, 200, 30))]
+    classnames, templates = ["red", "blue"], ["the shape on the left is {}", "a {} shape"]
+    batch = tasks.classification_batch(processor, images, [0, 1, 0], classnames, templates)
+    with torch.no_grad():
+        logits = tasks.classification_logits(model, batch)
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        image = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        texts = processor(text=tasks.class_prompts(classnames, templates), return_tensors="pt", padding=True)
+        text = torch.nn.functional.normalize(model.get_text_features(**texts).pooler_output, dim=-1)
+    expected = (model.logit_scale.exp() * image @ text.T).view(3, 2, 2).mean(-1)
+    torch.testing.assert_close(logits, expected)
+    loss = tasks.classification_loss(model, batch)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(expected, torch.tensor([0, 1, 0])))
+    open_model, _, preprocess = open_clip.create_model_and_transforms("mmprefix-recipe-clip")
+    open_model.eval()
+    tokenizer = open_clip.get_tokenizer("mmprefix-recipe-clip")
+    batch = tasks.classification_batch((tokenizer, preprocess), images, [0, 1, 0], classnames, templates[:1])
+    with torch.no_grad():
+        logits = tasks.classification_logits(open_model, batch)
+        image = open_model.encode_image(batch["image"], normalize=True)
+        text = open_model.encode_text(batch["text"], normalize=True)
+    torch.testing.assert_close(logits, open_model.logit_scale.exp() * image @ text.T)
+    ranked = evaluation.classify(open_model, (tokenizer, preprocess), list(zip(images, ["red", "blue", "red"])),
+                                 classnames, templates[:1])
+    hits = (logits.argmax(-1) == torch.tensor([0, 1, 0])).float().mean().item()
+    assert ranked["top1"] == pytest.approx(100 * hits, abs=0.01)
+
+
+@pytest.mark.parametrize("name, checkpoint", [("vqa", "blip"), ("classification", "clip")])
 @pytest.mark.parametrize("method", ["prompt", "lora", "full"])
-def test_the_comparison_methods_run_through_the_same_recipe(method, stand_ins, tmp_path):
+def test_the_comparison_methods_run_through_the_same_recipe(name, checkpoint, method, stand_ins, tmp_path):
     out = tmp_path / method
-    metrics = load("vqa").main([f"model={stand_ins / 'blip'}", f"output_dir={out}", "--method", method, *QUICK,
-                                *world({"train": 24, "val": 6, "test": 6})])
+    metrics = load(name).main([f"model={stand_ins / checkpoint}", f"output_dir={out}", "--method", method, *QUICK,
+                               *world({"train": 24, "val": 6, "test": 6})])
     assert (metrics["trainable_percent"] == 100) == (method == "full")
     assert (out / "prefix").is_dir()
 
@@ -136,13 +182,27 @@ def text_files(root):
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
 
 
+def imagenet_folders(root):
+    """ImageNet's layout: train/ and val/ with a folder per class id, and classnames.json naming each id."""
+    for split in ("train", "val"):
+        for i, wnid in enumerate(("n01440764", "n01443537")):
+            _images(root / split / wnid, [f"{split}_{wnid}_{k}.JPEG" for k in range(3 + i)])
+    (root / "classnames.json").write_text(json.dumps({"n01440764": "tench", "n01443537": "goldfish"}))
+
+
 REAL = {  # config -> (recipe, stand-in checkpoint, data environment variable, data builder)
     "vqa_blip_vqav2.yaml": ("vqa", "blip", "VQAV2", vqav2_files),
     "vqa_blip2_vqav2.yaml": ("vqa", "blip2", "VQAV2", vqav2_files),
     "captioning_blip_coco.yaml": ("captioning", "blip", "COCO", karpathy_file),
     "captioning_blip2_coco.yaml": ("captioning", "blip2", "COCO", karpathy_file),
     "textgen_llama.yaml": ("textgen", "lm", "TEXTGEN", text_files),
+    "classification_openclip_imagenet.yaml": ("classification", "open_clip:mmprefix-recipe-clip", "IMAGENET",
+                                              imagenet_folders),
 }
+
+
+def stand_in(stand_ins, checkpoint):
+    return checkpoint if checkpoint.startswith("open_clip:") else stand_ins / checkpoint
 
 
 @pytest.mark.parametrize("config", sorted(REAL))
@@ -151,7 +211,7 @@ def test_real_checkpoint_configs_build_on_tiny_stand_ins(config, stand_ins, tmp_
     build(tmp_path / "data")
     monkeypatch.setenv(variable, str(tmp_path / "data"))
     path = RECIPES[name].parent / "configs" / config
-    overrides = [f"model={stand_ins / checkpoint}", f"output_dir={tmp_path / 'out'}", *QUICK,
+    overrides = [f"model={stand_in(stand_ins, checkpoint)}", f"output_dir={tmp_path / 'out'}", *QUICK,
                  "train.mixed_precision=no", "train.num_workers=0", "data.val.limit=2", "data.test.limit=3"]
     metrics = load(name).main(["--config", str(path), *overrides])
     assert set(metrics) >= {"zero_shot", "tuned"}
@@ -166,8 +226,9 @@ def test_real_checkpoint_configs_fail_clearly_without_checkpoint_or_data(config,
     path = RECIPES[name].parent / "configs" / config
     module = load(name)
     assert recipe.run(module.main, ["--config", str(path), f"output_dir={tmp_path}"]) == 2
-    assert "cannot load model" in capsys.readouterr().err
-    assert recipe.run(module.main, ["--config", str(path), f"model={stand_ins / checkpoint}", f"output_dir={tmp_path}"]) == 2
+    assert "cannot load" in capsys.readouterr().err
+    assert recipe.run(module.main, ["--config", str(path), f"model={stand_in(stand_ins, checkpoint)}",
+                                    f"output_dir={tmp_path}"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -194,7 +255,8 @@ def test_resume_continues_from_the_last_checkpoint(stand_ins, tmp_path, capsys):
 
 
 # What each recipe, run as written, must at least reach on the embedded default's test split.
-ADAPTS = {"vqa": ("vqa_accuracy", 30.0), "captioning": ("CIDEr", 1.0), "textgen": ("Bleu_4", 0.5)}
+ADAPTS = {"vqa": ("vqa_accuracy", 30.0), "captioning": ("CIDEr", 1.0), "textgen": ("Bleu_4", 0.5),
+          "classification": ("top1", 10.0)}
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ left / middle / right slots on a noisy light background. Every image comes with 
   attribute records (keys in random order) turned into phrases or names;
 * downstream tasks, which they never saw and which the recipes adapt them to with prefixes: questions about
   counts, sizes and the leftmost / rightmost object, captions in style B ("a red circle and a blue square":
-  no count, no sizes), and a new record-to-sentence format.
+  no count, no sizes), a new record-to-sentence format, and image classification by the colour of the
+  leftmost shape (``classes_*``: ``{image, label}``).
 
 Downstream answers and captions only use words the backbones' decoders already emit in pretraining (counts and
 sizes come from style-A captions): a frozen decoder cannot learn to emit a word it has always suppressed.
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = "world-v3"
+VERSION = "world-v4"  # v4 added the classification files; images and texts are those of v3
 IMAGE_SIZE = 64
 COLORS = {
     "red": (215, 45, 45),
@@ -157,7 +158,7 @@ def default_root() -> Path:
 
 
 def build_world(root: str | os.PathLike | None = None, splits: dict[str, int] | None = None) -> Path:
-    """Write the world under ``root`` (default: ``$MMPREFIX_CACHE/world-v3`` or ``~/.cache/mmprefix``) unless
+    """Write the world under ``root`` (default: ``$MMPREFIX_CACHE/<VERSION>``, ``$MMPREFIX_CACHE`` defaulting to ``~/.cache/mmprefix``) unless
     it is already there; return the folder. Same version, same files, on every machine."""
     root = Path(root) if root is not None else default_root()
     splits = splits or SPLITS
@@ -176,6 +177,7 @@ def build_world(root: str | os.PathLike | None = None, splits: dict[str, int] | 
             image_id = f"{split}-{index:05d}"
             files.setdefault(f"captions_a_{split}", []).append({"image": name, "image_id": image_id, "captions": [caption_a(shapes)]})
             files.setdefault(f"captions_b_{split}", []).append({"image": name, "image_id": image_id, "captions": [caption_b(shapes)]})
+            files.setdefault(f"classes_{split}", []).append({"image": name, "label": shapes[0].color})
             for number, (kind, question, answer) in enumerate(questions(shapes, rng)):
                 group = "pretrain" if kind in PRETRAIN_QUESTIONS else "downstream"
                 files.setdefault(f"vqa_{group}_{split}", []).append({
