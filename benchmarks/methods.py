@@ -33,7 +33,9 @@ def run(recipe: str, method: str, output: Path) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{recipe} --method {method} failed: see {output / 'run.log'}")
     metrics = json.loads((output / "metrics.json").read_text())
-    return {**metrics, "wall_seconds": time.perf_counter() - started, "peak_rss_mib": usage.ru_maxrss / 1024}
+    result = {**metrics, "wall_seconds": time.perf_counter() - started, "peak_rss_mib": usage.ru_maxrss / 1024}
+    (output / "benchmark.json").write_text(json.dumps(result, indent=2))  # kept if a later run fails
+    return result
 
 
 def main() -> None:

@@ -150,7 +150,11 @@ def caption_images(model: Any, processor: Any, images: Sequence[Any], **generate
     kind = family(model)
     settings = {"max_new_tokens": 24, "num_beams": 1, **generate}
     if kind == "blip":
-        inputs = processor(images=list(images), return_tensors="pt")
+        inputs = dict(processor(images=list(images), return_tensors="pt"))
+        # BLIP's own default decoder start, spelled out: a soft prompt goes into input_ids, so they must exist.
+        text = model.config.text_config
+        inputs["input_ids"] = torch.tensor([[text.bos_token_id, text.eos_token_id]]).repeat(len(images), 1)
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         return _decode(_tokenizer(processor), model.generate(**_on_device(inputs, model), **settings))
     return _generate_after_prompt(model, processor, images, [""] * len(images), settings)
 

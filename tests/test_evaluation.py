@@ -98,6 +98,10 @@ def test_predictions_are_keyed_by_id_and_equal_the_task_functions(images):
                                      batch_size=3, **SETTINGS)
     assert list(captions.values()) == tasks.caption_images(captioner, processor, pictures, max_new_tokens=3)
     assert list(captions) == [f"img{i}" for i in range(5)]
+    own = captioner.generate(pixel_values=processor(images=pictures, return_tensors="pt")["pixel_values"],
+                             max_new_tokens=3, num_beams=1, do_sample=False)  # BLIP's own default start
+    assert tasks.caption_images(captioner, processor, pictures, max_new_tokens=3) == \
+        [processor.tokenizer.decode(row, skip_special_tokens=True) for row in own]
 
     lm, tokenizer = tiny.world_llama(), text.lm_tokenizer()
     prompts = ["red | circle | small ->", "blue | square | large ->", "green | triangle ->"]

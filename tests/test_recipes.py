@@ -112,7 +112,8 @@ def test_classification_trains_on_the_models_own_similarities(stand_ins):
     assert ranked["top1"] == pytest.approx(100 * hits, abs=0.01)
 
 
-@pytest.mark.parametrize("name, checkpoint", [("vqa", "blip"), ("classification", "clip")])
+@pytest.mark.parametrize("name, checkpoint", [("vqa", "blip"), ("captioning", "blip"), ("textgen", "lm"),
+                                              ("classification", "clip")])
 @pytest.mark.parametrize("method", ["prompt", "lora", "full"])
 def test_the_comparison_methods_run_through_the_same_recipe(name, checkpoint, method, stand_ins, tmp_path):
     out = tmp_path / method
