@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -24,6 +25,9 @@ from .routing import Routing
 
 # Inputs whose first dimension is the batch, to check a routing list before any compute.
 BATCH_INPUTS = ("input_ids", "pixel_values", "inputs_embeds", "attention_mask")
+# Methods other than forward/generate that read text ids: called on the wrapper, they get the soft prompt too
+# (zero-shot classification and retrieval encode class prompts and captions with them).
+TEXT_METHODS = ("get_text_features",)
 _ACTIVE = object()  # no per-call routing: use the active prefix
 
 
@@ -65,7 +69,14 @@ class PrefixModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            return getattr(self.base_model, name)
+            attribute = getattr(self.base_model, name)
+            if name in TEXT_METHODS:
+                return functools.partial(self._call_with_prompts, attribute)
+            return attribute
+
+    def _call_with_prompts(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._routing(_ACTIVE, args, kwargs, generating=False) as kwargs:
+            return method(*args, **kwargs)
 
     def forward(self, *args: Any, prefix: Any = _ACTIVE, **kwargs: Any) -> Any:
         with self._routing(prefix, args, kwargs, generating=False) as kwargs:

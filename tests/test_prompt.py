@@ -159,3 +159,20 @@ def test_using_routes_soft_prompts_for_every_call_inside():
         assert torch.equal(inside, pm(input_ids=ids, prefix="b").logits)
         assert torch.equal(generated, pm.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
                                                   prefix="b"))
+
+
+def test_clip_text_features_called_on_the_wrapper_carry_the_prompt():
+    """Zero-shot classification and retrieval encode texts with get_text_features: the prompt must be there."""
+    build, inputs, _ = tiny.FAMILIES["clip"]
+    pm, where = prompted_by_words("clip")
+    text = {k: v for k, v in inputs().items() if k in ("input_ids", "attention_mask")}
+
+    def features(model, **kwargs):
+        out = model.get_text_features(**kwargs)
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    with torch.no_grad():
+        torch.testing.assert_close(features(pm, **text), features(build(), **with_words(text, where)),
+                                   rtol=1e-5, atol=1e-5)
+        with pm.using(None):
+            torch.testing.assert_close(features(pm, **text), features(build(), **text), rtol=0, atol=0)
