@@ -53,12 +53,15 @@ def main() -> None:
             print(f"[{time.strftime('%H:%M:%S')}] {recipe} {method}: {result['tuned'][PRIMARY[recipe]]:.2f}", file=sys.stderr)
     (args.output_dir / "methods.json").write_text(json.dumps([{"recipe": r, "method": m, **x} for r, m, x in rows], indent=2))
 
-    print("| recipe | method | zero-shot | tuned | trainable % | training time | peak memory |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| recipe (metric) | method | zero-shot | tuned | % of full | trainable % | training time | run time | peak memory |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    full = {r: x["tuned"][PRIMARY[r]] for r, m, x in rows if m == "full"}
     for recipe, method, result in rows:
         metric = PRIMARY[recipe]
+        share = f"{100 * result['tuned'][metric] / full[recipe]:.0f}%" if full.get(recipe) else "-"
         print(f"| {recipe} ({metric}) | {method} | {result['zero_shot'][metric]:.2f} | {result['tuned'][metric]:.2f} | "
-              f"{result['trainable_percent']:.2f} | {result['training_seconds']:.0f} s | {result['peak_rss_mib']:.0f} MiB |")
+              f"{share} | {result['trainable_percent']:.2f} | {result['training_seconds']:.0f} s | "
+              f"{result['wall_seconds']:.0f} s | {result['peak_rss_mib']:.0f} MiB |")
     print("\nPeak memory is the recipe process's peak resident set (weights, data, evaluation included).")
 
 
