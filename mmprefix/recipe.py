@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from accelerate import PartialState
 from torch import nn
 
 from . import evaluation, loading
@@ -107,6 +108,14 @@ def set_key(config: dict[str, Any], dotted: str, value: Any) -> None:
 def method_options(config: dict[str, Any]) -> dict[str, Any]:
     """The options of the configured method (its own section: ``prefix:``, ``prompt:``, ``lora:``)."""
     return copy.deepcopy(config.get(config.get("method", "prefix"), None) or {})
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that evaluates and reports. Asked before training starts, so it must set
+    up the process group as the training engine does: on a machine without GPU, accelerate joins launched
+    processes only when told to use the CPU (asked otherwise, every process runs alone and all of them write
+    the same files)."""
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
 
 
 def seed_everything(seed: int) -> None:

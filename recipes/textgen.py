@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-from accelerate import PartialState
-
 from mmprefix import loading, methods, recipe, tasks
 from mmprefix.training import TrainConfig, train
 
@@ -26,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = recipe.parse_args(argv, CONFIG, __doc__)
     recipe.seed_everything(config["train"].get("seed", 0))
     out = recipe.fresh_start(config)
-    main_process = PartialState().is_main_process
+    main_process = recipe.is_main_process()
     evaluate = config["eval"]
 
     # 1. The frozen language model, its tokenizer and the (prompt, target) data.

@@ -242,6 +242,9 @@ def test_two_processes_with_accelerate_launch(stand_ins, tmp_path):
                              *world({"train": 24, "val": 4, "test": 6})], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["tuned"]
+    # the processes trained together: one log line per step (processes that each ran alone would all write)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]
 
 
 def test_resume_continues_from_the_last_checkpoint(stand_ins, tmp_path, capsys):
