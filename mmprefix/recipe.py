@@ -166,6 +166,9 @@ def load_splits(task: str, data: dict[str, Any]) -> dict[str, list]:
                                     f"download it or fix data.{split}.path")
         options = {k: _expand(v) for k, v in (spec.get("options") or {}).items()}
         if task == "classification":
+            if spec.get("format") or spec.get("options"):
+                raise ValueError(f"data.{split}: classification reads {{image, label}} JSONL or a folder per "
+                                 "class and takes no format or options")
             samples, _ = evaluation.read_classification(path)
         else:
             samples = read_samples(task, path, format=spec.get("format"), **options)

@@ -9,7 +9,7 @@ trained and evaluated on exactly the same formatting:
   ``"Question: {q} Answer:"``; the answer (or caption) follows the prompt and only it is scored.
 * Causal language models: prompt then target, only the target scored; generation reads after the prompt.
 * CLIP-like models (transformers CLIP or open_clip): each class is named by prompts from templates, and an
-  image's class logits are the model's own scaled image-text similarities, averaged over the templates.
+  image's class logits are the model's own scaled similarities to each class's mean prompt embedding.
 """
 
 from __future__ import annotations
@@ -204,16 +204,20 @@ def classification_batch(processor: Any, images: Sequence[Any], labels: Sequence
 
 def classification_logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """``[images, classes]`` logits through the model's ``forward`` (so that DDP synchronises gradients): the
-    scaled cosine similarity of each image with each class prompt, averaged over each class's templates."""
-    if "image" in batch:  # open_clip: forward(image, text) -> features and the logit scale
+    model's logit scale times the cosine similarity of each image with each class, a class being the
+    normalised mean of its templates' unit text embeddings, as zero-shot evaluation ranks them."""
+    if "image" in batch:  # open_clip: forward(image, text) -> features and the exponentiated logit scale
         out = model(image=batch["image"], text=batch["text"])
         image, text, scale = (out["image_features"], out["text_features"], out["logit_scale"]) \
             if isinstance(out, dict) else out[:3]
-        logits = scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
     else:
-        logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits_per_image
-    return logits.view(len(logits), -1, batch["num_templates"]).mean(-1)
+        out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"])
+        image, text = out.image_embeds, out.text_embeds
+        scale = getattr(model, "module", model).logit_scale.exp()  # DDP keeps the model in .module
+    text = F.normalize(text, dim=-1)
+    classes = F.normalize(text.view(-1, batch["num_templates"], text.shape[-1]).mean(1), dim=-1)
+    return scale * F.normalize(image, dim=-1) @ classes.T
 
 
 def classification_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:

@@ -78,8 +78,8 @@ def test_a_recipe_writes_everything_it_promises(name, checkpoint, stand_ins, tmp
 
 
 def test_classification_trains_on_the_models_own_similarities(stand_ins):
-    """The training logits are the model's scaled image-class similarities (templates averaged), and the
-    evaluation harness ranks classes the same way."""
+    """The training logits are the model's scaled similarities to each class's mean prompt embedding, which
+    is how the evaluation harness ranks classes."""
     from mmprefix import evaluation, tasks
 
     model = pretrain.clip_model().eval()
@@ -93,10 +93,14 @@ def test_classification_trains_on_the_models_own_similarities(stand_ins):
         image = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
         texts = processor(text=tasks.class_prompts(classnames, templates), return_tensors="pt", padding=True)
         text = torch.nn.functional.normalize(model.get_text_features(**texts).pooler_output, dim=-1)
-    expected = (model.logit_scale.exp() * image @ text.T).view(3, 2, 2).mean(-1)
+    classes = torch.nn.functional.normalize(text.view(2, 2, -1).mean(1), dim=-1)  # classify()'s class embedding
+    expected = model.logit_scale.exp() * image @ classes.T
     torch.testing.assert_close(logits, expected)
     loss = tasks.classification_loss(model, batch)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(expected, torch.tensor([0, 1, 0])))
+    samples = list(zip(images, ["red", "blue", "red"]))
+    hits = (logits.argmax(-1) == torch.tensor([0, 1, 0])).float().mean().item()
+    assert evaluation.classify(model, processor, samples, classnames, templates)["top1"] == pytest.approx(100 * hits)
     open_model, _, preprocess = open_clip.create_model_and_transforms("mmprefix-recipe-clip")
     open_model.eval()
     tokenizer = open_clip.get_tokenizer("mmprefix-recipe-clip")
@@ -106,8 +110,7 @@ def test_classification_trains_on_the_models_own_similarities(stand_ins):
         image = open_model.encode_image(batch["image"], normalize=True)
         text = open_model.encode_text(batch["text"], normalize=True)
     torch.testing.assert_close(logits, open_model.logit_scale.exp() * image @ text.T)
-    ranked = evaluation.classify(open_model, (tokenizer, preprocess), list(zip(images, ["red", "blue", "red"])),
-                                 classnames, templates[:1])
+    ranked = evaluation.classify(open_model, (tokenizer, preprocess), samples, classnames, templates[:1])
     hits = (logits.argmax(-1) == torch.tensor([0, 1, 0])).float().mean().item()
     assert ranked["top1"] == pytest.approx(100 * hits, abs=0.01)
 

@@ -158,8 +158,9 @@ def default_root() -> Path:
 
 
 def build_world(root: str | os.PathLike | None = None, splits: dict[str, int] | None = None) -> Path:
-    """Write the world under ``root`` (default: ``$MMPREFIX_CACHE/<VERSION>``, ``$MMPREFIX_CACHE`` defaulting to ``~/.cache/mmprefix``) unless
-    it is already there; return the folder. Same version, same files, on every machine."""
+    """Write the world under ``root`` (default: ``$MMPREFIX_CACHE/<VERSION>``, the cache defaulting to
+    ``~/.cache/mmprefix``) unless it is already there; return the folder. Same version, same files, on every
+    machine."""
     root = Path(root) if root is not None else default_root()
     splits = splits or SPLITS
     if (root / "complete.json").is_file() and json.loads((root / "complete.json").read_text()) == splits:
