@@ -3,9 +3,12 @@ recomputed here from the shipped weights, are the ones in their metrics.json and
 baseline)."""
 
 import json
+import random
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 from mmprefix import embedded
 from mmprefix.data import synthetic
@@ -37,3 +40,35 @@ def test_shipped_scores_are_reproduced_and_far_above_the_baseline(name, world):
     assert scores[metric] > least
     assert shown.format(shipped[metric]) in README
 
+
+
+def test_clip_hard_negatives_keep_the_words_and_change_the_meaning():
+    rng = random.Random(0)
+    for caption in ("one shape: a small red circle", "two shapes: a large red circle and a small blue square",
+                    "three shapes: a large red circle and a small red square and a small green triangle"):
+        for _ in range(20):
+            negative = pretrain.hard_negative(caption, rng)
+            assert negative != caption
+            head, objects = negative.split(": ")
+            assert head == caption.split(": ")[0] and len(objects.split(" and ")) == len(caption.split(" and "))
+            if not caption.startswith("one"):  # several objects: the same words, rebound or reordered
+                assert sorted(negative.split()) == sorted(caption.split())
+
+
+def test_clip_loss_is_clips_own_loss_without_negatives():
+    torch.manual_seed(0)
+    model = pretrain.clip_model().eval()
+    processor = embedded.clip_processor()
+    images = [Image.new("RGB", (64, 64), color) for color in ("red", "blue", "green")]
+    texts = ["one shape: a small red circle", "one shape: a large blue square", "two shapes: a small green circle and a small red square"]
+    batch = dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
+    reference = model(**batch, return_loss=True).loss
+    assert pretrain.clip_loss(model, batch).item() == pytest.approx(reference.item(), rel=1e-5)
+    # with negatives: each image's softmax runs over the captions and the negatives, by hand
+    negatives = [pretrain.hard_negative(t, random.Random(1)) for t in texts]
+    batch = dict(processor(text=texts + negatives, images=images, return_tensors="pt", padding=True))
+    out = model(**batch)
+    logits = out.logits_per_image  # 3 x 6
+    truth = torch.arange(3)
+    expected = (torch.nn.functional.cross_entropy(logits, truth) + torch.nn.functional.cross_entropy(logits[:, :3].T, truth)) / 2
+    assert pretrain.clip_loss(model, batch).item() == pytest.approx(expected.item(), rel=1e-5)

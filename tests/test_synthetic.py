@@ -36,6 +36,30 @@ def test_downstream_tasks_are_new_but_use_words_the_decoders_already_emit(tmp_pa
     assert {r["answers"][0] for r in downstream} <= emitted
     assert {w for r in rows(root, "captions_b_train") for w in r["captions"][0].split()} <= emitted
     assert all(len(r["answers"]) == 10 for r in pretrain + downstream)
+    verify = rows(root, "vqa_verify_train")
+    assert {r["question_type"] for r in verify} == set(synthetic.VERIFY_QUESTIONS)
+    assert {r["answers"][0] for r in verify} == {"yes", "no"}
+    assert not {r["question"] for r in verify} & {r["question"] for r in downstream}
+
+
+def test_checks_are_true_half_of_the_time():
+    rng = np.random.default_rng(0)
+    answers = {kind: [] for kind in synthetic.VERIFY_QUESTIONS}
+    for _ in range(600):
+        shapes = synthetic.scene(rng)
+        for kind, question, answer in synthetic.verify_questions(shapes, rng):
+            words = question.rstrip("?").split()
+            if kind == "verify_count":
+                truth = len(shapes) == synthetic.COUNTS.index(words[2]) + 1
+            elif kind == "verify_size":
+                truth = any(s.color == words[2] and s.shape == words[3] and s.size == words[4] for s in shapes)
+            else:
+                end = shapes[0] if words[-1] == "left" else shapes[-1]
+                truth = (end.color, end.shape) == (words[2], words[3])
+            assert answer == ("yes" if truth else "no"), (question, shapes)
+            answers[kind].append(truth)
+    for kind, truths in answers.items():
+        assert 0.4 < sum(truths) / len(truths) < 0.6, kind
 
 
 def test_images_show_what_the_text_says(tmp_path):

@@ -4,10 +4,12 @@
 left / middle / right slots on a noisy light background. Every image comes with text for two kinds of tasks:
 
 * pretraining tasks, which the tiny backbones were trained on: captions in style A ("two shapes: a large red
-  circle and a small blue square", objects left to right), questions about colour, shape and existence, and
-  attribute records (keys in random order) turned into phrases or names;
-* downstream tasks, which they never saw and which the recipes adapt them to with prefixes: questions about
-  counts, sizes and the leftmost / rightmost object, captions in style B ("a red circle and a blue square":
+  circle and a small blue square", objects left to right), questions about colour, shape and existence, yes/no
+  checks of sizes, counts and sides ("is the red circle large?", ``vqa_verify_*``), and attribute records (keys
+  in random order) turned into phrases or names;
+* downstream tasks, which they never saw and which the recipes adapt them to with prefixes: open questions about
+  counts, sizes and the leftmost / rightmost object (concepts the yes/no checks taught, asked in a new form, as a
+  real benchmark re-asks what a large pretrained model has seen), captions in style B ("a red circle and a blue square":
   no count, no sizes), a new record-to-sentence format, and image classification by the colour of the
   leftmost shape (``classes_*``: ``{image, label}``).
 
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-VERSION = "world-v4"  # v4 added the classification files; images and texts are those of v3
+VERSION = "world-v5"  # v5 added the vqa_verify files, v4 the classification files; images and other texts are v3's
 IMAGE_SIZE = 64
 COLORS = {
     "red": (215, 45, 45),
@@ -46,6 +48,7 @@ SPLITS = {"train": 4000, "val": 400, "test": 400}
 SEEDS = {"train": 0, "val": 1, "test": 2}
 PRETRAIN_QUESTIONS = ("color", "shape", "exist")
 DOWNSTREAM_QUESTIONS = ("count", "size", "position")
+VERIFY_QUESTIONS = ("verify_count", "verify_size", "verify_side")
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,25 @@ def questions(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[str, 
     return out
 
 
+def verify_questions(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """Yes/no checks of a count, a size and a side, each true half of the time (a side only with two or more
+    shapes; "on the left" means leftmost)."""
+    truth = rng.random(3) < 0.5
+    count = len(shapes) if truth[0] else int(rng.choice([n for n in (1, 2, 3) if n != len(shapes)]))
+    asked = "is there one shape?" if count == 1 else f"are there {COUNTS[count - 1]} shapes?"
+    out = [("verify_count", asked, "yes" if count == len(shapes) else "no")]
+    s = shapes[int(rng.integers(len(shapes)))]
+    size = s.size if truth[1] else next(z for z in SIZES if z != s.size)
+    out.append(("verify_size", f"is the {s.color} {s.shape} {size}?", "yes" if size == s.size else "no"))
+    if len(shapes) > 1:
+        side = "left" if rng.random() < 0.5 else "right"
+        end = shapes[0] if side == "left" else shapes[-1]
+        others = [x for x in shapes if x != end]
+        s = end if truth[2] else others[int(rng.integers(len(others)))]
+        out.append(("verify_side", f"is the {s.color} {s.shape} on the {side}?", "yes" if s == end else "no"))
+    return out
+
+
 def records_a(s: Shape, rng: np.random.Generator) -> list[tuple[str, str]]:
     """Pretraining records: the attributes in a random order (so that copying them is by key, not by
     position), turned into a phrase ("describe:") or a name ("name:")."""
@@ -169,7 +191,9 @@ def build_world(root: str | os.PathLike | None = None, splits: dict[str, int] | 
     files: dict[str, list[dict]] = {}
     for split, size in splits.items():
         rng = np.random.default_rng(SEEDS.get(split, len(split)))
-        record_rng = np.random.default_rng(100 + SEEDS.get(split, len(split)))  # records leave the scenes as they were
+        # records and checks draw from their own generators: the scenes stay those of earlier versions
+        record_rng = np.random.default_rng(100 + SEEDS.get(split, len(split)))
+        verify_rng = np.random.default_rng(200 + SEEDS.get(split, len(split)))
         (root / split).mkdir(exist_ok=True)
         for index in range(size):
             shapes = scene(rng)
@@ -179,8 +203,10 @@ def build_world(root: str | os.PathLike | None = None, splits: dict[str, int] | 
             files.setdefault(f"captions_a_{split}", []).append({"image": name, "image_id": image_id, "captions": [caption_a(shapes)]})
             files.setdefault(f"captions_b_{split}", []).append({"image": name, "image_id": image_id, "captions": [caption_b(shapes)]})
             files.setdefault(f"classes_{split}", []).append({"image": name, "label": shapes[0].color})
-            for number, (kind, question, answer) in enumerate(questions(shapes, rng)):
-                group = "pretrain" if kind in PRETRAIN_QUESTIONS else "downstream"
+            asked = [("pretrain" if kind in PRETRAIN_QUESTIONS else "downstream", kind, question, answer)
+                     for kind, question, answer in questions(shapes, rng)]
+            asked += [("verify", kind, question, answer) for kind, question, answer in verify_questions(shapes, verify_rng)]
+            for number, (group, kind, question, answer) in enumerate(asked):
                 files.setdefault(f"vqa_{group}_{split}", []).append({
                     "question_id": f"{image_id}-{number}", "image_id": image_id, "image": name,
                     "question": question, "answers": [answer] * 10, "question_type": kind,
