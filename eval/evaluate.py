@@ -26,7 +26,10 @@ from typing import Any
 
 import yaml
 
-from mmprefix import evaluation, loading, report
+from mmprefix import evaluation
+from mmprefix.data.classification import read_classification
+from mmprefix.evaluation import report
+from mmprefix.experiment import loading
 
 DEFAULTS: dict[str, Any] = {
     "task": None, "model": None, "data": None, "output_dir": None, "config": None,
@@ -148,7 +151,7 @@ def read_data(settings: dict[str, Any]) -> tuple[list, list[str] | None]:
     task, path, classnames = settings["task"], loading.data_path(settings["data"]), None
     try:
         if task == "classification":
-            samples, classnames = evaluation.read_classification(path)
+            samples, classnames = read_classification(path)
         else:
             reader_task = "caption" if task == "retrieval" else task
             samples = read_samples(reader_task, path, format=settings["format"], **settings["data_options"])

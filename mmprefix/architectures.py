@@ -92,6 +92,25 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside distributed (DDP), PEFT and `PrefixModel` wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif callable(getattr(type(model), "get_base_model", None)):  # PEFT
+            model = model.get_base_model()
+        elif callable(getattr(type(model), "prefix_for", None)):  # PrefixModel
+            model = model.base_model
+        else:
+            return model
+
+
+def is_open_clip(model: nn.Module) -> bool:
+    """Whether ``model`` (or the model inside its wrappers) is an open_clip model: ``forward(image, text)``,
+    ``encode_image``/``encode_text``, a ``(tokenizer, preprocess)`` pair instead of a processor."""
+    return type(unwrap(model)).__module__.split(".")[0] == "open_clip"
+
+
 def attention_route(module: nn.Module) -> str | None:
     """How mmprefix reaches this module's attention, or None if it is not an attention module it supports."""
     name = qualified_name(type(module))

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .architectures import is_open_clip, unwrap
 from .model import PrefixModel
 
 
@@ -35,24 +36,33 @@ def coca_generate(
     ``PrefixModel.forward`` (default: the active prefix). Greedy when ``num_beams == 1``, otherwise beam
     search ranking beams by the sum of their token log-probabilities.
     """
-    coca = model.base_model if isinstance(model, PrefixModel) else model
-    if not hasattr(coca, "text_decoder"):
+    coca = unwrap(model)
+    if not (is_open_clip(coca) and hasattr(coca, "text_decoder")):
         raise ValueError(f"coca_generate needs an open_clip CoCa model, got {type(coca).__name__}")
     if prefix is not None and not isinstance(model, PrefixModel):
         raise ValueError("prefix= needs a PrefixModel (the result of add_prefix)")
     pad = coca.pad_id if pad_token_id is None else pad_token_id
     steps = min(max_new_tokens, coca.context_length - 1)
-    routing = model.using(prefix) if prefix is not None else contextlib.nullcontext()
-    with routing:
+
+    def routed(repeats: int) -> contextlib.AbstractContextManager:
+        """``prefix`` for rows repeated ``repeats`` times (beams of a sample are consecutive rows)."""
+        if prefix is None:
+            return contextlib.nullcontext()
+        if isinstance(prefix, str) or repeats == 1:
+            return model.using(prefix)
+        return model.using([name for name in prefix for _ in range(repeats)])
+
+    with routed(1):
         latent, embeddings = coca._encode_image(images)
-        batch = images.shape[0]
-        if num_beams > 1:
-            latent, embeddings = latent.repeat_interleave(num_beams, 0), embeddings.repeat_interleave(num_beams, 0)
+    batch = images.shape[0]
+    if num_beams > 1:
+        latent, embeddings = latent.repeat_interleave(num_beams, 0), embeddings.repeat_interleave(num_beams, 0)
 
-        def next_logits(tokens: torch.Tensor) -> torch.Tensor:
-            out = coca(images, tokens, image_latent=latent, image_embs=embeddings, output_labels=False)
-            return out["logits"][:, -1].float()
+    def next_logits(tokens: torch.Tensor) -> torch.Tensor:
+        out = coca(images, tokens, image_latent=latent, image_embs=embeddings, output_labels=False)
+        return out["logits"][:, -1].float()
 
+    with routed(num_beams):
         if num_beams == 1:
             return _greedy(next_logits, batch, steps, sot_token_id, eot_token_id, pad, images.device)
         return _beam_search(next_logits, batch, num_beams, steps, sot_token_id, eot_token_id, pad, images.device)

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .model import PrefixModel
-from .prefix import PrefixStore
+from .store import PrefixStore
 
 
 def compose(
@@ -37,29 +37,31 @@ def compose(
                 model.load_prefix(temporary, entry)
                 loaded.append(temporary)
                 entry = temporary
-            model._check_names([entry])
+            if entry not in model.prefixes:
+                raise ValueError(f"unknown prefix {entry!r}; this model has {sorted(model.prefixes)}")
             stores.append(model.prefixes[entry])
         _check_compatible(stores, names, weighted)
         first = stores[0]
-        kv, gates = {}, {}
+        tensors = {}
         with torch.no_grad():
             for site in first.sites:
                 pairs = [store.kv(site.name) for store in stores]
                 if weighted:
                     weights = [float(w) for w in parts.values()]
-                    kv[site.name] = tuple(sum(w * pair[i] for w, pair in zip(weights, pairs)) for i in range(2))
+                    for i, part in enumerate(("key", "value")):
+                        tensors[f"{site.name}.{part}"] = sum(w * pair[i] for w, pair in zip(weights, pairs))
                     if first.config.gate is not None:
-                        gates[site.name] = sum(w * store.gate(site.name) for w, store in zip(weights, stores))
+                        tensors[f"{site.name}.gate"] = sum(w * store.gate(site.name) for w, store in zip(weights, stores))
                 else:
-                    kv[site.name] = tuple(torch.cat([pair[i] for pair in pairs], dim=1) for i in range(2))
+                    for i, part in enumerate(("key", "value")):
+                        tensors[f"{site.name}.{part}"] = torch.cat([pair[i] for pair in pairs], dim=1)
         length = first.num_virtual_tokens if weighted else sum(s.num_virtual_tokens for s in stores)
         config = dataclasses.replace(first.config, num_virtual_tokens=length, reparam=None, init="random")
-        store = model._add_store(name, config, first.sites)
-        store.set_kv(kv)
-        if gates:
-            with torch.no_grad():
-                for site_name, gate in gates.items():
-                    store.gates[store._by_name[site_name]].copy_(gate)
+        store = model.add_prefix(name, config)
+        if [s.name for s in store.sites] != [s.name for s in first.sites]:
+            model.delete_prefix(name)
+            raise ValueError(f"cannot compose: the targets of {names[0]!r} now select other attention sites")
+        store.load_tensors(tensors)
         return store
     finally:
         for temporary in loaded:

@@ -7,22 +7,32 @@ every real token's position id is shifted by ``P`` (``PrefixConfig.position_offs
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from . import checkpoint
 from .architectures import POSITIONS_FROM_MASK, Site, find_sites
 from .config import PrefixConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def is_peft_folder(directory: Path) -> bool:
+    return (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file()
 
 
 def read_peft_prefix(
     model: nn.Module, directory: str | os.PathLike
 ) -> tuple[PrefixConfig, list[Site], dict[str, torch.Tensor]]:
     """A PEFT ``PREFIX_TUNING`` adapter for a causal LM as (config, sites, tensors by site)."""
-    config, weights = checkpoint.read_peft(directory)
+    directory = Path(directory)
+    config, weights = json.loads((directory / CONFIG_NAME).read_text()), load_file(directory / WEIGHTS_NAME)
     if config.get("peft_type") != "PREFIX_TUNING":
         raise ValueError(f"{directory} holds a PEFT {config.get('peft_type')} adapter; only PREFIX_TUNING can be loaded")
     if config.get("task_type") != "CAUSAL_LM":
@@ -31,7 +41,7 @@ def read_peft_prefix(
         )
     table = weights.get("prompt_embeddings")
     if table is None:
-        raise ValueError(f"{directory}: no 'prompt_embeddings' tensor in {checkpoint.PEFT_WEIGHTS_NAME}")
+        raise ValueError(f"{directory}: no 'prompt_embeddings' tensor in {WEIGHTS_NAME}")
     p, layers, heads = config["num_virtual_tokens"], config["num_layers"], config["num_attention_heads"]
     head_dim = config["token_dim"] // heads
     sites = sorted((s for s in find_sites(model) if s.kind == "self"), key=lambda s: s.layer)

@@ -9,13 +9,15 @@ positions by index, their position ids are passed so that each row keeps the pos
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .architectures import PromptInput
+from .architectures import PromptInput, prompt_input
 from .config import PrefixConfig
+from .routing import Routing
 
 
 class PromptStore(nn.Module):
@@ -36,7 +38,7 @@ class PromptStore(nn.Module):
     def has_site(self, site_name: str) -> bool:
         return False
 
-    def prefix(self, site_name: str) -> None:
+    def prefix(self, site_name: str, cache: dict | None = None) -> None:
         return None
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -45,6 +47,54 @@ class PromptStore(nn.Module):
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.embeddings.copy_(tensors["prompt.embeddings"])
+
+
+class SoftPrompts:
+    """The soft prompts of one wrapped model: where they go in its text input (looked up once) and the hook
+    on its token embedding that puts them there. ``current_insertion`` returns the placeholders of the call
+    running in this thread or task."""
+
+    def __init__(self, model: nn.Module, current_insertion: Callable[[], Insertion | None]) -> None:
+        self.where = prompt_input(model)
+        self._current_insertion = current_insertion
+        self._hook = self.where.embedding.register_forward_hook(self._embed)
+
+    def new_store(self, config: PrefixConfig) -> PromptStore:
+        embedding = self.where.embedding
+        device = next((p.device for p in embedding.parameters() if p.device.type != "meta"), None)
+        return PromptStore(config, embedding.embedding_dim, device)
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+    def insert(
+        self, kwargs: dict[str, Any], route: str | Routing, stores: Mapping[str, nn.Module], generating: bool
+    ) -> tuple[dict[str, Any], Insertion | None]:
+        """The call's arguments with placeholders for the soft prompts its rows use (unchanged if none)."""
+        if isinstance(route, Routing):
+            names = route.names
+        else:
+            ids = kwargs.get("input_ids")
+            if ids is None:
+                raise ValueError('method="prompt" needs input_ids in the call (the prompt goes into the text input)')
+            names = [route] * ids.shape[0]
+        prompts = [None if n is None else stores[n] for n in names]
+        if not any(isinstance(s, PromptStore) for s in prompts):
+            return kwargs, None
+        if self.where.positions == "fixed" and len({0 if s is None else s.num_virtual_tokens for s in prompts}) > 1:
+            raise ValueError(
+                "this model numbers its text positions by index alone, so soft prompts of different lengths (or "
+                "rows without one) cannot share a batch; route them in separate calls"
+            )
+        embeddings = [None if s is None else s.embeddings for s in prompts]
+        explicit = not generating and self.where.positions == "ids"
+        return insert_prompts(kwargs, embeddings, self.where, explicit_positions=explicit)
+
+    def _embed(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        insertion = self._current_insertion()
+        if insertion is None or not args:
+            return None
+        return replace_placeholders(insertion, args[0], output)
 
 
 class Insertion(NamedTuple):

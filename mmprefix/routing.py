@@ -1,18 +1,71 @@
-"""Per-sample routing: each row of a batch attends to its own prefix (or to none).
+"""Which prefix each row of a call attends to, kept per call so that threads and asyncio tasks never share it.
 
-At each site the prefixes that the batch uses are padded to the longest one (padding slots are masked out) and
-stacked; each row then picks its own by index. Rows that use no prefix at a site get only masked slots. When
-generation expands the batch (beams, returned sequences), rows are repeated in place, as transformers does.
+A `PrefixModel` call (``forward``, ``generate``, any delegated method) opens a `Call`: the route (one prefix
+name, None for the base model, or a `Routing` with one name per row), whether prefixes are disabled, the
+soft-prompt insertion, and a cache that lives exactly as long as the call. Calls are kept in a context
+variable, so each thread and each asyncio task sees only its own; ``PrefixModel.using()`` and
+``disable_prefix()`` open a scope that the calls inside inherit (each call still gets a fresh cache, so a
+prefix edited between two calls of one scope is seen by the second).
+
+`Routing`: at each site the prefixes that a batch uses are padded to the longest one (padding slots are
+masked out) and stacked; each row then picks its own by index. Rows that use no prefix at a site get only
+masked slots. When generation expands the batch (beams, returned sequences), rows are repeated in place, as
+transformers does.
 """
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from .layer import Prefix
-from .prefix import PrefixStore
+from .attention import Prefix
+from .store import PrefixStore
+
+
+class _Active:
+    def __repr__(self) -> str:
+        return "ACTIVE"
+
+
+ACTIVE: Any = _Active()
+"""``prefix=ACTIVE`` (the default everywhere): use the model's active prefix, or the enclosing scope's route."""
+
+
+@dataclasses.dataclass
+class Call:
+    """The routing state of one call (or of a ``using``/``disable_prefix`` scope around calls)."""
+
+    route: Any = ACTIVE  # a prefix name, None (the base model), a Routing, or ACTIVE
+    disabled: bool = False
+    insertion: Any = None  # the soft-prompt placeholders of this call (prompt.Insertion)
+    expansion: int = 1  # generation repeats each row this many times (beams x returned sequences)
+    cache: dict | None = None  # built routed prefixes and widened masks; None outside a call
+    captured: dict | None = None  # keys and values recorded for a text initialisation
+
+    def open(self, **changes: Any) -> Call:
+        """A call inside this scope: the scope's routing, the changes, and a fresh cache."""
+        return dataclasses.replace(self, cache={}, **changes)
+
+
+_CALLS: contextvars.ContextVar[dict[int, Call]] = contextvars.ContextVar("mmprefix_calls", default={})
+_OUTSIDE = Call()
+
+
+def current(owner: object) -> Call:
+    """The call (or scope) ``owner`` is in, in this thread or task; a default one outside any."""
+    return _CALLS.get().get(id(owner), _OUTSIDE)
+
+
+def enter(owner: object, call: Call) -> contextvars.Token:
+    return _CALLS.set({**_CALLS.get(), id(owner): call})
+
+
+def leave(token: contextvars.Token) -> None:
+    _CALLS.reset(token)
 
 
 class Routing:
@@ -30,36 +83,36 @@ class Routing:
         self.gated = gated == {True}
         # Rows without a prefix point one past the used prefixes, at an all-masked entry.
         self.rows = torch.tensor([self.used.index(n) if n is not None else len(self.used) for n in self.names])
-        self._built: dict[tuple[str, int], Prefix | None] = {}
 
-    def prefix(self, site_name: str, batch_size: int) -> Prefix | None:
+    def prefix(self, site_name: str, batch_size: int, call: Call) -> Prefix | None:
         """Each row's prefix at one site. Without autograd (generation) it is built once per site and batch
         size for the whole call: the decoding steps reuse it."""
-        if torch.is_grad_enabled():
-            return self._build(site_name, batch_size)
-        key = (site_name, batch_size)
-        if key not in self._built:
-            self._built[key] = self._build(site_name, batch_size)
-        return self._built[key]
+        rows = len(self.names)
+        if batch_size not in (rows, rows * call.expansion):
+            raise ValueError(
+                f"a routing list of {rows} prefixes does not fit a batch of {batch_size} rows at {site_name}"
+                + (f" (generation repeats each row {call.expansion} times)" if call.expansion > 1 else "")
+            )
+        if call.cache is None or torch.is_grad_enabled():
+            return self._build(site_name, batch_size, call.cache)
+        key = ("routed", site_name, batch_size)
+        if key not in call.cache:
+            call.cache[key] = self._build(site_name, batch_size, call.cache)
+        return call.cache[key]
 
-    def _build(self, site_name: str, batch_size: int) -> Prefix | None:
+    def _build(self, site_name: str, batch_size: int, cache: dict | None) -> Prefix | None:
         here = [s.has_site(site_name) and s.num_virtual_tokens > 0 for s in self.stores]
         if not any(here):
             return None
-        if batch_size % len(self.names):
-            raise ValueError(
-                f"a routing list of {len(self.names)} prefixes does not fit a batch of {batch_size} rows at {site_name}"
-            )
         kvs = [store.kv(site_name) if present else None for store, present in zip(self.stores, here)]
         slots = max(kv[0].shape[1] for kv in kvs if kv is not None)
         reference = next(kv[0] for kv in kvs if kv is not None)
         empty = reference.new_zeros(reference.shape[0], slots, reference.shape[2])
         keys = torch.stack([_pad(kv[0], slots) if kv else empty for kv in kvs] + [empty])
         values = torch.stack([_pad(kv[1], slots) if kv else empty for kv in kvs] + [empty])
-        lengths = torch.tensor([kv[0].shape[1] if kv else 0 for kv in kvs] + [0], device=reference.device)
-        visible = torch.arange(slots, device=reference.device)[None] < lengths[:, None]
+        lengths = tuple(kv[0].shape[1] if kv else 0 for kv in kvs) + (0,)
         rows = self.rows.to(reference.device).repeat_interleave(batch_size // len(self.names))
-        every_slot_used = bool(visible[rows].all())
+        visible = self._visible(lengths, slots, rows, batch_size, cache)
         gates = None
         if self.gated:
             heads = max(store.gate(site_name).shape[0] for store, present in zip(self.stores, here) if present)
@@ -68,9 +121,21 @@ class Routing:
                 [store.gate(site_name).expand(heads) if present else closed for store, present in zip(self.stores, here)]
                 + [closed]
             )
-        return Prefix(
-            keys[rows], values[rows], None if every_slot_used else visible[rows], None if gates is None else gates[rows]
-        )
+        return Prefix(keys[rows], values[rows], visible, None if gates is None else gates[rows], cache)
+
+    def _visible(
+        self, lengths: tuple[int, ...], slots: int, rows: torch.Tensor, batch_size: int, cache: dict | None
+    ) -> torch.Tensor | None:
+        """Which slots each row sees (None: all of them). Sites with the same prefix lengths share one tensor
+        per call, so that their widened masks are built once."""
+        key = ("visible", id(self), lengths, batch_size, rows.device)
+        if cache is not None and key in cache:
+            return cache[key]
+        visible = torch.arange(slots, device=rows.device)[None] < torch.tensor(lengths, device=rows.device)[:, None]
+        visible = None if bool(visible[rows].all()) else visible[rows]
+        if cache is not None:
+            cache[key] = visible
+        return visible
 
 
 def _pad(tensor: torch.Tensor, slots: int) -> torch.Tensor:

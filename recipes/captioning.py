@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from mmprefix import loading, methods, recipe, tasks
+from mmprefix.data import formatting
+from mmprefix.experiment import loading, methods, recipe
 from mmprefix.training import TrainConfig, train
 
+TASK = "caption"
 CONFIG = Path(__file__).parent / "configs" / "captioning.yaml"
 
 
@@ -28,14 +30,14 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate = config["eval"]
 
     # 1. The frozen backbone and the data: images with reference captions.
-    model, processor = loading.load_model(config["model"], "caption")
-    data = recipe.load_splits("caption", config["data"])
+    model, processor = loading.load_model(config["model"], TASK)
+    data = recipe.load_splits(TASK, config["data"])
     print(f"{len(data['train'])} training images, {len(data['test'])} test images")
 
     # 2. The frozen backbone's own captions.
     results = {}
     if main_process:
-        results["zero-shot"] = recipe.score_on_test("caption", model, processor, data["test"], out, evaluate,
+        results["zero-shot"] = recipe.score_on_test(TASK, model, processor, data["test"], out, evaluate,
                                                     "zero-shot")
 
     # 3. The method: a prefix (or a soft prompt, LoRA, full fine-tuning).
@@ -47,9 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     def collate(rows):
         rows = recipe.good_rows(rows)
         captions = [recipe.training_caption(s) for s, _ in rows]
-        return tasks.caption_batch(model, processor, [image for _, image in rows], captions)
+        return formatting.caption_batch(model, processor, [image for _, image in rows], captions)
 
-    validate = recipe.validation("caption", processor, data["val"], evaluate)
+    validate = recipe.validation(TASK, processor, data["val"], evaluate)
 
     started = time.perf_counter()
     dataset = recipe.SampleDataset(data["train"], config["data"].get("on_bad_image", "error"))
@@ -59,8 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. The tuned model's captions of the test images, next to the zero-shot ones.
     if not main_process:
         return {}
-    results["tuned"] = recipe.score_on_test("caption", model, processor, data["test"], out, evaluate, "tuned")
-    return recipe.report(out, "caption", data["test"], results, trainable, total, seconds)
+    results["tuned"] = recipe.score_on_test(TASK, model, processor, data["test"], out, evaluate, "tuned")
+    return recipe.report(out, TASK, data["test"], results, trainable, total, seconds)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from mmprefix import loading, methods, recipe, tasks
+from mmprefix.data import formatting
+from mmprefix.experiment import loading, methods, recipe
+from mmprefix.evaluation.contrastive import classification_loss
 from mmprefix.training import TrainConfig, train
 
+TASK = "classification"
 CONFIG = Path(__file__).parent / "configs" / "classification.yaml"
 
 
@@ -30,15 +33,15 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate = config["eval"]
 
     # 1. The frozen backbone and the (image, label) data; the class names are what the prompts say.
-    model, processor = loading.load_model(config["model"], "classification")
-    data = recipe.load_splits("classification", config["data"])
+    model, processor = loading.load_model(config["model"], TASK)
+    data = recipe.load_splits(TASK, config["data"])
     data, classnames = recipe.name_classes(data, config["data"].get("class_names"))
     print(f"{len(data['train'])} training images, {len(data['test'])} test images, {len(classnames)} classes")
 
     # 2. The frozen backbone's zero-shot accuracy.
     results = {}
     if main_process:
-        results["zero-shot"] = recipe.score_on_test("classification", model, processor, data["test"], out, evaluate,
+        results["zero-shot"] = recipe.score_on_test(TASK, model, processor, data["test"], out, evaluate,
                                                     "zero-shot", classnames=classnames)
 
     # 3. The method: a prefix (or a soft prompt, LoRA, full fine-tuning).
@@ -51,22 +54,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     def collate(rows):
         rows = recipe.good_rows(rows)
-        return tasks.classification_batch(processor, [image for _, image in rows], [index[s[1]] for s, _ in rows],
-                                          classnames, evaluate["templates"])
+        return formatting.classification_batch(model, processor, [image for _, image in rows],
+                                               [index[s[1]] for s, _ in rows], classnames, evaluate["templates"])
 
     started = time.perf_counter()
     dataset = recipe.SampleDataset(data["train"], config["data"].get("on_bad_image", "error"))
-    validate = recipe.validation("classification", processor, data["val"], evaluate, classnames=classnames)
+    validate = recipe.validation(TASK, processor, data["val"], evaluate, classnames=classnames)
     train(model, dataset, collate, TrainConfig(output_dir=str(out), **config["train"]), evaluate=validate,
-          loss_fn=tasks.classification_loss)
+          loss_fn=classification_loss)
     seconds = time.perf_counter() - started
 
     # 5. The tuned model on the test images, next to the zero-shot one.
     if not main_process:
         return {}
-    results["tuned"] = recipe.score_on_test("classification", model, processor, data["test"], out, evaluate, "tuned",
+    results["tuned"] = recipe.score_on_test(TASK, model, processor, data["test"], out, evaluate, "tuned",
                                             classnames=classnames)
-    return recipe.report(out, "classification", data["test"], results, trainable, total, seconds)
+    return recipe.report(out, TASK, data["test"], results, trainable, total, seconds)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from mmprefix import loading, methods, recipe, tasks
+from mmprefix.data import formatting
+from mmprefix.experiment import loading, methods, recipe
 from mmprefix.training import TrainConfig, train
 
+TASK = "text"
 CONFIG = Path(__file__).parent / "configs" / "textgen.yaml"
 
 
@@ -28,14 +30,14 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate = config["eval"]
 
     # 1. The frozen language model, its tokenizer and the (prompt, target) data.
-    model, tokenizer = loading.load_model(config["model"], "text")
-    data = recipe.load_splits("text", config["data"])
+    model, tokenizer = loading.load_model(config["model"], TASK)
+    data = recipe.load_splits(TASK, config["data"])
     print(f"{len(data['train'])} training pairs, {len(data['test'])} test prompts")
 
     # 2. What the frozen model writes after each prompt.
     results = {}
     if main_process:
-        results["zero-shot"] = recipe.score_on_test("text", model, tokenizer, data["test"], out, evaluate, "zero-shot")
+        results["zero-shot"] = recipe.score_on_test(TASK, model, tokenizer, data["test"], out, evaluate, "zero-shot")
 
     # 3. The method: a prefix (or a soft prompt, LoRA, full fine-tuning).
     model = methods.prepare(model, config["method"], recipe.method_options(config), tokenizer)
@@ -44,9 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. Train on prompt + target, the loss on the target only; BLEU-4 on validation prompts.
     def collate(rows):
-        return tasks.prompt_and_target(tokenizer, [s.prompt for s, _ in rows], [s.target for s, _ in rows])
+        return formatting.prompt_and_target(tokenizer, [s.prompt for s, _ in rows], [s.target for s, _ in rows])
 
-    validate = recipe.validation("text", tokenizer, data["val"], evaluate)
+    validate = recipe.validation(TASK, tokenizer, data["val"], evaluate)
 
     started = time.perf_counter()
     train(model, recipe.SampleDataset(data["train"]), collate, TrainConfig(output_dir=str(out), **config["train"]),
@@ -56,8 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. The tuned model on the test prompts, next to the zero-shot one.
     if not main_process:
         return {}
-    results["tuned"] = recipe.score_on_test("text", model, tokenizer, data["test"], out, evaluate, "tuned")
-    return recipe.report(out, "text", data["test"], results, trainable, total, seconds)
+    results["tuned"] = recipe.score_on_test(TASK, model, tokenizer, data["test"], out, evaluate, "tuned")
+    return recipe.report(out, TASK, data["test"], results, trainable, total, seconds)
 
 
 if __name__ == "__main__":

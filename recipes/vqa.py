@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from mmprefix import loading, methods, recipe, tasks
+from mmprefix.data import formatting
+from mmprefix.experiment import loading, methods, recipe
 from mmprefix.training import TrainConfig, train
 
+TASK = "vqa"
 CONFIG = Path(__file__).parent / "configs" / "vqa.yaml"
 
 
@@ -28,14 +30,14 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate = config["eval"]
 
     # 1. The frozen backbone and the data.
-    model, processor = loading.load_model(config["model"], "vqa")
-    data = recipe.load_splits("vqa", config["data"])
+    model, processor = loading.load_model(config["model"], TASK)
+    data = recipe.load_splits(TASK, config["data"])
     print(f"{len(data['train'])} training questions, {len(data['test'])} test questions")
 
     # 2. What the frozen backbone answers before any tuning.
     results = {}
     if main_process:
-        results["zero-shot"] = recipe.score_on_test("vqa", model, processor, data["test"], out, evaluate, "zero-shot")
+        results["zero-shot"] = recipe.score_on_test(TASK, model, processor, data["test"], out, evaluate, "zero-shot")
 
     # 3. The method: a prefix (or a soft prompt, LoRA, full fine-tuning).
     model = methods.prepare(model, config["method"], recipe.method_options(config), processor)
@@ -43,14 +45,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{config['method']}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
 
     # 4. Train on (image, question, answer) rows; score the validation questions as training goes.
-    prompt = evaluate.get("generation", {}).get("prompt", tasks.VQA_PROMPT)  # BLIP-2's question template
+    prompt = evaluate.get("generation", {}).get("prompt", formatting.VQA_PROMPT)  # BLIP-2's question template
 
     def collate(rows):
         rows = recipe.good_rows(rows)
-        return tasks.vqa_batch(model, processor, [image for _, image in rows], [s.question for s, _ in rows],
+        return formatting.vqa_batch(model, processor, [image for _, image in rows], [s.question for s, _ in rows],
                                [recipe.training_answer(s) for s, _ in rows], prompt=prompt)
 
-    validate = recipe.validation("vqa", processor, data["val"], evaluate)
+    validate = recipe.validation(TASK, processor, data["val"], evaluate)
 
     started = time.perf_counter()
     dataset = recipe.SampleDataset(data["train"], config["data"].get("on_bad_image", "error"))
@@ -60,8 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. The tuned model on the test questions, next to the zero-shot one.
     if not main_process:
         return {}
-    results["tuned"] = recipe.score_on_test("vqa", model, processor, data["test"], out, evaluate, "tuned")
-    return recipe.report(out, "vqa", data["test"], results, trainable, total, seconds)
+    results["tuned"] = recipe.score_on_test(TASK, model, processor, data["test"], out, evaluate, "tuned")
+    return recipe.report(out, TASK, data["test"], results, trainable, total, seconds)
 
 
 if __name__ == "__main__":

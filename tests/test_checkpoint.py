@@ -8,7 +8,7 @@ import transformers as tf
 
 import tiny
 from mmprefix import PrefixConfig, add_prefix, load_prefix
-from mmprefix import checkpoint
+from mmprefix import saving
 
 
 def trained(family, **config):
@@ -119,7 +119,7 @@ def test_interrupted_save_keeps_the_previous_prefix(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(checkpoint, "save_file", crash)
+    monkeypatch.setattr(saving, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         pm.save_prefix(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files left, old files intact

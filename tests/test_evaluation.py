@@ -17,7 +17,11 @@ from PIL import Image
 from torch.nn import functional as F
 
 import tiny
-from mmprefix import PrefixConfig, add_prefix, evaluation, loading, metrics, report, tasks
+from mmprefix import PrefixConfig, add_prefix, evaluation
+from mmprefix.data import formatting
+from mmprefix.data.classification import read_classification
+from mmprefix.evaluation import decode, metrics, report
+from mmprefix.experiment import loading
 from mmprefix.data import BadImageError, CaptionSample, TextSample, VQASample
 from mmprefix.embedded import text
 
@@ -65,7 +69,7 @@ def vqa_samples(images):
 
 
 def counting(model):
-    """Count the model's generate calls (tasks.* call model.generate)."""
+    """Count the model's generate calls (decode.* call model.generate)."""
     calls = []
     original = model.generate
 
@@ -86,7 +90,7 @@ def test_predictions_are_keyed_by_id_and_equal_the_task_functions(images):
     predictions, errors = evaluation.predict("vqa", model, processor, samples, batch_size=2, **SETTINGS)
     assert list(predictions) == [0, 1, 2, 3, 4] and errors == []
     pictures = [Image.open(p).convert("RGB") for p in images]
-    expected = [tasks.answer_questions(model, processor, [p], [q], max_new_tokens=3)[0] for p, q in zip(pictures, QUESTIONS)]
+    expected = [decode.answer_questions(model, processor, [p], [q], max_new_tokens=3)[0] for p, q in zip(pictures, QUESTIONS)]
     assert list(predictions.values()) == expected
     assert len(set(expected)) > 1  # the tiny model's answers depend on the input
     # BLIP-VQA batches hold questions of one length: transformers' BLIP decoder would read the padding
@@ -96,24 +100,24 @@ def test_predictions_are_keyed_by_id_and_equal_the_task_functions(images):
     captions, _ = evaluation.predict("caption", captioner, processor,
                                      [CaptionSample(image_id=f"img{i}", image=p) for i, p in enumerate(images)],
                                      batch_size=3, **SETTINGS)
-    assert list(captions.values()) == tasks.caption_images(captioner, processor, pictures, max_new_tokens=3)
+    assert list(captions.values()) == decode.caption_images(captioner, processor, pictures, max_new_tokens=3)
     assert list(captions) == [f"img{i}" for i in range(5)]
     own = captioner.generate(pixel_values=processor(images=pictures, return_tensors="pt")["pixel_values"],
                              max_new_tokens=3, num_beams=1, do_sample=False)  # BLIP's own default start
-    assert tasks.caption_images(captioner, processor, pictures, max_new_tokens=3) == \
+    assert decode.caption_images(captioner, processor, pictures, max_new_tokens=3) == \
         [processor.tokenizer.decode(row, skip_special_tokens=True) for row in own]
 
     lm, tokenizer = tiny.world_llama(), text.lm_tokenizer()
     prompts = ["red | circle | small ->", "blue | square | large ->", "green | triangle ->"]
     texts = [TextSample(id=f"t{i}", prompt=p, target="the circle is red") for i, p in enumerate(prompts)]
     continuations, _ = evaluation.predict("text", lm, tokenizer, texts, batch_size=2, **SETTINGS)
-    assert list(continuations.values()) == tasks.complete_texts(lm, tokenizer, prompts, max_new_tokens=3)
+    assert list(continuations.values()) == decode.complete_texts(lm, tokenizer, prompts, max_new_tokens=3)
 
     blip2 = tiny.world_blip2()
     from mmprefix.embedded import blip2_processor
 
     answers, _ = evaluation.predict("vqa", blip2, blip2_processor(), vqa_samples(images)[:2], **SETTINGS)
-    assert answers == dict(zip([0, 1], tasks.answer_questions(blip2, blip2_processor(), pictures[:2], QUESTIONS[:2],
+    assert answers == dict(zip([0, 1], decode.answer_questions(blip2, blip2_processor(), pictures[:2], QUESTIONS[:2],
                                                               max_new_tokens=3)))
     with pytest.raises(ValueError, match="deterministic"):
         evaluation.predict("vqa", model, processor, samples, generation={"do_sample": True})
@@ -406,14 +410,14 @@ def test_read_classification(tmp_path, colour_images):
         (tmp_path / "folder" / name).mkdir(parents=True)
         Image.new("RGB", (4, 4)).save(tmp_path / "folder" / name / "a.png")
     (tmp_path / "folder" / "dog" / "notes.txt").write_text("not an image")
-    samples, classes = evaluation.read_classification(tmp_path / "folder")
+    samples, classes = read_classification(tmp_path / "folder")
     assert classes == ["cat", "dog"] and [(Path(p).parent.name, c) for p, c in samples] == [("cat", "cat"), ("dog", "dog")]
     (tmp_path / "data.jsonl").write_text('{"image": "folder/cat/a.png", "label": "cat"}\n\n{"image": "x.png", "label": 3}\n')
-    samples, classes = evaluation.read_classification(tmp_path / "data.jsonl")
+    samples, classes = read_classification(tmp_path / "data.jsonl")
     assert samples[0] == (str(tmp_path / "folder" / "cat" / "a.png"), "cat") and classes == ["3", "cat"]
     (tmp_path / "broken.jsonl").write_text('{"image": "a.png"}\n')
     with pytest.raises(ValueError, match="line 1"):
-        evaluation.read_classification(tmp_path / "broken.jsonl")
+        read_classification(tmp_path / "broken.jsonl")
 
 
 # -- the command -----------------------------------------------------------------------------------------------
@@ -557,7 +561,7 @@ def test_cli_classification_and_retrieval(tmp_path, colour_images):
     assert cli.main(["--task", "classification", "--data", str(tmp_path / "cls.jsonl"), *common, f"p={prefix}",
                      "--output-dir", str(tmp_path / "cls"), "--template", "a {} shape"]) == 0
     runs = json.loads((tmp_path / "cls" / "results.json").read_text())["runs"]
-    samples, classnames = evaluation.read_classification(tmp_path / "cls.jsonl")
+    samples, classnames = read_classification(tmp_path / "cls.jsonl")
     assert runs["base"]["metrics"] == evaluation.classify(tiny.clip(), tiny.world_clip_processor(), samples, classnames,
                                                           templates=["a {} shape"])
     (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"image": p, "image_id": n, "captions": [f"a {n} square"]})
@@ -575,7 +579,7 @@ def test_blip2_inputs_carry_the_image_tokens_and_answers_depend_on_the_image():
     torch.manual_seed(0)
     model, processor = blip2_model().eval(), blip2_processor()
     images = [Image.new("RGB", (64, 64), color) for color in ((250, 10, 10), (10, 10, 250))]
-    batch = tasks.vqa_batch(model, processor, images, ["what color is it?"] * 2, ["red", "blue"])
+    batch = formatting.vqa_batch(model, processor, images, ["what color is it?"] * 2, ["red", "blue"])
     assert ((batch["input_ids"] == model.config.image_token_index).sum(1) == QUERY_TOKENS).all()
     with torch.no_grad():
         loss = model(**batch).loss

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tiny
-from mmprefix.methods import METHODS, for_generation, prepare, trainable_parameters
+from mmprefix.experiment.methods import METHODS, for_generation, prepare, trainable_parameters
 from mmprefix.model import PrefixModel
 
 

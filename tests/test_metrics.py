@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from mmprefix import metrics
-from mmprefix.metrics import (
+from mmprefix.evaluation import metrics
+from mmprefix.evaluation.metrics import (
     bleu,
     caption_metrics,
     exact_match,

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import tiny
 from mmprefix import PrefixConfig, add_prefix, compose, load_prefix
-from mmprefix.init import load_image
+from mmprefix.text_init import load_image
 
 
 def run(pm, family, **kwargs):

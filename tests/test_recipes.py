@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmprefix import recipe
+from mmprefix.experiment import recipe
 from mmprefix.embedded import blip2_processor, blip_processor, clip_processor, pretrain, text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,23 +80,25 @@ def test_a_recipe_writes_everything_it_promises(name, checkpoint, stand_ins, tmp
 def test_classification_trains_on_the_models_own_similarities(stand_ins):
     """The training logits are the model's scaled similarities to each class's mean prompt embedding, which
     is how the evaluation harness ranks classes."""
-    from mmprefix import evaluation, tasks
+    from mmprefix import evaluation
+    from mmprefix.data import formatting
+    from mmprefix.evaluation import contrastive
 
     model = pretrain.clip_model().eval()
     processor = clip_processor()
     images = [Image.new("RGB", (64, 64), color) for color in ((200, 30, 30), (30, 30, 200), (30, 200, 30))]
     classnames, templates = ["red", "blue"], ["the shape on the left is {}", "a {} shape"]
-    batch = tasks.classification_batch(processor, images, [0, 1, 0], classnames, templates)
+    batch = formatting.classification_batch(model, processor, images, [0, 1, 0], classnames, templates)
     with torch.no_grad():
-        logits = tasks.classification_logits(model, batch)
+        logits = contrastive.classification_logits(model, batch)
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
         image = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
-        texts = processor(text=tasks.class_prompts(classnames, templates), return_tensors="pt", padding=True)
+        texts = processor(text=formatting.class_prompts(classnames, templates), return_tensors="pt", padding=True)
         text = torch.nn.functional.normalize(model.get_text_features(**texts).pooler_output, dim=-1)
     classes = torch.nn.functional.normalize(text.view(2, 2, -1).mean(1), dim=-1)  # classify()'s class embedding
     expected = model.logit_scale.exp() * image @ classes.T
     torch.testing.assert_close(logits, expected)
-    loss = tasks.classification_loss(model, batch)
+    loss = contrastive.classification_loss(model, batch)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(expected, torch.tensor([0, 1, 0])))
     samples = list(zip(images, ["red", "blue", "red"]))
     hits = (logits.argmax(-1) == torch.tensor([0, 1, 0])).float().mean().item()
@@ -104,9 +106,9 @@ def test_classification_trains_on_the_models_own_similarities(stand_ins):
     open_model, _, preprocess = open_clip.create_model_and_transforms("mmprefix-recipe-clip")
     open_model.eval()
     tokenizer = open_clip.get_tokenizer("mmprefix-recipe-clip")
-    batch = tasks.classification_batch((tokenizer, preprocess), images, [0, 1, 0], classnames, templates[:1])
+    batch = formatting.classification_batch(open_model, (tokenizer, preprocess), images, [0, 1, 0], classnames, templates[:1])
     with torch.no_grad():
-        logits = tasks.classification_logits(open_model, batch)
+        logits = contrastive.classification_logits(open_model, batch)
         image = open_model.encode_image(batch["image"], normalize=True)
         text = open_model.encode_text(batch["text"], normalize=True)
     torch.testing.assert_close(logits, open_model.logit_scale.exp() * image @ text.T)

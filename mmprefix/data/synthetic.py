@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..files import write_text
+
 VERSION = "world-v5"  # v5 added the vqa_verify files, v4 the classification files; images and other texts are v3's
 IMAGE_SIZE = 64
 COLORS = {
@@ -219,9 +221,6 @@ def build_world(root: str | os.PathLike | None = None, splits: dict[str, int] | 
                 prompt, target = record_b(item)
                 files.setdefault(f"text_b_{split}", []).append({"id": f"{image_id}-{number}", "prompt": prompt, "target": target})
     for name, rows in files.items():
-        path = root / f"{name}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        tmp.replace(path)
-    (root / "complete.json").write_text(json.dumps(splits))
+        write_text(root / f"{name}.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    write_text(root / "complete.json", json.dumps(splits))
     return root

@@ -1,4 +1,4 @@
-"""Pretrain the embedded default's tiny backbones on the synthetic world's pretraining tasks.
+"""Pretrain the embedded default's tiny backbones on the synthetic world's pretraining formatting.
 
     python -m mmprefix.embedded.pretrain blip|blip2|clip|lm [--steps N] [--out DIR]
 
@@ -21,7 +21,9 @@ import torch
 import transformers as tf
 from torch import nn
 
-from .. import evaluation, tasks
+from .. import evaluation
+from ..data import formatting
+from ..evaluation import decode
 from ..data import load_image, read_samples, synthetic
 from ..training import TrainConfig, train
 from . import ASSETS, blip2_processor, blip_processor, clip_processor, text
@@ -136,8 +138,8 @@ def pretrain_blip(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, di
     def collate(rows: list) -> dict:
         pictures = [images[r.image] for r in rows]
         return {
-            "vqa": tasks.vqa_batch(model, processor, pictures, [r.question for r in rows], [r.answers[0] for r in rows]),
-            "caption": tasks.caption_batch(model, processor, pictures, [caption_of[r.image] for r in rows]),
+            "vqa": formatting.vqa_batch(model, processor, pictures, [r.question for r in rows], [r.answers[0] for r in rows]),
+            "caption": formatting.caption_batch(model, processor, pictures, [caption_of[r.image] for r in rows]),
         }
 
     joint = JointBlip(model)
@@ -158,8 +160,8 @@ def pretrain_blip2(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, d
     def collate(rows: list) -> list[dict]:
         pictures = [images[r.image] for r in rows]
         return [
-            tasks.vqa_batch(model, processor, pictures, [r.question for r in rows], [r.answers[0] for r in rows]),
-            tasks.caption_batch(model, processor, pictures, [caption_of[r.image] for r in rows]),
+            formatting.vqa_batch(model, processor, pictures, [r.question for r in rows], [r.answers[0] for r in rows]),
+            formatting.caption_batch(model, processor, pictures, [caption_of[r.image] for r in rows]),
         ]
 
     train(PromptedLoss(model), Rows(data["vqa"]), collate, _config(out, steps, 1e-3), loss_fn=lambda m, b: m(b),
@@ -235,7 +237,7 @@ def pretrain_lm(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, dict
     pairs = lm_texts(world_samples(root, "train"))
 
     def collate(rows: list) -> dict:
-        return tasks.prompt_and_target(tokenizer, [p for p, _ in rows], [t for _, t in rows])
+        return formatting.prompt_and_target(tokenizer, [p for p, _ in rows], [t for _, t in rows])
 
     train(model, Rows(pairs), collate, _config(out, steps, 2e-3), save=_no_save)
     model.eval()
@@ -245,7 +247,7 @@ def pretrain_lm(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, dict
 def evaluate_lm(model, tokenizer, root: Path) -> dict[str, float]:
     """Record (format A) to phrase, exact match on validation records."""
     samples = world_samples(root, "val")["text"][:200]
-    outputs = tasks.complete_texts(model, tokenizer, [s.prompt for s in samples])
+    outputs = decode.complete_texts(model, tokenizer, [s.prompt for s in samples])
     return {"record_exact_match": 100 * sum(o == s.target for o, s in zip(outputs, samples)) / len(samples)}
 
 

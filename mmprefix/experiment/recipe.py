@@ -19,12 +19,14 @@ import yaml
 from accelerate import PartialState
 from torch import nn
 
-from . import evaluation, loading
-from .data import ImageLoader, read_samples
-from .evaluation import PRIMARY_METRIC
+from .. import evaluation
+from ..data import ImageLoader, read_samples
+from ..data.classification import read_classification
+from ..evaluation.contrastive import classify
+from ..evaluation.report import write_report
+from ..model import PrefixModel
+from . import loading
 from .methods import METHODS, for_generation
-from .model import PrefixModel
-from .report import write_report
 
 FLAGS = {  # command-line flag -> dotted config key
     "output_dir": "output_dir",
@@ -169,7 +171,7 @@ def load_splits(task: str, data: dict[str, Any]) -> dict[str, list]:
             if spec.get("format") or spec.get("options"):
                 raise ValueError(f"data.{split}: classification reads {{image, label}} JSONL or a folder per "
                                  "class and takes no format or options")
-            samples, _ = evaluation.read_classification(path)
+            samples, _ = read_classification(path)
         else:
             samples = read_samples(task, path, format=spec.get("format"), **options)
         splits[split] = samples[: spec["limit"]] if spec.get("limit") else samples
@@ -240,7 +242,7 @@ def validation(task: str, processor: Any, samples: list, evaluate: dict[str, Any
     def validate(trained: nn.Module) -> dict[str, float]:
         scored, prefix = evaluated(trained)
         if task == "classification":
-            return evaluation.classify(scored, processor, samples, classnames, evaluate["templates"], prefix=prefix,
+            return classify(scored, processor, samples, classnames, evaluate["templates"], prefix=prefix,
                                        batch_size=evaluate["batch_size"])
         predictions, _ = evaluation.predict(task, scored, processor, samples, prefix=prefix, progress=False,
                                             batch_size=evaluate["batch_size"], generation=evaluate.get("generation"))
@@ -263,7 +265,7 @@ def report(output_dir: Path, task: str, samples: list, results: dict[str, dict],
     }
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     paths = write_report(output_dir, task, samples, results)
-    primary = PRIMARY_METRIC[task]
+    primary = evaluation.PRIMARY_METRIC[task]
     print(f"\ntrainable parameters: {trainable:,} of {total:,} ({summary['trainable_percent']:.3f}%)")
     print(f"{primary}: zero-shot {summary['zero_shot'].get(primary, float('nan')):.2f} -> tuned "
           f"{summary['tuned'].get(primary, float('nan')):.2f}  (training {seconds:.0f} s)")

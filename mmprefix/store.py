@@ -7,7 +7,7 @@ from torch import nn
 
 from .architectures import Site
 from .config import PrefixConfig
-from .layer import Prefix
+from .attention import Prefix
 
 
 def parameter_key(site_name: str) -> str:
@@ -89,13 +89,14 @@ class PrefixStore(nn.Module):
             return None
         return self.gates[self._by_name[site_name]]
 
-    def prefix(self, site_name: str) -> Prefix | None:
-        """The prefix for a call where every row uses this store (None where it has no slots here)."""
+    def prefix(self, site_name: str, cache: dict | None = None) -> Prefix | None:
+        """The prefix for a call where every row uses this store (None where it has no slots here);
+        ``cache``: the call's cache (see `mmprefix.attention.Prefix`)."""
         if site_name not in self._by_name or self.config.num_virtual_tokens == 0:
             return None
         keys, values = self.kv(site_name)
         gate = self.gate(site_name)
-        return Prefix(keys[None], values[None], None, None if gate is None else gate[None])
+        return Prefix(keys[None], values[None], None, None if gate is None else gate[None], cache)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat tensors by ``"<site>.key"``, ``"<site>.value"`` (and ``"<site>.gate"``), as saved on disk."""

@@ -1,7 +1,7 @@
 """Replacement ``forward`` methods for BLIP's hand-written attention, which never reaches the interface.
 
 Each computes queries, keys and values exactly as transformers' BLIP does (including the text attention's
-cache handling) and then attends through ``layer.attend`` with SDPA. Without a prefix for the current call
+cache handling) and then attends through ``mechanism.attend`` with SDPA. Without a prefix for the current call
 they run BLIP's own code, so a disabled prefix gives the original outputs bit for bit; a gated prefix adds
 its gated attention to BLIP's own output, so a closed gate is bit-exact too.
 
@@ -18,10 +18,10 @@ from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .layer import attend, gated_prefix_attention
+from .mechanism import attend, gated_prefix_attention, heads
 
 
-def blip_vision_attention(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+def vision_attention(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """``BlipAttention.forward`` with a prefix: fused qkv projection, no mask."""
     hook = self._mmprefix
     prefix = hook.prefix(hidden_states.shape[0])
@@ -52,7 +52,7 @@ def blip_vision_attention(self, hidden_states: torch.Tensor, **kwargs: Any) -> t
     return self.projection(output.reshape(batch, length, width)), None
 
 
-def blip_text_attention(
+def text_attention(
     self,
     hidden_states: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -119,11 +119,3 @@ def blip_text_attention(
         is_causal=False,
     )
     return output.flatten(2), None
-
-
-def heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """``[B, T, heads * head_dim]`` -> ``[B, heads, T, head_dim]``."""
-    return states.view(*states.shape[:-1], -1, head_dim).transpose(1, 2)
-
-
-FORWARDS = {"blip_vision": blip_vision_attention, "blip_text": blip_text_attention}

@@ -2,8 +2,8 @@
 (open_clip's default blocks, CoCa's decoder and attention pooler) and open_clip's own ``Attention``
 (``CustomResidualAttentionBlock``: qk-norm, head scaling, inner norm).
 
-Like ``mmprefix.blip``, each projects queries, keys and values with the module's frozen weights and attends
-through ``layer.attend`` with SDPA; without a prefix it runs the module's own code (bit-exact), and a gated
+Like ``attention/blip.py``, each projects queries, keys and values with the module's frozen weights and attends
+through ``mechanism.attend`` with SDPA; without a prefix it runs the module's own code (bit-exact), and a gated
 prefix adds its gated attention to that code's output.
 """
 
@@ -16,14 +16,17 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .blip import heads
-from .layer import attend, gated_prefix_attention
+from .mechanism import attend, gated_prefix_attention, heads
 
 
-def check_supported(module: nn.Module) -> None:
+def check_mha(module: nn.MultiheadAttention) -> None:
     """Refuse variants whose attention is not a plain softmax over projected keys."""
-    if isinstance(module, nn.MultiheadAttention) and (module.bias_k is not None or module.add_zero_attn):
+    if module.bias_k is not None or module.add_zero_attn:
         raise ValueError("mmprefix does not support nn.MultiheadAttention with add_bias_kv or add_zero_attn")
+
+
+def check_attention(module: nn.Module) -> None:
+    """Refuse open_clip's scaled cosine attention (its logits are not scaled dot products)."""
     if getattr(module, "logit_scale", None) is not None and getattr(module, "scaled_cosine", False):
         raise ValueError("mmprefix does not support open_clip's scaled cosine attention (scaled_cosine_attn=True)")
 
@@ -130,6 +133,3 @@ def open_clip_attention(self, x: torch.Tensor, attn_mask: torch.Tensor | None = 
     if self.head_scale is not None:
         output = output * self.head_scale.transpose(0, 1)  # [heads, 1, 1] -> per head of [B, L, heads, d]
     return self.out_drop(self.out_proj(self.ln_inner(output.reshape(batch, length, width))))
-
-
-FORWARDS = {"torch_mha": mha_attention, "open_clip": open_clip_attention}

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from .config import PrefixConfig
-from .model import add_prefix
+from ..config import PrefixConfig
+from ..model import add_prefix
 
 METHODS = ("prefix", "prompt", "lora", "full")
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics
-from .data import CaptionSample, TextSample, VQASample, load_image
-from .evaluation import GENERATIVE_TASKS, PRIMARY_METRIC, sample_id
+from ..files import write_text
+from ..data import CaptionSample, TextSample, VQASample, load_image
+from .predict import GENERATIVE_TASKS, PRIMARY_METRIC, sample_id
 
 __all__ = ["breakdown_table", "markdown_table", "primary_metric", "write_report"]
 
@@ -224,7 +225,7 @@ def write_report(
                  for label, run in results.items()},
     }
     paths = {"json": output / "results.json", "markdown": output / "results.md", "html": output / "report.html"}
-    paths["json"].write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    paths["markdown"].write_text(_markdown(task, results), encoding="utf-8")
-    paths["html"].write_text(_html(task, samples, results, examples), encoding="utf-8")
+    write_text(paths["json"], json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_text(paths["markdown"], _markdown(task, results))
+    write_text(paths["html"], _html(task, samples, results, examples))
     return paths

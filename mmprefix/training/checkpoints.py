@@ -92,12 +92,12 @@ def publish_checkpoint(directory: str | os.PathLike, step: int, keep: int) -> Pa
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    for old in sorted(checkpoints(directory))[:-keep] if keep > 0 else []:
+    for old in sorted(complete_checkpoints(directory))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def checkpoints(directory: str | os.PathLike) -> list[Path]:
+def complete_checkpoints(directory: str | os.PathLike) -> list[Path]:
     """Complete checkpoints, oldest first (a folder killed mid-write is never renamed into place)."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -106,7 +106,7 @@ def checkpoints(directory: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    found = checkpoints(directory)
+    found = complete_checkpoints(directory)
     return found[-1] if found else None
 
 

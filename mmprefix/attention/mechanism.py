@@ -8,14 +8,14 @@ widened to match. The call happens after RoPE and after the KV-cache update, so 
 never enter the cache, and follow beam reordering and left padding for free. The model-level mask is built
 from the untouched config, so its format is the one the real implementation expects.
 
-Hand-written attention modules (BLIP) get a replacement ``forward`` (``mmprefix.blip``) that computes
-queries, keys and values the same way and then calls ``attend`` like the interface route does.
+Hand-written attention modules (BLIP, open_clip) get a replacement ``forward`` (``attention/blip.py``,
+``attention/open_clip.py``) that computes queries, keys and values the same way and then calls ``attend``
+like the interface route does. Which modules take which route is ``attention.ROUTES``.
 """
 
 from __future__ import annotations
 
 import sys
-from types import MethodType
 from typing import Any, Callable, NamedTuple, Protocol
 
 import torch
@@ -24,7 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .architectures import Site
+from ..architectures import Site
 
 ATTENTION_NAME = "mmprefix"
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -32,13 +32,16 @@ SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 
 class Prefix(NamedTuple):
     """The prefix one attention call sees: keys and values ``[B or 1, kv_heads, P, head_dim]``, which slots
-    each row may attend to (``[B, P]`` bool; None when every slot is visible to every row), and for gated
-    prefixes the gate of each row (``[B or 1, 1 or heads]``)."""
+    each row may attend to (``[B, P]`` bool; None when every slot is visible to every row), for gated
+    prefixes the gate of each row (``[B or 1, 1 or heads]``), and the current call's cache (a dict that
+    lives for one call of the model, or None): every layer of a call widens the same mask the same way, so
+    the widened mask is made once per call."""
 
     keys: torch.Tensor
     values: torch.Tensor
     visible: torch.Tensor | None = None
     gate: torch.Tensor | None = None
+    cache: dict | None = None
 
 
 class PrefixSource(Protocol):
@@ -116,12 +119,34 @@ def widen_mask(
     Boolean masks stay boolean (True = attend) and float masks stay additive. A missing mask stays missing
     unless something must be masked: a causal call (top-left aligned over the real keys, which is how SDPA's
     ``is_causal`` treats a missing mask, prefix columns visible) or a row that must not see some prefix slots.
+    With ``prefix.cache``, a mask widened once is reused by the call's other layers.
     """
-    num_slots = prefix.keys.shape[-2]
-    visible = prefix.visible
+    if mask is None and not causal and prefix.visible is None:
+        return None
+    num_slots, q_len = prefix.keys.shape[-2], query.shape[-2]
+    if prefix.cache is None:
+        return _widen(mask, prefix.visible, num_slots, query, kv_len, causal)
+    # The cache holds the mask and visibility tensors themselves, so their ids cannot be reused while cached.
+    key = ("mask", id(mask), id(prefix.visible), num_slots, q_len, kv_len, causal, query.dtype, query.device)
+    entry = prefix.cache.get(key)
+    if entry is None or entry[0] is not mask or entry[1] is not prefix.visible:
+        if len(prefix.cache) > 64:  # generation makes a new mask per step: keep the cache small
+            for stale in [k for k in prefix.cache if k[0] == "mask"]:
+                del prefix.cache[stale]
+        entry = (mask, prefix.visible, _widen(mask, prefix.visible, num_slots, query, kv_len, causal))
+        prefix.cache[key] = entry
+    return entry[2]
+
+
+def _widen(
+    mask: torch.Tensor | None,
+    visible: torch.Tensor | None,
+    num_slots: int,
+    query: torch.Tensor,
+    kv_len: int,
+    causal: bool,
+) -> torch.Tensor:
     if mask is None:
-        if not causal and visible is None:
-            return None
         q_len = query.shape[-2]
         allowed = torch.ones(1, 1, 1, kv_len, dtype=torch.bool, device=query.device)
         if causal:
@@ -219,26 +244,6 @@ def prefixed_attention(
 AttentionInterface.register(ATTENTION_NAME, prefixed_attention)
 
 
-def install(module: nn.Module, site: Site, source: PrefixSource) -> None:
-    """Give ``module`` a prefix route; ``uninstall`` restores it exactly."""
-    from . import blip, openclip  # their forwards build on this module
-
-    if hasattr(module, "_mmprefix"):
-        raise ValueError(f"{site.name} already carries an mmprefix prefix; call remove_prefix() on its PrefixModel first")
-    if site.route == "interface":
-        implementation = module.config._attn_implementation
-        if implementation not in SUPPORTED_IMPLEMENTATIONS:
-            raise ValueError(unsupported_implementation(implementation))
-        module.config = PrefixedConfig(module.config)
-    else:
-        openclip.check_supported(module)
-        module.forward = MethodType({**blip.FORWARDS, **openclip.FORWARDS}[site.route], module)
-    module._mmprefix = SiteHook(site, source, module)
-
-
-def uninstall(module: nn.Module) -> None:
-    hook: SiteHook = module.__dict__.pop("_mmprefix")
-    if hook.site.route == "interface":
-        module.config = module.config.config
-    else:
-        del module.forward
+def heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[B, T, heads * head_dim]`` -> ``[B, heads, T, head_dim]``."""
+    return states.view(*states.shape[:-1], -1, head_dim).transpose(1, 2)

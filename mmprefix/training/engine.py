@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from . import train_state
-from .model import PrefixModel
+from ..model import PrefixModel
+from . import checkpoints
 
 
 class TrainingError(RuntimeError):
@@ -132,12 +132,12 @@ def train(
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "samples": 0}
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        train_state.clean_staging(checkpoint_dir)
+        checkpoints.clean_staging(checkpoint_dir)
         if not config.resume:
             (out / "log.jsonl").unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if config.resume:
-        latest = train_state.latest_checkpoint(checkpoint_dir)
+        latest = checkpoints.latest_checkpoint(checkpoint_dir)
         if latest is not None:
             state = _load(latest, unwrapped, optimizer, scheduler, accelerator)
             accelerator.print(f"resuming from {latest} (step {state['step']})")
@@ -214,7 +214,7 @@ def _check_finite(loss: torch.Tensor, step: int, accelerator: Accelerator, check
     values = accelerator.gather(loss.detach().float()[None])
     if torch.isfinite(values).all():
         return
-    latest = train_state.latest_checkpoint(checkpoint_dir)
+    latest = checkpoints.latest_checkpoint(checkpoint_dir)
     kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written (save_every=0)"
     raise TrainingError(
         f"the loss became {values.tolist()} at step {step}; training stopped and {kept}. Lower the learning rate, "
@@ -249,7 +249,7 @@ def _evaluate(evaluate, model, step, state, config, accelerator, save, out: Path
 
 def _save(directory: Path, state, model, optimizer, scheduler, accelerator, config: TrainConfig) -> None:
     rank = accelerator.process_index
-    parts: dict[str, Any] = {f"rng-rank{rank}": train_state.rng_state()}
+    parts: dict[str, Any] = {f"rng-rank{rank}": checkpoints.rng_state()}
     if accelerator.is_main_process:
         parts["trainable"] = {n: p for n, p in model.named_parameters() if p.requires_grad}
         parts["optimizer"] = optimizer.state_dict()
@@ -257,32 +257,32 @@ def _save(directory: Path, state, model, optimizer, scheduler, accelerator, conf
         parts["state"] = {**state, "processes": accelerator.num_processes, "config": dataclasses.asdict(config)}
         if accelerator.scaler is not None:
             parts["scaler"] = accelerator.scaler.state_dict()
-    train_state.stage_checkpoint(directory, state["step"], parts)
+    checkpoints.stage_checkpoint(directory, state["step"], parts)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        train_state.publish_checkpoint(directory, state["step"], config.keep_checkpoints)
+        checkpoints.publish_checkpoint(directory, state["step"], config.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 
 def _load(path: Path, model, optimizer, scheduler, accelerator) -> dict[str, Any]:
-    state = train_state.read_part(path, "state")
+    state = checkpoints.read_part(path, "state")
     if state["processes"] != accelerator.num_processes:
         raise ValueError(
             f"{path} was written by {state['processes']} processes; resume with the same number "
             f"(now {accelerator.num_processes}) so that every process gets its random state back"
         )
-    trainable = train_state.read_part(path, "trainable")
+    trainable = checkpoints.read_part(path, "trainable")
     named = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in trainable.items():
             if name not in named:
                 raise ValueError(f"{path} holds weights for {name!r}, which this model does not have")
             named[name].copy_(tensor)
-    optimizer.load_state_dict(train_state.read_part(path, "optimizer"))
-    scheduler.load_state_dict(train_state.read_part(path, "scheduler"))
+    optimizer.load_state_dict(checkpoints.read_part(path, "optimizer"))
+    scheduler.load_state_dict(checkpoints.read_part(path, "scheduler"))
     if accelerator.scaler is not None and (path / "scaler.json").is_file():
-        accelerator.scaler.load_state_dict(train_state.read_part(path, "scaler"))
-    train_state.set_rng_state(train_state.read_part(path, f"rng-rank{accelerator.process_index}"))
+        accelerator.scaler.load_state_dict(checkpoints.read_part(path, "scaler"))
+    checkpoints.set_rng_state(checkpoints.read_part(path, f"rng-rank{accelerator.process_index}"))
     return {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "best", "samples")}
 
 

@@ -1,4 +1,5 @@
-"""Inputs for reading a frozen model's own keys and values (``PrefixConfig(init="text")``).
+"""``PrefixConfig(init="text")``: a prefix that starts as the frozen model's own keys and values for a text
+(a soft prompt: as the text's token embeddings).
 
 One forward pass must reach every attention site: the text goes wherever the model takes text, an image
 (``init_image``, or a plain grey one) wherever it takes pixels, and the text again as ``labels`` where the
@@ -10,8 +11,12 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
+from . import routing
+from .architectures import is_open_clip
+from .config import PrefixConfig
 from .data.images import BadImageError
 from .data.images import load_image as read_image
 
@@ -33,7 +38,7 @@ def load_image(path: str | None, size: int = 224):
 def activation_inputs(model: nn.Module, processor: Any, text: str, image_path: str | None) -> dict[str, Any]:
     """Keyword arguments for ``model(**inputs)`` built with ``processor`` from ``text`` and an image."""
     accepted = inspect.signature(model.forward).parameters
-    if "image" in accepted and "text" in accepted:  # open_clip: forward(image, text)
+    if is_open_clip(model):  # forward(image, text)
         try:
             tokenizer, transform = processor
         except (TypeError, ValueError):
@@ -60,3 +65,36 @@ def activation_inputs(model: nn.Module, processor: Any, text: str, image_path: s
     if "labels" in accepted and "input_ids" in inputs:
         inputs["labels"] = inputs["input_ids"]
     return inputs
+
+
+def captured_keys_values(model: Any, store: Any, processor: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The frozen model's own keys and values for ``init_text`` at each of ``store``'s sites, cycled to P.
+
+    ``model`` is a `PrefixModel`: its base model runs once with no prefix while its sites record what they see
+    (the first row of the first call at each site)."""
+    config = store.config
+    inputs = activation_inputs(model.base_model, processor, config.init_text, config.init_image)
+    call = routing.Call(route=None, cache={}, captured={})
+    token = routing.enter(model, call)
+    try:
+        with torch.no_grad():
+            model.base_model(**inputs)
+    finally:
+        routing.leave(token)
+    missing = [s.name for s in store.sites if s.name not in call.captured]
+    if missing:
+        raise ValueError(f'init="text" reached no activations at {len(missing)} sites (e.g. {missing[0]})')
+    slots = torch.arange(config.num_virtual_tokens)
+    return {
+        name: (keys[:, slots % keys.shape[1]], values[:, slots % values.shape[1]])
+        for name, (keys, values) in call.captured.items()
+        if store.has_site(name)
+    }
+
+
+def text_embeddings(embedding: nn.Module, config: PrefixConfig, processor: Any) -> torch.Tensor:
+    """Embeddings of ``init_text``'s tokens, cycled to P: a soft prompt's text initialisation."""
+    ids = processor(text=config.init_text, return_tensors="pt")["input_ids"].to(embedding.weight.device)
+    with torch.no_grad():
+        vectors = embedding(ids)[0]
+    return vectors[torch.arange(config.num_virtual_tokens) % vectors.shape[0]].float()

@@ -1,15 +1,12 @@
-"""Evaluation: predictions, official scores and result files for any model, with or without prefixes.
+"""Predictions, official scores and result files for any generative model, with or without prefixes.
 
-The pieces, each usable on its own (the recipes and ``eval/evaluate.py`` use them all):
-
-* :func:`predict` generates answers, captions or text continuations in batches through ``mmprefix.tasks``
-  (the same formatting as training), routes every batch to one prefix, appends each finished batch to a JSONL
-  file so that a killed run resumes where it stopped, and reports unreadable images instead of failing.
-* :func:`score` computes the benchmarks' official metrics with ``mmprefix.metrics``;
+* :func:`predict` generates answers, captions or text continuations in batches (``evaluation/decode.py``: the
+  same formatting as training), routes every batch to one prefix, appends each finished batch to a JSONL file
+  so that a killed run resumes where it stopped, and reports unreadable images instead of failing.
+* :func:`score` computes the benchmarks' official metrics with ``evaluation/metrics.py``;
   :func:`official_results` gives the predictions in the official result formats.
-* :func:`evaluate_runs` does all of that for several runs (prefixes on one frozen model, and the base model).
-* :func:`classify` and :func:`retrieve`: zero-shot classification and image-text retrieval for CLIP-like models
-  (transformers ``CLIPModel`` and open_clip models); :func:`read_classification` reads their data.
+* :func:`evaluate_runs` does all of that for several runs (prefixes on one frozen model, and the base model),
+  and scores classification and retrieval runs through ``evaluation/contrastive.py``.
 
 Units: accuracies, exact match and recalls are percentages; BLEU, METEOR, ROUGE-L and CIDEr are in [0, 1], as
 the official scorers return them.
@@ -17,64 +14,44 @@ the official scorers return them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from . import metrics, tasks
-from .data import CaptionSample, ImageLoader, TextSample, VQASample
-from .model import PrefixModel
-
-__all__ = [
-    "GENERATIVE_TASKS",
-    "KEEP",
-    "PRIMARY_METRIC",
-    "ResumeError",
-    "TASKS",
-    "classify",
-    "evaluate_runs",
-    "official_results",
-    "predict",
-    "read_classification",
-    "retrieve",
-    "sample_id",
-    "score",
-]
+from ..data import CaptionSample, ImageLoader, TextSample, VQASample
+from ..data.formatting import family
+from ..files import write_json
+from ..routing import ACTIVE
+from . import decode, metrics
+from .batching import chunks, prefix_label, routed, same_length_batches
+from .contrastive import classify, retrieve
 
 logger = logging.getLogger(__name__)
 
 GENERATIVE_TASKS = ("vqa", "caption", "text")
+
+
 TASKS = (*GENERATIVE_TASKS, "classification", "retrieval")
+
+
 PRIMARY_METRIC = {"vqa": "vqa_accuracy", "caption": "CIDEr", "text": "Bleu_4", "classification": "top1",
                   "retrieval": "i2t_R@1"}
 """The metric each task's tables lead with (VQA data with single answers, such as GQA, leads with exact_match)."""
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
 _NO_TYPE = "\0untyped"  # stands for a missing answer or question type; never reported
+
+
 _ID_FIELDS = {"vqa": ("question_id", "VQASample"), "caption": ("image_id", "CaptionSample"), "text": ("id", "TextSample")}
 
 
 class ResumeError(ValueError):
     """A predictions file that cannot be continued: written with other settings, or malformed."""
-
-
-class _Keep:
-    def __repr__(self) -> str:
-        return "KEEP"
-
-
-KEEP: Any = _Keep()
-"""``prefix=KEEP``: leave the model's active prefix as it is (the default)."""
-
-
-# -- samples and routing ---------------------------------------------------------------------------------------
 
 
 def sample_id(task: str, sample: Any) -> Any:
@@ -92,46 +69,15 @@ def _check_task(task: str, allowed: Sequence[str] = TASKS) -> None:
         raise ValueError(f"unknown task {task!r}; tasks are {list(allowed)}")
 
 
-def _routed(model: Any, prefix: Any) -> contextlib.AbstractContextManager:
-    """Route every call inside to ``prefix`` on a PrefixModel; ``KEEP`` changes nothing, ``None`` on a plain
-    model is the model itself."""
-    if prefix is KEEP or (prefix is None and not isinstance(model, PrefixModel)):
-        return contextlib.nullcontext()
-    if not isinstance(model, PrefixModel):
-        raise ValueError(f"prefix={prefix!r} needs a PrefixModel; {type(model).__name__} carries no prefixes")
-    return model.using(prefix)
-
-
-def _prefix_label(model: Any, prefix: Any) -> Any:
-    if prefix is KEEP:
-        return model.active_prefix if isinstance(model, PrefixModel) else None
-    return prefix
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    if size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {size}")
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _same_length_batches(items: Sequence[Any], lengths: Sequence[int], size: int) -> list[list[Any]]:
-    """Batches of at most ``size`` items that all have the same token length: no padding inside a batch."""
-    groups: dict[int, list[Any]] = {}
-    for item, length in zip(items, lengths):
-        groups.setdefault(length, []).append(item)
-    return [list(chunk) for group in groups.values() for chunk in _chunks(group, size)]
-
-
 def _batches(task: str, model: Any, processor: Any, samples: Sequence[Any], size: int) -> list[Sequence[Any]]:
     """Generation batches. BLIP-VQA questions are batched by token length: transformers'
     ``BlipForQuestionAnswering.generate`` lets the answer decoder attend to the question's padding (its mask is all
     ones), so a padded question's answer would depend on the rest of its batch."""
-    if task == "vqa" and tasks.family(model) == "blip":
+    if task == "vqa" and family(model) == "blip":
         tokenizer = getattr(processor, "tokenizer", processor)
         lengths = [len(tokenizer(s.question)["input_ids"]) for s in samples]
-        return _same_length_batches(samples, lengths, size)
-    return list(_chunks(samples, size))
+        return same_length_batches(samples, lengths, size)
+    return list(chunks(samples, size))
 
 
 def _unique(task: str, samples: Sequence[Any]) -> list[Any]:
@@ -145,9 +91,6 @@ def _unique(task: str, samples: Sequence[Any]) -> list[Any]:
     if len(out) < len(samples):
         logger.warning("%d samples repeat an earlier id and are evaluated once", len(samples) - len(out))
     return out
-
-
-# -- the predictions file (JSONL, resumable) -------------------------------------------------------------------
 
 
 def _read_predictions(path: Path, meta: dict) -> dict[Any, str]:
@@ -208,9 +151,6 @@ class _Appender:
             self.handle.close()
 
 
-# -- prediction ------------------------------------------------------------------------------------------------
-
-
 def _generation_settings(generation: Mapping[str, Any] | None) -> dict[str, Any]:
     """Decoding settings for ``generate``: always deterministic (no sampling)."""
     settings = dict(generation or {})
@@ -243,11 +183,11 @@ def _id_of(sample: Any) -> Any:
 
 def _generate(task: str, model: Any, processor: Any, samples: Sequence[Any], images: list, settings: dict) -> list[str]:
     if task == "vqa":
-        return tasks.answer_questions(model, processor, images, [s.question for s in samples], **settings)
+        return decode.answer_questions(model, processor, images, [s.question for s in samples], **settings)
     if task == "caption":
-        return tasks.caption_images(model, processor, images, **settings)
+        return decode.caption_images(model, processor, images, **settings)
     tokenizer = getattr(processor, "tokenizer", processor)
-    return tasks.complete_texts(model, tokenizer, [s.prompt for s in samples], **settings)
+    return decode.complete_texts(model, tokenizer, [s.prompt for s in samples], **settings)
 
 
 def predict(
@@ -256,7 +196,7 @@ def predict(
     processor: Any,
     samples: Sequence[VQASample | CaptionSample | TextSample],
     *,
-    prefix: Any = KEEP,
+    prefix: Any = ACTIVE,
     batch_size: int = 16,
     generation: Mapping[str, Any] | None = None,
     predictions_path: str | os.PathLike | None = None,
@@ -273,7 +213,7 @@ def predict(
             LM), possibly a :class:`PrefixModel`; its processor (for ``"text"``: a tokenizer).
         samples: records from ``mmprefix.data.read_samples``; a repeated id is predicted once.
         prefix: with a PrefixModel, every batch is routed to this prefix name (``None``: the base model);
-            ``KEEP`` leaves the active prefix.
+            ``ACTIVE`` leaves the active prefix.
         batch_size: samples per ``generate`` call.
         generation: ``generate`` settings such as ``num_beams`` and ``max_new_tokens`` (the defaults of
             ``mmprefix.tasks`` otherwise); sampling is refused.
@@ -290,7 +230,7 @@ def predict(
     _check_task(task, GENERATIVE_TASKS)
     settings = _generation_settings(generation)
     samples = _unique(task, samples)
-    meta = {"task": task, "prefix": _prefix_label(model, prefix), "generation": settings}
+    meta = {"task": task, "prefix": prefix_label(model, prefix), "generation": settings}
     path = Path(predictions_path) if predictions_path is not None else None
     done = _read_predictions(path, meta) if path is not None else {}
     todo = [s for s in samples if sample_id(task, s) not in done]
@@ -299,7 +239,7 @@ def predict(
     appender = _Appender(path, meta)
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), desc=description or task, disable=not progress)
     try:
-        with _routed(model, prefix):
+        with routed(model, prefix):
             for chunk in _batches(task, model, processor, todo, batch_size):
                 batch, images = chunk, []
                 if task != "text":
@@ -316,9 +256,6 @@ def predict(
         appender.close()
     ordered = {sample_id(task, s): done[sample_id(task, s)] for s in samples if sample_id(task, s) in done}
     return ordered, errors
-
-
-# -- scores ----------------------------------------------------------------------------------------------------
 
 
 def score(
@@ -412,9 +349,6 @@ def official_results(task: str, predictions: Mapping[Any, str]) -> list[dict]:
     return [{key: k, value: v} for k, v in predictions.items()]
 
 
-# -- several runs ----------------------------------------------------------------------------------------------
-
-
 def evaluate_runs(
     task: str,
     model: Any,
@@ -459,7 +393,7 @@ def evaluate_runs(
                                           generation=generation, predictions_path=folder / "predictions.jsonl",
                                           on_bad_image=on_bad_image, progress=progress, description=label)
             scores, unavailable = _score(task, predictions, samples, meteor=meteor, spice=spice)
-            _write_json(folder / "results.json", official_results(task, predictions))
+            write_json(folder / "results.json", official_results(task, predictions))
         else:
             predictions, errors, unavailable = {}, [], {}
             if task == "classification":
@@ -470,7 +404,7 @@ def evaluate_runs(
             else:
                 scores = retrieve(model, processor, samples, prefix=prefix, batch_size=batch_size,
                                   on_bad_image=on_bad_image, errors=errors)
-        _write_json(folder / "metrics.json", {"prefix": prefix, "metrics": scores, "errors": errors,
+        write_json(folder / "metrics.json", {"prefix": prefix, "metrics": scores, "errors": errors,
                                               "unavailable": unavailable})
         results[label] = {"metrics": scores, "predictions": predictions, "errors": errors,
                           "unavailable": unavailable, "num_samples": len(samples)}
@@ -483,198 +417,3 @@ def _safe_label(label: str) -> str:
     if not safe:
         raise ValueError(f"run label {label!r} cannot name a folder")
     return safe
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-# -- CLIP-like models: zero-shot classification and retrieval --------------------------------------------------
-
-
-def read_classification(path: str | os.PathLike) -> tuple[list[tuple[str, str]], list[str]]:
-    """Classification data: ``([(image path, class name), ...], sorted class names)``.
-
-    ``path`` is a JSONL file of ``{"image": ..., "label": ...}`` records (relative image paths are resolved
-    against the file's folder) or a folder with one subfolder of images per class.
-    """
-    path = Path(path)
-    if path.is_dir():
-        classes = sorted(p.name for p in path.iterdir() if p.is_dir())
-        samples = [(str(f.resolve()), name) for name in classes for f in sorted((path / name).iterdir())
-                   if f.suffix.lower() in IMAGE_EXTENSIONS]
-        if not samples:
-            raise ValueError(f"{path}: no images in class subfolders")
-        return samples, classes
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is neither a JSONL file nor a folder of class subfolders")
-    samples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            image, label = row["image"], row["label"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}, line {number}: expected a JSON object with image and label ({err!r})") from None
-        samples.append((str((path.parent / image).resolve()), str(label)))
-    if not samples:
-        raise ValueError(f"{path} holds no records")
-    return samples, sorted({label for _, label in samples})
-
-
-class _ClipEncoder:
-    """Unit-length image and text embeddings from a transformers CLIP-like model (``get_image_features`` /
-    ``get_text_features`` with its processor) or an open_clip model (``encode_image`` / ``encode_text``, with the
-    processor ``(tokenizer, preprocess)``)."""
-
-    def __init__(self, model: Any, processor: Any) -> None:
-        self.model, self.processor = model, processor
-        self.open_clip = not hasattr(model, "get_image_features")
-        if self.open_clip and not (isinstance(processor, (tuple, list)) and len(processor) == 2):
-            raise ValueError("an open_clip model needs processor=(tokenizer, preprocess)")
-        parameter = next(iter(model.parameters()), None)
-        self.device = parameter.device if parameter is not None else torch.device("cpu")
-
-    @torch.no_grad()
-    def images(self, images: Sequence[Any]) -> torch.Tensor:
-        if self.open_clip:
-            pixels = torch.stack([self.processor[1](image) for image in images]).to(self.device)
-            features = self.model.encode_image(pixels)
-        else:
-            pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
-            features = self.model.get_image_features(pixel_values=pixels)
-        return _unit(features)
-
-    @torch.no_grad()
-    def texts(self, texts: Sequence[str]) -> torch.Tensor:
-        if self.open_clip:
-            features = self.model.encode_text(self.processor[0](list(texts)).to(self.device))
-        else:
-            inputs = self.processor(text=list(texts), return_tensors="pt", padding=True)
-            inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-            features = self.model.get_text_features(**inputs)
-        return _unit(features)
-
-
-def _unit(features: Any) -> torch.Tensor:
-    """transformers 5 returns an output object whose ``pooler_output`` holds the projected features."""
-    if not torch.is_tensor(features):
-        features = features.pooler_output
-    return F.normalize(features.float(), dim=-1)
-
-
-def _encode_texts(encoder: _ClipEncoder, texts: Sequence[str], batch_size: int) -> torch.Tensor:
-    """Text embeddings in the order of ``texts``. transformers processors pad per batch (a left-padding tokenizer
-    would shift a text's positions with its batch), so texts are batched by token length; open_clip tokenizers
-    pad to a fixed length."""
-    if encoder.open_clip:
-        batches = list(_chunks(list(range(len(texts))), batch_size))
-    else:
-        tokenizer = getattr(encoder.processor, "tokenizer", encoder.processor)
-        lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
-        batches = _same_length_batches(range(len(texts)), lengths, batch_size)
-    features = [encoder.texts([texts[i] for i in batch]) for batch in batches]
-    order = torch.tensor([i for batch in batches for i in batch])
-    return torch.cat(features)[torch.argsort(order)]
-
-
-def _encode_images(encoder: _ClipEncoder, sources: Sequence[Any], batch_size: int, loader: ImageLoader,
-                   progress: bool, description: str) -> tuple[torch.Tensor | None, list[int], list[dict]]:
-    """(embeddings of the readable images, their indices in ``sources``, error rows)."""
-    features, kept, errors = [], [], []
-    indices = list(range(len(sources)))
-    for chunk in tqdm(list(_chunks(indices, batch_size)), desc=description, disable=not progress):
-        images = []
-        for index in chunk:
-            image = loader.load(sources[index])
-            if image is None:
-                skipped = loader.skipped[-1]
-                errors.append({"id": index, "image": skipped.path, "reason": skipped.reason})
-            else:
-                images.append(image)
-                kept.append(index)
-        if images:
-            features.append(encoder.images(images))
-    return (torch.cat(features) if features else None), kept, errors
-
-
-def classify(
-    model: Any,
-    processor: Any,
-    samples: Sequence[tuple[Any, str | int]],
-    classnames: Sequence[str],
-    templates: Sequence[str] = ("a photo of a {}.",),
-    *,
-    prefix: Any = KEEP,
-    batch_size: int = 64,
-    on_bad_image: str = "error",
-    errors: list | None = None,
-    progress: bool = False,
-) -> dict[str, float]:
-    """Zero-shot classification accuracy (percent) of a CLIP-like model: ``{"top1", "top5"}``.
-
-    Each class is the normalised mean of its ``templates``' unit text embeddings (CLIP's prompt ensembling);
-    an image's scores are cosine similarities. ``samples`` are ``(image path or PIL image, label)`` with the
-    label a class name or an index into ``classnames``. ``processor``: the transformers processor, or
-    ``(tokenizer, preprocess)`` for open_clip. ``prefix`` routes both towers (see :func:`predict`).
-    With ``on_bad_image="skip"`` unreadable images are left out and appended to ``errors``.
-    """
-    if not samples:
-        raise ValueError("classify needs at least one sample")
-    index = {name: i for i, name in enumerate(classnames)}
-    unknown = sorted({str(label) for _, label in samples if not isinstance(label, int) and label not in index})
-    if unknown:
-        raise ValueError(f"labels {unknown[:5]} are not in classnames")
-    labels = [label if isinstance(label, int) else index[label] for _, label in samples]
-    encoder = _ClipEncoder(model, processor)
-    loader = ImageLoader(on_bad_image=on_bad_image)
-    with _routed(model, prefix):
-        prompts = tasks.class_prompts(classnames, templates)
-        text = _encode_texts(encoder, prompts, batch_size).view(len(classnames), len(templates), -1)
-        classes = F.normalize(text.mean(dim=1), dim=-1)
-        images, kept, bad = _encode_images(encoder, [s[0] for s in samples], batch_size, loader, progress, "classify")
-    if errors is not None:
-        errors += bad
-    if images is None:
-        raise ValueError("no readable image to classify")
-    accuracy = metrics.topk_accuracy(images @ classes.T, [labels[i] for i in kept], k=(1, 5))
-    return {name: round(100 * value, 2) for name, value in accuracy.items()}
-
-
-def retrieve(
-    model: Any,
-    processor: Any,
-    caption_samples: Sequence[CaptionSample],
-    *,
-    prefix: Any = KEEP,
-    batch_size: int = 64,
-    on_bad_image: str = "error",
-    errors: list | None = None,
-    progress: bool = False,
-) -> dict[str, float]:
-    """Image-text retrieval recall (percent) of a CLIP-like model: ``i2t_R@1/5/10`` and ``t2i_R@1/5/10``.
-
-    Every caption of a sample is a text whose image is that sample's image (``metrics.retrieval_recall``).
-    Samples without captions are left out; with ``on_bad_image="skip"`` so are unreadable images (and their
-    captions), which are appended to ``errors``.
-    """
-    samples = [s for s in caption_samples if s.captions]
-    if not samples:
-        raise ValueError("retrieve needs samples with captions")
-    encoder = _ClipEncoder(model, processor)
-    loader = ImageLoader(on_bad_image=on_bad_image)
-    with _routed(model, prefix):
-        images, kept, bad = _encode_images(encoder, [s.image for s in samples], batch_size, loader, progress,
-                                           "retrieve")
-        if images is None:
-            raise ValueError("no readable image to retrieve")
-        texts = [caption for index in kept for caption in samples[index].captions]
-        owner = [row for row, index in enumerate(kept) for _ in samples[index].captions]
-        text = _encode_texts(encoder, texts, batch_size)
-    if errors is not None:
-        errors += [dict(row, id=samples[row["id"]].image_id) for row in bad]
-    recall = metrics.retrieval_recall(images @ text.T, owner)
-    return {name: round(100 * value, 2) for name, value in recall.items()}

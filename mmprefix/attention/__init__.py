@@ -1,0 +1,68 @@
+"""How a prefix gets into an attention module: one route per kind of module, and ``install``/``uninstall``.
+
+``architectures.attention_route`` names a module's route; ``ROUTES`` says what the route does to the module:
+``"interface"`` modules keep their code and read a config view that names mmprefix's attention function
+(``mechanism.prefixed_attention``); the others get a replacement ``forward`` that computes queries, keys and
+values as the original does and then attends through ``mechanism.attend``.
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+from typing import Callable, NamedTuple
+
+from torch import nn
+
+from ..architectures import Site
+from . import blip, open_clip
+from .mechanism import SUPPORTED_IMPLEMENTATIONS, Prefix, PrefixedConfig, PrefixSource, SiteHook, unsupported_implementation
+
+__all__ = ["ROUTES", "Prefix", "PrefixSource", "Route", "install", "uninstall"]
+
+
+class Route(NamedTuple):
+    """A replacement ``forward`` (None: the module's own code, through the attention interface) and a check
+    that refuses module variants the route cannot reproduce exactly (raises ``ValueError``)."""
+
+    forward: Callable | None
+    check: Callable[[nn.Module], None]
+
+
+def _check_implementation(module: nn.Module) -> None:
+    implementation = module.config._attn_implementation
+    if implementation not in SUPPORTED_IMPLEMENTATIONS:
+        raise ValueError(unsupported_implementation(implementation))
+
+
+def _anything(module: nn.Module) -> None:
+    return None
+
+
+ROUTES: dict[str, Route] = {
+    "interface": Route(None, _check_implementation),
+    "blip_vision": Route(blip.vision_attention, _anything),
+    "blip_text": Route(blip.text_attention, _anything),
+    "torch_mha": Route(open_clip.mha_attention, open_clip.check_mha),
+    "open_clip": Route(open_clip.open_clip_attention, open_clip.check_attention),
+}
+
+
+def install(module: nn.Module, site: Site, source: PrefixSource) -> None:
+    """Give ``module`` a prefix route; ``uninstall`` restores it exactly."""
+    if hasattr(module, "_mmprefix"):
+        raise ValueError(f"{site.name} already carries an mmprefix prefix; call remove_prefix() on its PrefixModel first")
+    route = ROUTES[site.route]
+    route.check(module)
+    if route.forward is None:
+        module.config = PrefixedConfig(module.config)
+    else:
+        module.forward = MethodType(route.forward, module)
+    module._mmprefix = SiteHook(site, source, module)
+
+
+def uninstall(module: nn.Module) -> None:
+    hook: SiteHook = module.__dict__.pop("_mmprefix")
+    if ROUTES[hook.site.route].forward is None:
+        module.config = module.config.config
+    else:
+        del module.forward

@@ -1,0 +1,78 @@
+"""The package's layering, read from the source: no import cycle, and the library core never reaches into the
+harness around it (training, evaluation, the experiment helpers, the embedded backbones)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mmprefix"
+HARNESS = ("mmprefix.training", "mmprefix.evaluation", "mmprefix.experiment", "mmprefix.embedded")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every mmprefix module ``path`` imports, at the top or inside functions."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            target = f"{base}.{node.module}" if node.level and node.module else (base if node.level else node.module)
+            found.add(target)
+            found |= {f"{target}.{alias.name}" for alias in node.names}
+    return {m for m in found if m and m.startswith("mmprefix")}
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: {m for m in imports(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def cycle_from(edges: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, as a path of module names, or None. A package's ``__init__`` importing its own
+    submodules is not a cycle of the code, so those edges are left out."""
+    edges = {a: {b for b in bs if not b.startswith(a + ".")} for a, bs in edges.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(edges):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_no_import_cycle():
+    assert cycle_from(graph()) is None, " -> ".join(cycle_from(graph()))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycle_from({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle_from({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_core_never_imports_the_harness():
+    core = {name: deps for name, deps in graph().items() if not name.startswith(HARNESS)}
+    offending = {name: sorted(d for d in deps if d.startswith(HARNESS)) for name, deps in core.items()}
+    assert not {k: v for k, v in offending.items() if v}
