@@ -310,6 +310,17 @@ def unreachable_towers(model: nn.Module, sites: list[Site]) -> dict[str, str]:
         missing.setdefault(tower, type(module).__name__)
     return missing
 
+def check_reachable(model: nn.Module, sites: list[Site], targets: list[str] | None) -> None:
+    """A tower mmprefix cannot reach is an error when the prefix asks for it (or for everything)."""
+    missing = unreachable_towers(model, sites)
+    wanted = [t for t in missing if targets is None or any(fnmatchcase(t, x.split(".")[0].split("[")[0]) for x in targets)]
+    if wanted:
+        reachable = sorted({s.tower for s in sites})
+        raise ValueError(
+            f"the {', '.join(f'{t!r} tower ({missing[t]})' for t in wanted)} of {type(model).__name__} has no "
+            f"attention mmprefix can reach; target the others explicitly, e.g. targets={reachable}"
+        )
+
 
 _TARGET = re.compile(r"^(?P<tower>[\w*?]+)(?:\.(?P<kind>[\w*?]+))?(?:\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
 

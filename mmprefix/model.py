@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import routing, saving, text_init
-from .architectures import Site, find_sites, is_open_clip, select_sites, unreachable_towers
+from .architectures import Site, check_reachable, find_sites, is_open_clip, select_sites
 from .attention import Prefix, install, uninstall
 from .config import PrefixConfig
 from .peft_compat import shifted_positions
@@ -21,8 +21,6 @@ from .prompt import PromptStore, SoftPrompts, remove_placeholders
 from .routing import ACTIVE, Call, Routing
 from .store import PrefixStore
 
-# Inputs whose first dimension is the batch, to check a routing list before any compute.
-BATCH_INPUTS = ("input_ids", "pixel_values", "inputs_embeds", "attention_mask")
 # Methods other than forward/generate that read text ids: called on the wrapper, they get the soft prompt too
 # (zero-shot classification and retrieval encode class prompts and captions with them).
 TEXT_METHODS = ("get_text_features",)
@@ -103,7 +101,7 @@ class PrefixModel(nn.Module):
         if config.method == "prefix":
             available = find_sites(self.base_model, config.target_modules)
             if not config.target_modules:
-                _check_reachable(self.base_model, available, config.targets)
+                check_reachable(self.base_model, available, config.targets)
             sites = select_sites(available, config.targets)
         store = self._new_store(name, config, sites)
         if config.init == "text":
@@ -142,7 +140,7 @@ class PrefixModel(nn.Module):
 
     def delete_prefix(self, name: str) -> None:
         """Remove a named prefix; attention sites that no other prefix uses get their original code back."""
-        self._check_names([name])
+        routing.check_names([name], self.prefixes)
         del self.prefixes[name]
         used = {site.name for store in self.prefixes.values() for site in store.sites}
         for site_name in [n for n in self._installed if n not in used]:
@@ -159,13 +157,13 @@ class PrefixModel(nn.Module):
 
     def set_prefix(self, name: str | None) -> None:
         """Make ``name`` the prefix every call uses (None: the base model)."""
-        self._check_names([name])
+        routing.check_names([name], self.prefixes)
         self.active_prefix = name
 
     def merge_reparam(self, name: str | None = None) -> PrefixStore:
         """Replace a reparameterised prefix by the flat keys and values its MLP produces (same outputs)."""
         name = name or self.active_prefix
-        self._check_names([name])
+        routing.check_names([name], self.prefixes)
         store = self.prefixes[name]
         if store.config.reparam is None:
             return store
@@ -177,11 +175,6 @@ class PrefixModel(nn.Module):
     def _devices(self, sites: list[Site]) -> dict[str, torch.device | None]:
         """Each site's parameters live where its attention module does (models spread over devices)."""
         return {site.name: _module_device(self.base_model.get_submodule(site.name)) for site in sites}
-
-    def _check_names(self, names: Sequence[str | None]) -> None:
-        unknown = [n for n in names if n is not None and n not in self.prefixes]
-        if unknown:
-            raise ValueError(f"unknown prefix {unknown[0]!r}; this model has {sorted(self.prefixes)}")
 
     # -- routing ----------------------------------------------------------------------------------------
     def _route(self, call: Call) -> str | None | Routing:
@@ -195,66 +188,31 @@ class PrefixModel(nn.Module):
         scope = routing.current(self)
         call = scope.open()
         if prefix is not ACTIVE:
-            call.route = self._resolve(prefix, args, kwargs)
+            call.route = routing.resolve(prefix, self.prefixes, args, kwargs)
             self._check_checkpointing()
         if generating:
-            call.expansion = self._expansion(kwargs)
+            call.expansion = routing.expansion(self.base_model, kwargs)
         route = self._route(call)
         if self._soft_prompts is not None and not call.disabled and route is not None:
             kwargs, call.insertion = self._soft_prompts.insert(kwargs, route, self.prefixes, generating)
-        token = routing.enter(self, call)
-        try:
+        with routing.inside(self, call):
             yield kwargs
-        finally:
-            routing.leave(token)
 
     @contextlib.contextmanager
     def using(self, prefix: str | None | Sequence[str | None]) -> Iterator[None]:
         """Route every call inside to ``prefix`` (a name, None, or one name per row), e.g. for methods that
         are not ``forward``/``generate``: ``with model.using(["a", "b"]): model.encode_image(images)``."""
-        scope = dataclasses.replace(routing.current(self), route=self._resolve(prefix, (), {}), cache=None)
+        route = routing.resolve(prefix, self.prefixes, (), {})
         self._check_checkpointing()
-        token = routing.enter(self, scope)
-        try:
+        with routing.inside(self, dataclasses.replace(routing.current(self), route=route, cache=None)):
             yield
-        finally:
-            routing.leave(token)
 
     @contextlib.contextmanager
     def disable_prefix(self) -> Iterator[None]:
         """Inside this context the model behaves exactly as the original model."""
         self._check_checkpointing()
-        token = routing.enter(self, dataclasses.replace(routing.current(self), disabled=True, cache=None))
-        try:
+        with routing.inside(self, dataclasses.replace(routing.current(self), disabled=True, cache=None)):
             yield
-        finally:
-            routing.leave(token)
-
-    def _expansion(self, kwargs: dict) -> int:
-        """How many rows generation makes of each input row (beams x returned sequences)."""
-        config = kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
-        beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
-        returned = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
-        return beams * returned
-
-    def _resolve(self, prefix: Any, args: tuple, kwargs: dict) -> str | None | Routing:
-        if prefix is None or isinstance(prefix, str):
-            self._check_names([prefix])
-            return prefix
-        names = list(prefix)
-        self._check_names(names)
-        sizes = {v.shape[0] for k, v in kwargs.items() if k in BATCH_INPUTS and torch.is_tensor(v)}
-        sizes |= {a.shape[0] for a in args if torch.is_tensor(a) and a.dim() > 0}
-        if sizes and len(names) not in sizes:
-            raise ValueError(f"the routing list has {len(names)} entries but the batch has {sorted(sizes)} rows")
-        used = {n for n in names if n is not None}
-        if len(set(names)) == 1:
-            return names[0]
-        if any(self.prefixes[n].config.position_offset for n in used):
-            raise ValueError("prefixes with position_offset (PEFT adapters) cannot be mixed with others in one batch")
-        if len({self.prefixes[n].config.method for n in used}) > 1:
-            raise ValueError(f"soft prompts and prefixes cannot share a batch (routing {sorted(used)})")
-        return Routing(names, self.prefixes)
 
     def prefix_for(self, site_name: str, batch_size: int) -> Prefix | None:
         """What an attention site uses in the current call (see `mmprefix.attention.PrefixSource`)."""
@@ -353,17 +311,7 @@ class PrefixModel(nn.Module):
     def _recompute_context(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         """For torch.utils.checkpoint: nothing in forward; in the recomputation, this moment's routing."""
         call = routing.current(self)
-        state = dataclasses.replace(call, route=self._route(call), cache={})
-
-        @contextlib.contextmanager
-        def recompute() -> Iterator[None]:
-            token = routing.enter(self, state)
-            try:
-                yield
-            finally:
-                routing.leave(token)
-
-        return contextlib.nullcontext(), recompute()
+        return contextlib.nullcontext(), routing.inside(self, dataclasses.replace(call, route=self._route(call), cache={}))
 
     # -- saving -----------------------------------------------------------------------------------------
     def save_prefix(self, directory: str | os.PathLike, name: str | None = None, keep_reparam: bool = False) -> None:
@@ -372,7 +320,7 @@ class PrefixModel(nn.Module):
         A reparameterised prefix is saved as the flat keys and values its MLP produces; ``keep_reparam=True``
         also keeps the embedding and MLP, to resume training it."""
         name = name or self.active_prefix
-        self._check_names([name])
+        routing.check_names([name], self.prefixes)
         saving.save(directory, self.base_model, name, self.prefixes[name], keep_reparam)
 
     def load_prefix(self, name: str, directory: str | os.PathLike) -> PrefixStore | PromptStore:
@@ -381,20 +329,6 @@ class PrefixModel(nn.Module):
         store = self._new_store(name, config, sites)
         store.load_tensors(tensors)
         return store
-
-
-def _check_reachable(model: nn.Module, sites: list[Site], targets: list[str] | None) -> None:
-    """A tower mmprefix cannot reach is an error when the prefix asks for it (or for everything)."""
-    from fnmatch import fnmatchcase
-
-    missing = unreachable_towers(model, sites)
-    wanted = [t for t in missing if targets is None or any(fnmatchcase(t, x.split(".")[0].split("[")[0]) for x in targets)]
-    if wanted:
-        reachable = sorted({s.tower for s in sites})
-        raise ValueError(
-            f"the {', '.join(f'{t!r} tower ({missing[t]})' for t in wanted)} of {type(model).__name__} has no "
-            f"attention mmprefix can reach; target the others explicitly, e.g. targets={reachable}"
-        )
 
 
 def _module_device(module: nn.Module) -> torch.device | None:

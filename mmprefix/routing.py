@@ -15,9 +15,10 @@ transformers does.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -60,12 +61,54 @@ def current(owner: object) -> Call:
     return _CALLS.get().get(id(owner), _OUTSIDE)
 
 
-def enter(owner: object, call: Call) -> contextvars.Token:
-    return _CALLS.set({**_CALLS.get(), id(owner): call})
+@contextlib.contextmanager
+def inside(owner: object, call: Call) -> Iterator[Call]:
+    """Make ``call`` what ``owner``'s attention sites see, in this thread or task, until the block ends."""
+    token = _CALLS.set({**_CALLS.get(), id(owner): call})
+    try:
+        yield call
+    finally:
+        _CALLS.reset(token)
 
 
-def leave(token: contextvars.Token) -> None:
-    _CALLS.reset(token)
+# Inputs whose first dimension is the batch, to check a routing list before any compute.
+BATCH_INPUTS = ("input_ids", "pixel_values", "inputs_embeds", "attention_mask")
+
+
+def check_names(names: Sequence[str | None], stores: Mapping[str, Any]) -> None:
+    unknown = [n for n in names if n is not None and n not in stores]
+    if unknown:
+        raise ValueError(f"unknown prefix {unknown[0]!r}; this model has {sorted(stores)}")
+
+
+def resolve(prefix: Any, stores: Mapping[str, Any], args: tuple, kwargs: dict) -> str | None | Routing:
+    """A call's ``prefix=`` argument (a name, None, or one name per row) checked against the prefixes and the
+    call's inputs: a name, None, or a `Routing`."""
+    if prefix is None or isinstance(prefix, str):
+        check_names([prefix], stores)
+        return prefix
+    names = list(prefix)
+    check_names(names, stores)
+    sizes = {v.shape[0] for k, v in kwargs.items() if k in BATCH_INPUTS and torch.is_tensor(v)}
+    sizes |= {a.shape[0] for a in args if torch.is_tensor(a) and a.dim() > 0}
+    if sizes and len(names) not in sizes:
+        raise ValueError(f"the routing list has {len(names)} entries but the batch has {sorted(sizes)} rows")
+    used = {n for n in names if n is not None}
+    if len(set(names)) == 1:
+        return names[0]
+    if any(stores[n].config.position_offset for n in used):
+        raise ValueError("prefixes with position_offset (PEFT adapters) cannot be mixed with others in one batch")
+    if len({stores[n].config.method for n in used}) > 1:
+        raise ValueError(f"soft prompts and prefixes cannot share a batch (routing {sorted(used)})")
+    return Routing(names, stores)
+
+
+def expansion(model: Any, kwargs: dict) -> int:
+    """How many rows ``model.generate(**kwargs)`` makes of each input row (beams x returned sequences)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+    returned = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+    return beams * returned
 
 
 class Routing:

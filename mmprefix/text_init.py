@@ -74,13 +74,8 @@ def captured_keys_values(model: Any, store: Any, processor: Any) -> dict[str, tu
     (the first row of the first call at each site)."""
     config = store.config
     inputs = activation_inputs(model.base_model, processor, config.init_text, config.init_image)
-    call = routing.Call(route=None, cache={}, captured={})
-    token = routing.enter(model, call)
-    try:
-        with torch.no_grad():
-            model.base_model(**inputs)
-    finally:
-        routing.leave(token)
+    with torch.no_grad(), routing.inside(model, routing.Call(route=None, cache={}, captured={})) as call:
+        model.base_model(**inputs)
     missing = [s.name for s in store.sites if s.name not in call.captured]
     if missing:
         raise ValueError(f'init="text" reached no activations at {len(missing)} sites (e.g. {missing[0]})')
