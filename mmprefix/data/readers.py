@@ -22,7 +22,7 @@ import io
 import json
 import logging
 import os
-import threading
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, Union
 
@@ -89,16 +89,9 @@ class AnnotationError(ValueError):
 # Small helpers: files, fields, image paths
 
 
-_parsed = threading.local()  # (absolute path, data) that read_samples parsed already to detect the format
-
-
 def _read_json(path: PathLike) -> Any:
     """Parse a JSON file; a syntax error becomes an :class:`AnnotationError` with its line and column."""
     path = os.fspath(path)
-    handed = getattr(_parsed, "data", None)
-    if handed is not None and handed[0] == os.path.abspath(path):
-        _parsed.data = None
-        return handed[1]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"annotation file not found: {path}")
     with open(path, encoding="utf-8-sig") as file:
@@ -746,6 +739,11 @@ _READERS: dict[str, dict[str, Callable[..., list]]] = {
 FORMATS: dict[str, tuple[str, ...]] = {task: tuple(readers) for task, readers in _READERS.items()}
 """The formats :func:`read_samples` knows, per task."""
 
+# The formats _detect_json recognises: (public reader, the function that reads its already parsed data).
+_FROM_DATA = {"vqav2": (read_vqav2, _vqav2), "gqa": (read_gqa, _gqa), "coco": (read_coco_captions, _coco),
+              "karpathy": (read_karpathy, _karpathy)}
+
+
 def _detect_json(task: str, data: Any) -> str | None:
     """The format of a parsed JSON file when its layout says so unambiguously, else None."""
     if not isinstance(data, dict):
@@ -804,10 +802,10 @@ def read_samples(task: str, path_or_name: Any, format: str | None = None, **opti
     if path.endswith(".json"):
         data = _read_json(path)
         detected = _detect_json(task, data)
-        if detected is not None:
-            _parsed.data = (os.path.abspath(path), data)  # handed to the reader's _read_json: parse once
-            try:
-                return readers[detected](path, **options)
-            finally:
-                _parsed.data = None
+        if detected is not None:  # the file is parsed once: its reader's data-level half reads the parsed data
+            reader, from_data = _FROM_DATA[detected]
+            arguments = inspect.signature(reader).bind(path, **options)
+            arguments.apply_defaults()
+            _, *rest = arguments.arguments.items()  # the first is the path
+            return from_data(data, path, **dict(rest))
     raise ValueError(f"cannot tell the format of {path} for task {task!r}; pass format= one of {list(readers)}")
