@@ -21,15 +21,74 @@ def generate(model, family, settings, **extra):
                               return_dict_in_generate=True)
 
 
+def recomputed(pm, family, inputs):
+    """(the decoder sequence generate() starts from, a function giving the logits at every position of a
+    decoder sequence by recomputing the whole forward: no KV cache, so an independent reference for the
+    cached decoding). BLIP-2 and InstructBLIP keep their cache even with use_cache=False (upstream), so
+    comparing generate() with and without cache would compare the cache with itself."""
+    base = pm.base_model
+    ones = lambda seq: torch.ones_like(seq)  # noqa: E731
+    if family in ("llama", "gpt2", "opt"):
+        return inputs["input_ids"], lambda seq: pm(input_ids=seq, attention_mask=ones(seq)).logits
+    if family in ("blip2_opt", "instructblip"):
+        return inputs["input_ids"], lambda seq: pm(**{**inputs, "input_ids": seq, "attention_mask": ones(seq)}).logits
+    if family in ("t5", "blip2_t5"):
+        start = torch.full((inputs["input_ids"].shape[0], 1), base.config.get_text_config().decoder_start_token_id)
+        return start, lambda seq: pm(**inputs, decoder_input_ids=seq).logits
+    start = torch.full((inputs["pixel_values"].shape[0], 1), base.config.text_config.bos_token_id)
+    if family == "blip_caption":
+        return start, lambda seq: pm(pixel_values=inputs["pixel_values"], input_ids=seq).logits
+    assert family == "blip_vqa"  # its forward returns no logits: the answer decoder on the encoded question
+
+    def answer_logits(seq):
+        image = base.vision_model(pixel_values=inputs["pixel_values"])[0]
+        question = base.text_encoder(input_ids=inputs["input_ids"], encoder_hidden_states=image)[0]
+        return base.text_decoder(input_ids=seq, encoder_hidden_states=question).logits
+
+    return start, answer_logits
+
+
 @pytest.mark.parametrize("family", sorted(tiny.GENERATORS))
-@pytest.mark.parametrize("settings", [GREEDY, BEAM], ids=["greedy", "beam"])
-def test_cache_on_and_off_give_the_same_tokens(family, settings):
+def test_greedy_decoding_equals_a_full_recompute_loop(family):
+    """Cached greedy decoding with a prefix against a loop that recomputes the whole forward each step."""
     pm = prefixed(family)
-    cached = generate(pm, family, settings, use_cache=True)
-    recomputed = generate(pm, family, settings, use_cache=False)
-    assert torch.equal(cached.sequences, recomputed.sequences)
-    for a, b in zip(cached.scores, recomputed.scores):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    inputs, settings = tiny.GENERATORS[family][0](), tiny.GENERATORS[family][1]
+    config = pm.base_model.generation_config
+    pad = settings.get("pad_token_id", config.pad_token_id)
+    eos = config.eos_token_id
+    with torch.no_grad():
+        out = pm.generate(**inputs, **settings, **GREEDY)
+        seq, logits_of = recomputed(pm, family, inputs)
+        done = torch.zeros(seq.shape[0], dtype=torch.bool)
+        for _ in range(GREEDY["max_new_tokens"]):
+            chosen = logits_of(seq)[:, -1].argmax(-1).masked_fill(done, pad)
+            seq = torch.cat([seq, chosen[:, None]], dim=1)
+            done |= chosen == eos
+            if done.all():
+                break
+    assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("family", sorted(tiny.GENERATORS))
+def test_beam_search_scores_equal_a_full_recompute(family):
+    """Every step's score of every returned beam (cached decoding, beams reordered) equals the log-probability
+    of that token under a full forward of the finished sequence."""
+    pm = prefixed(family)
+    inputs, settings = tiny.GENERATORS[family][0](), tiny.GENERATORS[family][1]
+    with torch.no_grad():
+        out = pm.generate(**inputs, **settings, **BEAM, num_return_sequences=2, output_scores=True,
+                          return_dict_in_generate=True)
+        transitions = pm.base_model.compute_transition_scores(out.sequences, out.scores, out.beam_indices,
+                                                              normalize_logits=False)
+        start, logits_of = recomputed(pm, family, {k: v.repeat_interleave(2, dim=0) for k, v in inputs.items()})
+        sequences = out.sequences
+        log_probs = logits_of(sequences).log_softmax(-1)
+    steps = transitions.shape[1]
+    first = start.shape[1]
+    expected = log_probs[:, first - 1 : first - 1 + steps].gather(-1, sequences[:, first : first + steps, None])[..., 0]
+    live = out.beam_indices[:, :steps] >= 0  # steps after a beam finished are padding
+    assert live[:, 0].all()
+    torch.testing.assert_close(transitions[live], expected[live], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", sorted(tiny.GENERATORS))
@@ -44,19 +103,6 @@ def test_generation_really_uses_the_prefix_and_disabled_is_the_base_model(family
     for a, b in zip(off.scores, base.scores):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.allclose(on.scores[0], base.scores[0], atol=1e-3)
-
-
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
-def test_greedy_equals_a_naive_full_recompute_loop(family):
-    pm = prefixed(family)
-    ids = tiny.tokens(1)
-    with torch.no_grad():
-        out = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **GREEDY, **tiny.GENERATORS[family][1])
-        seq = ids
-        for _ in range(GREEDY["max_new_tokens"]):
-            next_token = pm(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, next_token], dim=1)
-    assert torch.equal(out, seq)
 
 
 def _left_pad(rows, pad):
