@@ -228,3 +228,24 @@ def test_blip2_t5_decoder_self_attention_is_reached():
     """The T5 inside BLIP-2 goes through the same route as a standalone T5."""
     pm = add_prefix(tiny.blip2("t5"), PrefixConfig(num_virtual_tokens=P, targets=["lm_decoder.self"]))
     assert {s.name for s in pm.sites} == {f"language_model.decoder.block.{i}.layer.0.SelfAttention" for i in (0, 1)}
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_llama_through_its_own_forward_with_left_padding(implementation):
+    """The masks a real call builds (left padding, causal, the model's own mask format) reach the prefixed
+    attention intact: layer 0's output inside a full model call against the reference on its captured input."""
+    pm, module, pk, pv = prefixed(tiny.llama(attn=implementation), "model.layers.0.self_attn")
+    seen = {}
+    module.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    module.register_forward_hook(lambda m, args, output: seen.update(output=output[0]))
+    ids = tiny.tokens(length=6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # row 0 is left-padded
+    with torch.no_grad():
+        pm(input_ids=ids, attention_mask=mask)
+        states, (cos, sin) = seen["hidden_states"], seen["position_embeddings"]
+        q, k = apply_rotary_pos_emb(heads(module.q_proj(states), 8), heads(module.k_proj(states), 8), cos, sin)
+        allowed = torch.ones(6, 6, dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
+        expected = module.o_proj(reference(q, k, heads(module.v_proj(states), 8), pk, pv, allowed))
+    real = mask.bool()  # padded query rows attend to nothing real; the model leaves them undefined
+    torch.testing.assert_close(seen["output"][real], expected[real], rtol=1e-5, atol=1e-5)
