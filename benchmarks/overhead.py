@@ -1,7 +1,9 @@
 """What does a prefix in every attention site cost at real model sizes?
 
-Base-size CLIP ViT-B/32 (224 px) and BLIP-VQA base (384 px), built from their default configs with random
-weights: cost does not depend on the weight values, and nothing has to be downloaded.
+Base-size CLIP ViT-B/32 (224 px), BLIP-VQA base (384 px) and GPT-2 (124M, 64 tokens), built from their default
+configs with random weights: cost does not depend on the weight values, and nothing has to be downloaded.
+GPT-2 is also measured against PEFT's prefix tuning (its forward, which passes the prefix as a KV cache; not
+its ``generate``, which drops the prefix on transformers 5.24), the reference for a causal LM.
 
 Latency (forward; greedy generation for BLIP-VQA) compares the prefixed model with an untouched copy of the
 same weights in the same process, timed alternately (A B, B A, ...) so that background load on a shared machine
@@ -22,6 +24,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -33,15 +36,19 @@ import transformers as tf
 
 from mmprefix import PrefixConfig, add_prefix
 
-GOALS = {"forward": 1.03, "generate": 1.05, "train step": 0.6, "train memory": 0.5}
-REPEATS = {"clip": 20, "blip": 4}  # latency repeats per model: sized so a 2-core CPU run takes < ~15 min
-TRAIN_STEPS = {"clip": 5, "blip": 2}  # timed training steps per configuration, after --warmup steps
+GOALS = {"forward": 1.03, "generate": 1.05, "train step": 0.6, "train memory": 0.5,
+         "forward vs PEFT": 1.0, "train step vs PEFT": 1.0}
+REPEATS = {"clip": 20, "blip": 4, "gpt2": 20}  # latency repeats per model: a 2-core CPU run takes < ~20 min
+TRAIN_STEPS = {"clip": 5, "blip": 2, "gpt2": 5}  # timed training steps per configuration, after --warmup steps
+MODELS = ("clip", "blip", "gpt2")
 
 
 def build(name: str, args) -> torch.nn.Module:
     torch.manual_seed(0)
     if name == "clip":
         model = tf.CLIPModel(tf.CLIPConfig())  # defaults: ViT-B/32 at 224 px, 12-layer text tower
+    elif name == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config())
     else:
         # BlipVisionConfig's default initializer_range is 1e-10: a random vision tower would emit ~1e-10 activations
         # (a prefix then changes outputs by ~1e-9). 0.02 gives magnitudes closer to a trained model's.
@@ -50,9 +57,21 @@ def build(name: str, args) -> torch.nn.Module:
     return model.to(device=args.device, dtype=args.torch_dtype).eval()
 
 
+def with_peft_prefix(model: torch.nn.Module, args) -> torch.nn.Module:
+    from peft import PrefixTuningConfig, get_peft_model
+
+    return get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.prefix_tokens))
+
+
 def make_batch(name: str, args, train: bool) -> dict:
     """Random inputs; BLIP-VQA needs answers (``labels`` to train, ``decoder_input_ids`` to run forward)."""
     g = torch.Generator().manual_seed(0)
+    if name == "gpt2":
+        ids = torch.randint(0, 50000, (args.batch_size, 64), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if train:
+            batch["labels"] = ids
+        return {k: v.to(args.device) for k, v in batch.items()}
     b, size = args.batch_size, 224 if name == "clip" else 384
     text_len = 16 if name == "clip" else 12
     batch = {
@@ -110,8 +129,14 @@ def latency(name: str, args) -> list[dict]:
                 getattr(model, method)(**batch, **kwargs)
         return call
 
-    t = interleaved({"base": run(base), "prefix": run(prefixed)}, repeats, args.warmup, args)
+    models = {"base": run(base), "prefix": run(prefixed)}
+    if name == "gpt2":
+        models["peft"] = run(with_peft_prefix(copy.deepcopy(base), args).eval())
+    t = interleaved(models, repeats, args.warmup, args)
     rows.append(timed_row(name, "forward", t, f"median of {repeats}, interleaved"))
+    if "peft" in t:
+        rows.append(timed_row(name, "forward vs PEFT", {"base": t["peft"], "prefix": t["prefix"]},
+                              f"median of {repeats}, interleaved with the untouched model"))
     if name == "blip":
         batch.pop("decoder_input_ids")
         gen = dict(method="generate", max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
@@ -183,9 +208,30 @@ def train_worker(name: str, mode: str, args) -> dict:
                 trainable=sum(p.numel() for p in params), steps=steps)
 
 
+def train_side_by_side(name: str, args) -> dict:
+    """Prefix tuning and PEFT's prefix tuning of the same model in one process, their steps alternated, so that
+    background load hits both alike: median step times."""
+    models = {"prefix": add_prefix(build(name, args), PrefixConfig(num_virtual_tokens=args.prefix_tokens)),
+              "peft": with_peft_prefix(build(name, args), args)}
+    batch, steps = make_batch(name, args, train=True), {}
+    for mode, model in models.items():
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+        def step(model=model.train(), optimizer=optimizer):
+            with autocast(args):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps[mode] = step
+    times = interleaved(steps, args.train_steps or TRAIN_STEPS[name], args.warmup, args)
+    return {mode: statistics.median(t) for mode, t in times.items()}
+
+
 def training(name: str, args) -> list[dict]:
     results = {}
-    for mode in ("full", "prefix"):
+    for mode in ("full", "prefix", "prefix-vs-peft") if name == "gpt2" else ("full", "prefix"):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--_worker", f"{name}:{mode}"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -194,24 +240,31 @@ def training(name: str, args) -> list[dict]:
         results[mode] = json.loads(lines[-1])
     full, prefix = results["full"], results["prefix"]
     note = f"trainable {full['trainable'] / 1e6:.1f}M vs {prefix['trainable'] / 1e6:.2f}M, median of {full['steps']}"
-    return [row(name, "train step", "s", full["step_s"], prefix["step_s"], note),
+    rows = [row(name, "train step", "s", full["step_s"], prefix["step_s"], note),
             row(name, "train memory", "MiB", full["peak_mb"], prefix["peak_mb"], full["memory_method"])]
+    if "prefix-vs-peft" in results:
+        pair = results["prefix-vs-peft"]
+        rows.append(row(name, "train step vs PEFT", "s", pair["peft"], pair["prefix"],
+                        "PEFT's prefix tuning, same P, steps alternated in one process"))
+    return rows
 
 
 def print_table(rows: list[dict], args, wall: float) -> None:
-    header = f"{'model':<6} {'measurement':<13} {'base/full FT':>13} {'prefix':>10} {'ratio':>7} {'goal':>7}  met?"
+    header = f"{'model':<6} {'measurement':<18} {'reference':>13} {'prefix':>10} {'ratio':>7} {'goal':>7}  met?"
     print(f"\n{header}  note\n" + "-" * (len(header) + 6))
     for r in rows:
         fmt = ".1f" if r["unit"] == "MiB" else ".3f"
-        print(f"{r['model']:<6} {r['measurement']:<13} {r['base']:>9{fmt}} {r['unit']:<3} {r['prefix']:>10{fmt}} "
+        print(f"{r['model']:<6} {r['measurement']:<18} {r['base']:>9{fmt}} {r['unit']:<3} {r['prefix']:>10{fmt}} "
               f"{r['ratio']:>7.3f} {'<=' + str(r['goal']):>7}  {'yes' if r['met'] else 'NO':<4}  {r['note']}")
     bf16 = "\nbf16: base weights bf16 (full FT trains them as such), prefix fp32, autocast" * (args.dtype == "bfloat16")
     print(f"""
 device={args.device} dtype={args.dtype} batch={args.batch_size} P={args.prefix_tokens} in every attention site, \
-torch {torch.__version__}, transformers {tf.__version__}, {torch.get_num_threads()} threads, total {wall:.0f} s{bf16}
-forward/generate: prefixed model vs an untouched copy of the same weights, eval + no_grad, timed alternately;
-  the ratio of the fastest calls is a check on background load. BLIP's own attention is eager, its prefixed route SDPA.
-train: forward + backward + AdamW step; 'base' is full fine-tuning of the same model, 'prefix' trains the prefix only.
+torch {torch.__version__}, transformers {tf.__version__}, {torch.get_num_threads()} threads, total {wall:.0f} s, load average before {args.load_before} after {os.getloadavg()[0]:.2f}{bf16}
+forward/generate: the reference is an untouched copy of the same weights (and for "vs PEFT" PEFT's prefix tuning of
+  them), eval + no_grad, timed alternately; the ratio of the fastest calls is a check on background load. BLIP's
+  own attention is eager, its prefixed route SDPA.
+train: forward + backward + AdamW step; the reference is full fine-tuning of the same model (for "vs PEFT": PEFT's
+  prefix tuning), 'prefix' trains the prefix only.
   Each runs in a fresh subprocess; memory is the peak growth over the loaded model (CUDA: max_memory_allocated;
   CPU: peak RSS minus RSS after loading): gradients, optimizer state and activations, not the weights.""")
 
@@ -221,7 +274,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="bfloat16: base weights in bf16, prefix in fp32, autocast")
-    parser.add_argument("--models", nargs="+", choices=["clip", "blip"], default=["clip", "blip"])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--prefix-tokens", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=5, help="tokens generated per BLIP-VQA answer")
@@ -237,9 +290,11 @@ def main() -> None:
     if args.quick:
         args.repeats, args.train_steps = args.repeats or 3, args.train_steps or 1
     if args._worker:
-        print(json.dumps(train_worker(*args._worker.split(":"), args)))
+        name, mode = args._worker.split(":")
+        print(json.dumps(train_side_by_side(name, args) if mode == "prefix-vs-peft" else train_worker(name, mode, args)))
         return
 
+    args.load_before = f"{os.getloadavg()[0]:.2f}"
     start, rows = time.perf_counter(), []
     for name in args.models:
         rows += latency(name, args)

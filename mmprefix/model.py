@@ -185,14 +185,14 @@ class PrefixModel(nn.Module):
     def _call(self, prefix: Any, args: tuple, kwargs: dict, generating: bool) -> Iterator[dict]:
         """One call routed to ``prefix`` (a name, None, one name per row, or ACTIVE: the enclosing scope's or
         the active prefix); yields the call's keyword arguments, with soft-prompt placeholders inserted."""
-        scope = routing.current(self)
-        call = scope.open()
+        call = routing.current(self).open()
         if prefix is not ACTIVE:
             call.route = routing.resolve(prefix, self.prefixes, args, kwargs)
             self._check_checkpointing()
         if generating:
             call.expansion = routing.expansion(self.base_model, kwargs)
-        route = self._route(call)
+        call.route = route = self._route(call)  # the active prefix when the call starts
+        call.store = self.prefixes[route] if isinstance(route, str) else None
         if self._soft_prompts is not None and not call.disabled and route is not None:
             kwargs, call.insertion = self._soft_prompts.insert(kwargs, route, self.prefixes, generating)
         with routing.inside(self, call):
@@ -219,6 +219,8 @@ class PrefixModel(nn.Module):
         call = routing.current(self)
         if call.disabled:
             return None
+        if call.store is not None:
+            return call.store.prefix(site_name, call.cache)
         route = self._route(call)
         if route is None:
             return None

@@ -41,6 +41,7 @@ class Call:
     """The routing state of one call (or of a ``using``/``disable_prefix`` scope around calls)."""
 
     route: Any = ACTIVE  # a prefix name, None (the base model), a Routing, or ACTIVE
+    store: Any = None  # the prefix store of a call routed to one name, looked up once per call
     disabled: bool = False
     insertion: Any = None  # the soft-prompt placeholders of this call (prompt.Insertion)
     expansion: int = 1  # generation repeats each row this many times (beams x returned sequences)

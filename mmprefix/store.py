@@ -38,6 +38,9 @@ class PrefixStore(nn.Module):
                 for table in (self.keys, self.values):
                     data = torch.empty(site.kv_heads, p, site.head_dim, device=devices.get(site.name))
                     table[parameter_key(site.name)] = nn.Parameter(self._initial(data))
+            # Read per attention call: the tables' own parameter dicts skip nn.Module attribute lookups, and
+            # stay current when a wrapper (FSDP, offloading) swaps the parameters.
+            self._key_table, self._value_table = self.keys._parameters, self.values._parameters
         else:
             device = next(iter(devices.values()), None)
             self._slices, start = {}, 0
@@ -76,7 +79,7 @@ class PrefixStore(nn.Module):
         """Keys and values ``[kv_heads, P, head_dim]`` at one site."""
         if self.config.reparam is None:
             key = self._by_name[site_name]
-            return self.keys[key], self.values[key]
+            return self._key_table[key], self._value_table[key]
         site = self._site[site_name]
         start, stop = self._slices[site_name]
         hidden = self.mlp[1](self.mlp[0](self.embedding))
@@ -95,8 +98,9 @@ class PrefixStore(nn.Module):
         if site_name not in self._by_name or self.config.num_virtual_tokens == 0:
             return None
         keys, values = self.kv(site_name)
-        gate = self.gate(site_name)
-        return Prefix(keys[None], values[None], None, None if gate is None else gate[None], cache)
+        if self.config.gate is None:
+            return Prefix(keys[None], values[None], None, None, cache)
+        return Prefix(keys[None], values[None], None, self.gate(site_name)[None], cache)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat tensors by ``"<site>.key"``, ``"<site>.value"`` (and ``"<site>.gate"``), as saved on disk."""

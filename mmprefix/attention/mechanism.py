@@ -82,6 +82,7 @@ class SiteHook:
         # "eager" is not in the global registry: each modeling file has its own eager function.
         modeling = sys.modules.get(type(module).__module__)
         self.eager = getattr(modeling, "eager_attention_forward", sdpa_attention_forward)
+        self._functions: dict[str, Callable] = {}  # looked up once per implementation, not per call
 
     def prefix(self, batch_size: int) -> Prefix | None:
         return self.source.prefix_for(self.site.name, batch_size)
@@ -93,11 +94,21 @@ class SiteHook:
     def observe(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.source.observe(self.site.name, keys, values)
 
-    def original_attention(self, module: nn.Module) -> Callable:
+    def original_attention(self, module: nn.Module, cache: dict | None = None) -> Callable:
+        """The model's own attention function (its config's implementation); with a call's ``cache``, read
+        from the config once per call (a config attribute costs microseconds in transformers 5)."""
+        if cache is not None:
+            function = cache.get(("attention", id(module)))
+            if function is None:
+                function = cache[("attention", id(module))] = self.original_attention(module)
+            return function
         implementation = module.config.config._attn_implementation
-        if implementation not in SUPPORTED_IMPLEMENTATIONS:
-            raise ValueError(unsupported_implementation(implementation))
-        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self.eager)
+        function = self._functions.get(implementation)
+        if function is None:
+            if implementation not in SUPPORTED_IMPLEMENTATIONS:
+                raise ValueError(unsupported_implementation(implementation))
+            function = self._functions[implementation] = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self.eager)
+        return function
 
 
 def unsupported_implementation(implementation: str | None) -> str:
@@ -113,27 +124,29 @@ def widen_mask(
     query: torch.Tensor,
     kv_len: int,
     causal: bool,
+    boolean: bool = False,
 ) -> torch.Tensor | None:
     """The attention mask over ``[prefix; keys]``: the given mask with one column per prefix slot in front.
 
     Boolean masks stay boolean (True = attend) and float masks stay additive. A missing mask stays missing
     unless something must be masked: a causal call (top-left aligned over the real keys, which is how SDPA's
-    ``is_causal`` treats a missing mask, prefix columns visible) or a row that must not see some prefix slots.
+    ``is_causal`` treats a missing mask, prefix columns visible) or a row that must not see some prefix slots;
+    such a mask is made boolean when ``boolean`` (SDPA takes both; a quarter of the memory of a float mask).
     With ``prefix.cache``, a mask widened once is reused by the call's other layers.
     """
     if mask is None and not causal and prefix.visible is None:
         return None
     num_slots, q_len = prefix.keys.shape[-2], query.shape[-2]
     if prefix.cache is None:
-        return _widen(mask, prefix.visible, num_slots, query, kv_len, causal)
+        return _widen(mask, prefix.visible, num_slots, query, kv_len, causal, boolean)
     # The cache holds the mask and visibility tensors themselves, so their ids cannot be reused while cached.
-    key = ("mask", id(mask), id(prefix.visible), num_slots, q_len, kv_len, causal, query.dtype, query.device)
+    key = ("mask", id(mask), id(prefix.visible), num_slots, q_len, kv_len, causal, boolean, query.dtype, query.device)
     entry = prefix.cache.get(key)
     if entry is None or entry[0] is not mask or entry[1] is not prefix.visible:
         if len(prefix.cache) > 64:  # generation makes a new mask per step: keep the cache small
             for stale in [k for k in prefix.cache if k[0] == "mask"]:
                 del prefix.cache[stale]
-        entry = (mask, prefix.visible, _widen(mask, prefix.visible, num_slots, query, kv_len, causal))
+        entry = (mask, prefix.visible, _widen(mask, prefix.visible, num_slots, query, kv_len, causal, boolean))
         prefix.cache[key] = entry
     return entry[2]
 
@@ -145,13 +158,14 @@ def _widen(
     query: torch.Tensor,
     kv_len: int,
     causal: bool,
+    boolean: bool,
 ) -> torch.Tensor:
     if mask is None:
         q_len = query.shape[-2]
         allowed = torch.ones(1, 1, 1, kv_len, dtype=torch.bool, device=query.device)
         if causal:
             allowed = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()[None, None]
-        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
+        mask = allowed if boolean else torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~allowed, torch.finfo(query.dtype).min
         )
     if visible is None:
@@ -185,22 +199,26 @@ def attend(
         return output + gated_prefix_attention(query, prefix, kwargs.get("scaling")), weights
     batch = max(query.shape[0], key.shape[0])
     kv_len = key.shape[-2]
-    p_keys = prefix.keys.to(dtype=key.dtype, device=key.device)
-    p_values = prefix.values.to(dtype=value.dtype, device=value.device)
+    p_keys, p_values = prefix.keys, prefix.values
+    if p_keys.dtype != key.dtype or p_keys.device != key.device:  # bf16 models, prefixes kept in float32
+        p_keys, p_values = p_keys.to(dtype=key.dtype, device=key.device), p_values.to(dtype=key.dtype, device=key.device)
     if p_keys.shape[1] != key.shape[1] or p_keys.shape[-1] != key.shape[-1]:
         raise RuntimeError(
             f"prefix of shape {tuple(prefix.keys.shape)} does not fit keys of shape {tuple(key.shape)} at "
             f"{module._mmprefix.site.name}: the prefix was built for a different attention geometry"
         )
-    key = torch.cat([p_keys.expand(batch, -1, -1, -1), key.expand(batch, -1, -1, -1)], dim=2)
-    value = torch.cat([p_values.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)], dim=2)
+    if key.shape[0] != batch:
+        key, value = key.expand(batch, -1, -1, -1), value.expand(batch, -1, -1, -1)
+    key = torch.cat([p_keys.expand(batch, -1, -1, -1), key], dim=2)
+    value = torch.cat([p_values.expand(batch, -1, -1, -1), value], dim=2)
 
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     # Only SDPA turns a missing mask into a causal one; eager gets a materialised mask whenever it is causal.
-    causal = attention is sdpa_attention_forward and attention_mask is None and query.shape[-2] > 1 and is_causal
-    attention_mask = widen_mask(attention_mask, prefix, query, kv_len, causal)
+    sdpa = attention is sdpa_attention_forward
+    causal = sdpa and attention_mask is None and query.shape[-2] > 1 and is_causal
+    attention_mask = widen_mask(attention_mask, prefix, query, kv_len, causal, boolean=sdpa)
 
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:  # T5: prefix slots get no relative-position bias
@@ -232,12 +250,12 @@ def prefixed_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The attention-interface function registered as ``"mmprefix"``."""
     hook: SiteHook = module._mmprefix
-    attention = hook.original_attention(module)
-    if hook.capturing:
-        hook.observe(key, value)
     prefix = hook.prefix(max(query.shape[0], key.shape[0]))
     if prefix is None:
-        return attention(module, query, key, value, attention_mask, **kwargs)
+        if hook.capturing:  # a text initialisation runs without a prefix
+            hook.observe(key, value)
+        return hook.original_attention(module)(module, query, key, value, attention_mask, **kwargs)
+    attention = hook.original_attention(module, prefix.cache)
     return attend(module, attention, prefix, query, key, value, attention_mask, **kwargs)
 
 
