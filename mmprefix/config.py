@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-METHODS = ("prefix", "prompt")
+INJECTIONS = ("prefix", "prompt")  # PrefixConfig.method: keys and values in attention, or a soft prompt
 INITS = ("random", "zero", "text")
 REPARAMS = (None, "mlp")
 GATES = (None, "scalar", "head")
@@ -72,7 +72,7 @@ class PrefixConfig:
         if self.init_std < 0:
             raise ValueError(f"init_std must be >= 0, got {self.init_std}")
         choices = {
-            "method": (METHODS, self.method),
+            "method": (INJECTIONS, self.method),
             "init": (INITS, self.init),
             "reparam": (REPARAMS, self.reparam),
             "gate": (GATES, self.gate),
