@@ -15,6 +15,7 @@ import binascii
 import io
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -270,7 +271,8 @@ class _Api:
 
     async def health(self) -> dict:
         queued = {name: batcher.queued for name, batcher in self.service.batchers.items()}
-        return {"status": "ok", "models": self.service.models(), "queued": queued, "problems": self.service.problems}
+        return {"status": "ok", "models": self.service.models(), "queued": queued, "problems": self.service.problems,
+                "pid": os.getpid()}
 
     async def metrics(self) -> Response:
         return Response(generate_latest(self.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
