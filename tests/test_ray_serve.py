@@ -15,8 +15,7 @@ from mmprefix import PrefixConfig, add_prefix
 from mmprefix.embedded import load_backbone
 from mmprefix.evaluation import decode
 
-ray = pytest.importorskip("ray", reason="the Ray Serve test needs pip install 'ray[serve]'")
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # needs pip install -e ".[ray]", as .ci/run does
 QUESTION = "how many shapes are there?"
 
 
@@ -44,6 +43,7 @@ def _expected(folder, name, seed):
 
 
 def test_two_replicas_on_local_ray_answer_as_each_prefix_alone_and_pick_up_new_folders(tmp_path):
+    import ray
     from ray import serve
 
     from mmprefix.serving.ray_serve import application
