@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
+import time
 
 import numpy as np
 import torch
@@ -13,6 +15,7 @@ from PIL import Image
 
 import tiny
 from mmprefix import PrefixConfig, PrefixModel, add_prefix
+from mmprefix.evaluation import decode
 from mmprefix.serving import Engine
 from mmprefix.serving.models import share_weights
 
@@ -69,3 +72,34 @@ def data_uri(picture: Image.Image, kind: str = "PNG") -> str:
     buffer = io.BytesIO()
     picture.save(buffer, kind)
     return f"data:image/{kind.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def expected_answer(folder, prefix: str | None, seed: int, question: str | None = QUESTIONS[0], **settings) -> str:
+    """The answer (or, without a question, the caption) of a head carrying only ``prefix``, for ``image(seed)``."""
+    model = reference("vqa" if question else "caption", prefix, folder)
+    processor = tiny.world_blip_processor()
+    if question:
+        return decode.answer_questions(model, processor, [image(seed)], [question], **settings)[0]
+    return decode.caption_images(model, processor, [image(seed)], **settings)[0]
+
+
+class ThreadServer:
+    """uvicorn in a thread on 127.0.0.1, on a free port; ``with ThreadServer(app) as server: server.port``."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ThreadServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -25,7 +25,6 @@ import serve_tiny
 import tiny
 from mmprefix import PrefixConfig, PrefixModel, add_prefix
 from mmprefix.embedded import load_backbone
-from mmprefix.evaluation import decode
 from mmprefix.serving import Engine, PrefixService
 from mmprefix.serving.server import Limits, create_app
 
@@ -51,12 +50,8 @@ def client(folder):
         yield client
 
 
-def expected_answer(folder, prefix, seed, question=QUESTION, **settings):
-    model = serve_tiny.reference("vqa" if question else "caption", prefix, folder)
-    processor = tiny.world_blip_processor()
-    if question:
-        return decode.answer_questions(model, processor, [serve_tiny.image(seed)], [question], **settings)[0]
-    return decode.caption_images(model, processor, [serve_tiny.image(seed)], **settings)[0]
+expected_answer = serve_tiny.expected_answer
+ThreadServer = serve_tiny.ThreadServer
 
 
 def chat_body(model, seed, text=QUESTION, **extra):
@@ -336,28 +331,6 @@ def test_an_exception_inside_one_batch_fails_that_batch_with_500_only(folder):
 
 
 # -- real servers on loopback ---------------------------------------------------------------------------------
-class ThreadServer:
-    """uvicorn in a thread on 127.0.0.1, on a free port."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 def test_a_client_that_disconnects_mid_request_is_dropped_and_the_server_keeps_serving(folder):
     service = PrefixService(serve_tiny.blip_engines(), folder, window=1.0)
     with ThreadServer(create_app(service)) as server:
@@ -380,6 +353,7 @@ def test_a_client_that_disconnects_mid_request_is_dropped_and_the_server_keeps_s
         assert reply.status_code == 200
 
 
+@pytest.mark.slow  # a fresh process: imports and model loading take ~10 s
 def test_mmprefix_serve_with_no_model_serves_the_embedded_blip_and_the_recipe_prefixes_then_sigterm_finishes(tmp_path):
     """A recipe's output folder (out/vqa/prefix) is served as 'vqa'; SIGTERM lets the request in flight finish."""
     model, processor = load_backbone("blip", "vqa")
