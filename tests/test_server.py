@@ -23,8 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import serve_tiny
 import tiny
-from mmprefix import PrefixConfig, PrefixModel, add_prefix
+from mmprefix import PrefixConfig, PrefixModel, add_prefix, load_prefix
 from mmprefix.embedded import load_backbone
+from mmprefix.evaluation import decode
 from mmprefix.serving import Engine, PrefixService
 from mmprefix.serving.server import Limits, create_app
 
@@ -355,7 +356,8 @@ def test_a_client_that_disconnects_mid_request_is_dropped_and_the_server_keeps_s
 
 @pytest.mark.slow  # a fresh process: imports and model loading take ~10 s
 def test_mmprefix_serve_with_no_model_serves_the_embedded_blip_and_the_recipe_prefixes_then_sigterm_finishes(tmp_path):
-    """A recipe's output folder (out/vqa/prefix) is served as 'vqa'; SIGTERM lets the request in flight finish."""
+    """A recipe's output folder (out/vqa/prefix) is served as 'vqa'; README's curl and OpenAI-client examples
+    get the answer of that prefix alone; SIGTERM lets the request in flight finish."""
     model, processor = load_backbone("blip", "vqa")
     torch.manual_seed(0)
     add_prefix(model, PrefixConfig(num_virtual_tokens=4, init_std=0.5)).save_prefix(tmp_path / "out" / "vqa" / "prefix")
@@ -366,6 +368,15 @@ def test_mmprefix_serve_with_no_model_serves_the_embedded_blip_and_the_recipe_pr
         port, log, reader = _port_from_log(process)
         base = f"http://127.0.0.1:{port}"
         assert sorted(m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]) == ["base", "vqa"]
+        serve_tiny.image(5, 64).save(tmp_path / "shapes.png")
+        expected = decode.answer_questions(load_prefix(load_backbone("blip", "vqa")[0], tmp_path / "out" / "vqa" / "prefix"),
+                                           processor, [serve_tiny.image(5, 64)], ["how many shapes are there?"])[0]
+        curl, client = readme_serving_examples(port)
+        answer = json.loads(subprocess.run(["bash", "-c", curl], cwd=tmp_path, capture_output=True, text=True,
+                                           check=True, timeout=60).stdout)["answer"]
+        assert answer == expected
+        printed = subprocess.run([sys.executable, "-c", client], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert printed.stdout.strip() == expected, printed.stderr
         image = serve_tiny.data_uri(serve_tiny.image(0, 64))
         reply = {}
 
@@ -387,6 +398,15 @@ def test_mmprefix_serve_with_no_model_serves_the_embedded_blip_and_the_recipe_pr
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def readme_serving_examples(port: int) -> tuple[str, str]:
+    """README's curl command and OpenAI-client example, pointed at ``port``."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Serving"):readme.index("## Training options")]
+    curl = next(block for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S) if block.startswith("curl"))
+    client = re.search(r"```py\n(.*?)```", section, flags=re.S).group(1)
+    return (curl.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), client.replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
 
 
 def _port_from_log(process, seconds=120):

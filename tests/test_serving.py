@@ -263,6 +263,20 @@ def test_rescan_adds_new_folders_reloads_changed_ones_removes_missing_ones_and_s
         service.close()
 
 
+def test_prefixes_already_on_a_model_are_served_and_rescans_leave_them(tmp_path):
+    vqa, _ = serve_tiny.blip_heads()
+    model = add_prefix(vqa, PrefixConfig(num_virtual_tokens=3, init_std=1.0), name="own")
+    service = PrefixService([Engine(model, tiny.world_blip_processor(), "blip-vqa")], tmp_path)
+    try:
+        assert service.models() == {"base": ["vqa"], "own": ["vqa"]}
+        image, question = serve_tiny.image(0), serve_tiny.QUESTIONS[0]
+        answer = service.submit(Job("vqa", "own", image, question)).result(30)
+        assert answer == decode.answer_questions(model, tiny.world_blip_processor(), [image], [question], prefix="own")[0]
+        assert service.rescan()["removed"] == [] and "own" in service.models()
+    finally:
+        service.close()
+
+
 def test_shared_heads_hold_one_copy_of_the_weights_and_answer_as_unshared_ones():
     vqa, caption = serve_tiny.blip_heads()
     assert caption.vision_model.embeddings.patch_embedding.weight.data_ptr() == \

@@ -75,7 +75,7 @@ def _stamp(folder: Path) -> tuple:
 class Served:
     """A prefix being served: where it was read from, and which models carry it."""
 
-    folder: Path
+    folder: Path | None  # None: the prefix was on the model when the service started
     engines: list[str]
     stamp: tuple
 
@@ -101,7 +101,8 @@ class PrefixService:
     """Serves prefixes on frozen models, batching requests per model.
 
     Args:
-        engines: the models (each an `Engine`); a prefix is loaded into each one it fits.
+        engines: the models (each an `Engine`); the prefixes already on them are served, and a prefix from a
+            folder is loaded into each one it fits.
         prefix_dir: folder of prefix folders, read now and by `rescan`.
         max_batch_size, window: see `Batcher`.
         registry: a prometheus_client registry for the metrics (a new one by default).
@@ -126,6 +127,9 @@ class PrefixService:
         self._changing = threading.RLock()  # one prefix change (or rescan) at a time
         self._served: dict[str, Served] = {}
         self.problems: dict[str, str] = {}  # prefix folders that could not be served, and why
+        for engine in engines:  # prefixes already on a model are served too
+            for name in engine.model.prefixes:
+                self._served.setdefault(check_name(name), Served(None, [], ())).engines.append(engine.name)
         if self.prefix_dir is not None:
             self.rescan()
 
@@ -233,7 +237,7 @@ class PrefixService:
             with self._lock:
                 current = dict(self._served)
             for name, served in current.items():
-                if name not in found and served.folder.is_relative_to(self.prefix_dir):
+                if name not in found and served.folder is not None and served.folder.is_relative_to(self.prefix_dir):
                     self.remove(name)
                     report["removed"].append(name)
             for name, folder in found.items():
