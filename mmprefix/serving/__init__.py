@@ -5,7 +5,8 @@ routed call. Needs the ``serve`` extra (``pip install 'mmprefix[serve]'``).
 * `Engine`, `Job` (``engine.py``): runs a batch of jobs on one `PrefixModel` (VQA, captions, text, CLIP
   features, zero-shot classification), with the evaluation's formatting and decoding.
 * `PrefixService` (``service.py``): engines, a folder of prefixes added and removed while serving, metrics.
-* ``server.py``: the HTTP API (FastAPI; ``mmprefix serve``) and ``page/index.html``, the comparison page;
+* ``server.py``: the HTTP API (FastAPI; ``mmprefix serve``), ``requests.py`` its request bodies and limits, and
+  ``page/index.html``, the comparison page;
   ``ray_serve.py``: the same service as a Ray Serve deployment.
 """
 
