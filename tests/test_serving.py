@@ -175,8 +175,25 @@ def test_streamed_pieces_join_into_the_answer(served):
     assert max(len(p) for p in pieces.values()) >= 3, "greedy answers stream word by word"
 
 
+def test_a_failing_stream_listener_fails_neither_its_request_nor_the_batch(served):
+    service, _ = served
+
+    def broken(piece):
+        raise OSError("client socket closed")
+
+    jobs = [Job("caption", None, serve_tiny.image(i), generation=(("max_new_tokens", 8),), on_text=listener)
+            for i, listener in enumerate([broken, None])]
+    answers = [f.result(60) for f in submit_together(service, jobs)]
+    assert answers == [serve_tiny.expected_answer(service.prefix_dir, None, i, question=None, max_new_tokens=8)
+                       for i in range(2)]
+
+
 def test_unknown_prefix_and_wrong_task_are_refused_at_submission(served):
     service, _ = served
+    with pytest.raises(ValueError, match="a 'vqa' job needs image and text; it has no image"):
+        service.submit(Job("vqa", None, None, "what?"))
+    with pytest.raises(ValueError, match="a 'caption' job needs image; it has no image"):
+        service.submit(Job("caption", "cap"))
     with pytest.raises(UnknownPrefix, match=r"no prefix 'nope' for vqa; prefixes for vqa: \['blue', 'green', 'red'\]"):
         service.submit(Job("vqa", "nope", serve_tiny.image(0), "what?"))
     with pytest.raises(UnknownPrefix, match="no prefix 'cap' for vqa"):  # a captioning prefix

@@ -13,6 +13,7 @@ image and class names, prompt-ensembled over templates).
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from ..evaluation.batching import needs_same_length
 from ..evaluation.contrastive import _ClipEncoder, _encode_texts, class_embeddings
 from ..model import PrefixModel
 
+logger = logging.getLogger(__name__)
+
 GENERATIVE_TASKS = ("vqa", "caption", "text")
 CONTRASTIVE_TASKS = ("image_features", "text_features", "classify")
 TASKS = GENERATIVE_TASKS + CONTRASTIVE_TASKS
@@ -35,6 +38,10 @@ TASKS = GENERATIVE_TASKS + CONTRASTIVE_TASKS
 # Generation settings a request may set; decoding is always deterministic (greedy or beam search).
 GENERATION_SETTINGS = ("max_new_tokens", "num_beams")
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+# What a job of each task must hold.
+REQUIRED = {"vqa": ("image", "text"), "caption": ("image",), "text": ("text",), "image_features": ("image",),
+            "text_features": ("text",), "classify": ("image", "classnames")}
 
 # BLIP ships one class per head; the other families do every generative task their inputs allow.
 BLIP_HEADS = {"BlipForQuestionAnswering": ("vqa",), "BlipForConditionalGeneration": ("caption",)}
@@ -117,6 +124,9 @@ class Engine:
         answer, the same question length)."""
         if job.task not in self.tasks:
             raise ValueError(f"this {type(unwrap(self.model)).__name__} serves {list(self.tasks)}, not {job.task!r}")
+        missing = [name for name in REQUIRED[job.task] if not getattr(job, name)]
+        if missing:
+            raise ValueError(f"a {job.task!r} job needs {' and '.join(REQUIRED[job.task])}; it has no {missing[0]}")
         length = self.token_count(job.text) if needs_same_length(job.task, self.model) else None
         return job.task, job.generation, length
 
@@ -149,10 +159,11 @@ class Engine:
             texts = decode.caption_images(self.model, self.processor, [j.image for j in jobs], prefix=prefixes, **settings)
         else:
             texts = decode.complete_texts(self.model, self.tokenizer, [j.text for j in jobs], prefix=prefixes, **settings)
-        for row, (text, on_text) in enumerate(zip(texts, streaming)):
+        listeners = streamer.callbacks if streamer is not None else streaming  # the streamer drops failing ones
+        for row, (text, on_text) in enumerate(zip(texts, listeners)):
             sent = streamer.sent[row] if streamer is not None else ""
             if on_text is not None and text.startswith(sent) and len(text) > len(sent):
-                on_text(text[len(sent) :])  # the rest of the answer, as decoded for the whole batch
+                _notify(on_text, text[len(sent) :], row)  # the rest of the answer, as decoded for the whole batch
         return texts
 
     def _classify(self, encoder: _ClipEncoder, jobs: Sequence[Job], images: torch.Tensor) -> list[dict]:
@@ -174,6 +185,16 @@ class Engine:
         return out
 
 
+def _notify(callback: Callable[[str], None], piece: str, row: int) -> bool:
+    """Hand a piece of text to a listener; False (logged) if it raised: one listener must not fail the batch."""
+    try:
+        callback(piece)
+        return True
+    except Exception:  # noqa: BLE001
+        logger.exception("the streaming listener of row %d failed; it gets no more text", row)
+        return False
+
+
 def _rows(features: torch.Tensor) -> list[list[float]]:
     return features.float().cpu().tolist()
 
@@ -193,15 +214,15 @@ class RowStreamer(BaseStreamer):
             self._prompt_seen = True
             return
         for row, token in enumerate(value.view(-1).tolist()):
-            callback = self.callbacks[row]
-            if callback is None:
+            if self.callbacks[row] is None:
                 continue
             self.tokens[row].append(token)
             text = decode._decode(self.tokenizer, torch.tensor([self.tokens[row]]))[0]
             whole = text[: text.rfind(" ")] if " " in text else ""
             if len(whole) > len(self.sent[row]) and whole.startswith(self.sent[row]):
-                callback(whole[len(self.sent[row]) :])
-                self.sent[row] = whole
+                piece, self.sent[row] = whole[len(self.sent[row]) :], whole
+                if not _notify(self.callbacks[row], piece, row):
+                    self.callbacks[row] = None
 
     def end(self) -> None:
         """The rest of each answer is sent by the engine, from the decoded batch."""
