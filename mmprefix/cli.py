@@ -1,8 +1,10 @@
-"""Command line: ``mmprefix sites MODEL`` prints where prefixes go and how big they are."""
+"""Command line: ``mmprefix sites MODEL`` prints where prefixes go and how big they are; ``mmprefix serve``
+serves prefixes on a frozen model over HTTP (the ``serve`` extra: ``pip install 'mmprefix[serve]'``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -51,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     sites.add_argument("-p", "--num-virtual-tokens", type=int, default=PrefixConfig.num_virtual_tokens)
     sites.add_argument("--targets", nargs="+", help="e.g. vision.self 'lm.self[-4:]' (default: all)")
     sites.add_argument("--target-modules", nargs="+", help="regular expressions on module names")
+    add_serve_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
 
     model = build_skeleton(args.model)
     try:
@@ -60,6 +65,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mmprefix: {err}", file=sys.stderr)
         return 2
     print(format_sites(selected, args.num_virtual_tokens, sum(p.numel() for p in model.parameters())))
+    return 0
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="serve prefixes on a frozen model over HTTP (OpenAI-compatible)",
+                                description="With no arguments: the embedded tiny BLIP (VQA and captioning) and the "
+                                            "prefixes the recipes wrote under ./out, on http://127.0.0.1:8000")
+    serve.add_argument("--model", action="append", dest="models", metavar="SPEC",
+                       help="embedded:NAME[:HEAD], a local folder, a Hugging Face id or open_clip:MODEL[:PRETRAINED]; "
+                            "repeat for several (default: embedded:blip)")
+    serve.add_argument("--prefixes", default="out", help="folder of prefix folders, each named after its folder")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--admin-token", default=os.environ.get("MMPREFIX_ADMIN_TOKEN"),
+                       help="enables /admin/* for this bearer token (default: $MMPREFIX_ADMIN_TOKEN; none: off)")
+    serve.add_argument("--rescan-seconds", type=float, help="rescan the prefix folder this often")
+    serve.add_argument("--max-batch-size", type=int, default=16)
+    serve.add_argument("--window-ms", type=float, default=5.0, help="how long a request waits for others to join it")
+    serve.add_argument("--max-new-tokens", type=int, default=64, help="the most a request may ask for")
+    serve.add_argument("--max-beams", type=int, default=4, help="the most num_beams a request may ask for")
+    serve.add_argument("--max-input-tokens", type=int, default=256)
+    serve.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
+    serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    serve.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        from .serving.server import Limits, run
+    except ImportError as err:
+        print(f"mmprefix serve needs the serve extra (pip install 'mmprefix[serve]'): {err}", file=sys.stderr)
+        return 2
+    from .experiment.loading import LoadError
+
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
+                    max_image_pixels=args.max_image_pixels, max_input_tokens=args.max_input_tokens)
+    try:
+        run(args.models or ["embedded:blip"], args.prefixes, args.host, args.port, args.admin_token,
+            args.max_batch_size, args.window_ms / 1000, args.rescan_seconds, limits, args.max_new_tokens, args.max_beams)
+    except (LoadError, ValueError) as err:
+        print(f"mmprefix serve: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

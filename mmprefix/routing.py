@@ -126,7 +126,7 @@ class Routing:
             )
         self.gated = gated == {True}
         # Rows without a prefix point one past the used prefixes, at an all-masked entry.
-        self.rows = torch.tensor([self.used.index(n) if n is not None else len(self.used) for n in self.names])
+        self.rows = [self.used.index(n) if n is not None else len(self.used) for n in self.names]
 
     def prefix(self, site_name: str, batch_size: int, call: Call) -> Prefix | None:
         """Each row's prefix at one site. Without autograd (generation) it is built once per site and batch
@@ -145,42 +145,50 @@ class Routing:
         return call.cache[key]
 
     def _build(self, site_name: str, batch_size: int, cache: dict | None) -> Prefix | None:
+        # Each table is one stack of the rows' own tensors: few small ops per site, because on a busy CPU every
+        # op costs far more than its arithmetic (advanced indexing, table[rows], took milliseconds per site).
         here = [s.has_site(site_name) and s.num_virtual_tokens > 0 for s in self.stores]
         if not any(here):
             return None
         kvs = [store.kv(site_name) if present else None for store, present in zip(self.stores, here)]
         slots = max(kv[0].shape[1] for kv in kvs if kv is not None)
         reference = next(kv[0] for kv in kvs if kv is not None)
-        empty = reference.new_zeros(reference.shape[0], slots, reference.shape[2])
-        keys = torch.stack([_pad(kv[0], slots) if kv else empty for kv in kvs] + [empty])
-        values = torch.stack([_pad(kv[1], slots) if kv else empty for kv in kvs] + [empty])
+        rows = [row for row in self.rows for _ in range(batch_size // len(self.names))]
+        blank = any(row == len(kvs) or kvs[row] is None for row in rows)  # a row that sees no prefix here
+        empty = reference.new_zeros(reference.shape[0], slots, reference.shape[2]) if blank else None
+
+        def table(tensors: list[torch.Tensor | None]) -> torch.Tensor:
+            entries = [empty if t is None else _pad(t, slots) for t in tensors] + [empty]
+            return torch.stack([entries[row] for row in rows])
+
         lengths = tuple(kv[0].shape[1] if kv else 0 for kv in kvs) + (0,)
-        rows = self.rows.to(reference.device).repeat_interleave(batch_size // len(self.names))
-        visible = self._visible(lengths, slots, rows, batch_size, cache)
+        visible = self._visible(lengths, slots, rows, reference.device, cache)
         gates = None
         if self.gated:
             heads = max(store.gate(site_name).shape[0] for store, present in zip(self.stores, here) if present)
             closed = reference.new_zeros(heads)
-            gates = torch.stack(
-                [store.gate(site_name).expand(heads) if present else closed for store, present in zip(self.stores, here)]
-                + [closed]
-            )
-        return Prefix(keys[rows], values[rows], visible, None if gates is None else gates[rows], cache)
+            gated = [store.gate(site_name).expand(heads) if present else closed for store, present in zip(self.stores, here)]
+            gates = torch.stack([(gated + [closed])[row] for row in rows])
+        keys = table([kv[0] if kv else None for kv in kvs])
+        values = table([kv[1] if kv else None for kv in kvs])
+        return Prefix(keys, values, visible, gates, cache)
 
     def _visible(
-        self, lengths: tuple[int, ...], slots: int, rows: torch.Tensor, batch_size: int, cache: dict | None
+        self, lengths: tuple[int, ...], slots: int, rows: list[int], device: torch.device, cache: dict | None
     ) -> torch.Tensor | None:
         """Which slots each row sees (None: all of them). Sites with the same prefix lengths share one tensor
         per call, so that their widened masks are built once."""
-        key = ("visible", id(self), lengths, batch_size, rows.device)
+        key = ("visible", id(self), lengths, len(rows), device)
         if cache is not None and key in cache:
             return cache[key]
-        visible = torch.arange(slots, device=rows.device)[None] < torch.tensor(lengths, device=rows.device)[:, None]
-        visible = None if bool(visible[rows].all()) else visible[rows]
+        seen = [[slot < lengths[row] for slot in range(slots)] for row in rows]
+        visible = None if all(map(all, seen)) else torch.tensor(seen, device=device)
         if cache is not None:
             cache[key] = visible
         return visible
 
 
 def _pad(tensor: torch.Tensor, slots: int) -> torch.Tensor:
+    if tensor.shape[1] == slots:
+        return tensor
     return torch.nn.functional.pad(tensor, (0, 0, 0, slots - tensor.shape[1]))

@@ -7,7 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mmprefix"
-HARNESS = ("mmprefix.training", "mmprefix.evaluation", "mmprefix.experiment", "mmprefix.embedded")
+HARNESS = ("mmprefix.training", "mmprefix.evaluation", "mmprefix.experiment", "mmprefix.embedded", "mmprefix.serving")
+ENTRY_POINTS = ("mmprefix.cli",)  # commands start what they run (``mmprefix serve``), so they may import the harness
 
 
 def module_name(path: Path) -> str:
@@ -73,6 +74,6 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 def test_the_core_never_imports_the_harness():
-    core = {name: deps for name, deps in graph().items() if not name.startswith(HARNESS)}
+    core = {name: deps for name, deps in graph().items() if not name.startswith(HARNESS + ENTRY_POINTS)}
     offending = {name: sorted(d for d in deps if d.startswith(HARNESS)) for name, deps in core.items()}
     assert not {k: v for k, v in offending.items() if v}

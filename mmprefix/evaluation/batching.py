@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ..data.formatting import family
 from ..model import PrefixModel
 from ..routing import ACTIVE
 
@@ -39,3 +40,10 @@ def same_length_batches(items: Sequence[Any], lengths: Sequence[int], size: int)
     for item, length in zip(items, lengths):
         groups.setdefault(length, []).append(item)
     return [list(chunk) for group in groups.values() for chunk in chunks(group, size)]
+
+
+def needs_same_length(task: str, model: Any) -> bool:
+    """Whether a generation batch must hold questions of one token length. transformers'
+    ``BlipForQuestionAnswering.generate`` lets the answer decoder attend to the question's padding (its mask is
+    all ones), so a padded question's answer would depend on the rest of its batch."""
+    return task == "vqa" and family(model) == "blip"

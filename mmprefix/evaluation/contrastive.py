@@ -92,17 +92,22 @@ def _unit(features: Any) -> torch.Tensor:
     return F.normalize(features.float(), dim=-1)
 
 
-def _encode_texts(encoder: _ClipEncoder, texts: Sequence[str], batch_size: int) -> torch.Tensor:
+def _encode_texts(encoder: _ClipEncoder, texts: Sequence[str], batch_size: int,
+                  prefixes: Sequence[str | None] | None = None) -> torch.Tensor:
     """Text embeddings in the order of ``texts``. transformers processors pad per batch (a left-padding tokenizer
     would shift a text's positions with its batch), so texts are batched by token length; open_clip tokenizers
-    pad to a fixed length."""
+    pad to a fixed length. ``prefixes``: one prefix name per text, each batch routed by them."""
     if encoder.open_clip:
         batches = list(chunks(list(range(len(texts))), batch_size))
     else:
         tokenizer = getattr(encoder.processor, "tokenizer", encoder.processor)
         lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
         batches = same_length_batches(range(len(texts)), lengths, batch_size)
-    features = [encoder.texts([texts[i] for i in batch]) for batch in batches]
+    features = []
+    for batch in batches:
+        route = ACTIVE if prefixes is None else [prefixes[i] for i in batch]
+        with routed(encoder.model, route):
+            features.append(encoder.texts([texts[i] for i in batch]))
     order = torch.tensor([i for batch in batches for i in batch])
     return torch.cat(features)[torch.argsort(order)]
 

@@ -24,11 +24,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..data import CaptionSample, ImageLoader, TextSample, VQASample
-from ..data.formatting import family
 from ..files import write_json
 from ..routing import ACTIVE
 from . import decode, metrics
-from .batching import chunks, prefix_label, routed, same_length_batches
+from .batching import chunks, needs_same_length, prefix_label, routed, same_length_batches
 from .contrastive import classify, retrieve
 
 logger = logging.getLogger(__name__)
@@ -70,10 +69,8 @@ def _check_task(task: str, allowed: Sequence[str] = TASKS) -> None:
 
 
 def _batches(task: str, model: Any, processor: Any, samples: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    """Generation batches. BLIP-VQA questions are batched by token length: transformers'
-    ``BlipForQuestionAnswering.generate`` lets the answer decoder attend to the question's padding (its mask is all
-    ones), so a padded question's answer would depend on the rest of its batch."""
-    if task == "vqa" and family(model) == "blip":
+    """Generation batches; batched by token length where padding would change answers (`needs_same_length`)."""
+    if needs_same_length(task, model):
         tokenizer = getattr(processor, "tokenizer", processor)
         lengths = [len(tokenizer(s.question)["input_ids"]) for s in samples]
         return same_length_batches(samples, lengths, size)

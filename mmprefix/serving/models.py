@@ -1,0 +1,54 @@
+"""Frozen models to serve, from the model specs the recipes use (``mmprefix.experiment.loading``)."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from torch import nn
+
+from ..experiment.loading import HF_CLASSES, load_model, offline, transformers_config
+from ..model import PrefixModel
+from .engine import Engine
+
+DEFAULT_MODEL = "embedded:blip"
+# Tasks tried in turn to pick a transformers class for a model spec; embedded backbones have one task each.
+SPEC_TASKS = ("vqa", "caption", "classification", "text")
+EMBEDDED_TASKS = {"blip2": "vqa", "clip": "classification", "lm": "text"}
+# Backbones whose heads share one set of weights: each head is served, the weights are held once.
+SHARED_HEADS = {"embedded:blip": (("embedded:blip:vqa", "vqa"), ("embedded:blip:caption", "caption"))}
+
+
+def share_weights(source: nn.Module, target: nn.Module) -> None:
+    """Make ``target`` use ``source``'s tensors wherever their state dicts have the same name and shape."""
+    theirs = source.state_dict()
+    mine = target.state_dict()
+    shared = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
+    target.load_state_dict(shared, strict=False, assign=True)
+
+
+def load_engines(spec: str = DEFAULT_MODEL, **limits: Any) -> list[Engine]:
+    """The engines that serve a model spec: ``embedded:NAME[:HEAD]``, ``open_clip:MODEL[:PRETRAINED]``, a local
+    folder or a Hugging Face id. ``embedded:blip`` serves its VQA and captioning heads on shared weights.
+    ``limits``: `Engine`'s ``max_new_tokens`` and ``num_beams``."""
+    label = re.sub(r"[^A-Za-z0-9_-]+", "-", spec).strip("-")
+    if spec in SHARED_HEADS:
+        heads = [(load_model(head, task), task) for head, task in SHARED_HEADS[spec]]
+        first = heads[0][0][0]
+        for (model, _), _ in heads[1:]:
+            share_weights(first, model)
+        return [Engine(PrefixModel(model), processor, f"{label}-{task}", **limits) for (model, processor), task in heads]
+    model, processor = _load(spec)
+    return [Engine(PrefixModel(model), processor, label, **limits)]
+
+
+def _load(spec: str) -> tuple[Any, Any]:
+    """A model for the first task its kind is evaluated on (``loading.HF_CLASSES``), a causal LM otherwise."""
+    if spec.startswith("embedded:"):
+        return load_model(spec, EMBEDDED_TASKS.get(spec.split(":")[1], "vqa"))
+    if spec.startswith("open_clip:"):
+        return load_model(spec, "classification")
+    config = transformers_config(spec, os.path.isdir(spec) or offline())
+    task = next((t for t in SPEC_TASKS if config.model_type in HF_CLASSES.get(t, {})), "text")
+    return load_model(spec, task)
