@@ -162,3 +162,21 @@ def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[st
     except (SafetensorError, OSError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path} is not a readable safetensors file ({reason}): damaged or cut short?") from None
+
+
+def load_finite(path: str | os.PathLike) -> dict[str, Any]:
+    """The tensors of a safetensors file (whose header the caller checked); a non-finite value is refused
+    naming its tensor, a damaged file naming the file."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(os.fspath(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} cannot be read ({err}): damaged or cut short?") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or infinity); refusing it")
+    return tensors

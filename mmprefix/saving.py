@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from . import peft_compat, typed
 from .architectures import Site, find_sites, prompt_input, select_sites
 from .config import PrefixConfig
-from .files import (atomic_write, locked_folder, parse_json_object, read_json, remove_stale_temporaries,
+from .files import (atomic_write, load_finite, locked_folder, parse_json_object, read_json, remove_stale_temporaries,
                     safetensors_header, write_text)
 
 CONFIG_NAME = "prefix_config.json"
@@ -205,19 +205,6 @@ def _check_header(meta: PrefixMeta, header: dict[str, tuple[str, tuple[int, ...]
         if len(actual) != len(shape) or any(e is not None and e != a for e, a in zip(shape, actual)):
             wanted = tuple("*" if e is None else e for e in shape)
             raise ValueError(f"{weights}: tensor {name!r} has shape {actual}, expected {wanted} from {source}")
-
-
-def load_finite(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file whose header was checked; non-finite values are refused by name."""
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} cannot be read ({err}): damaged or cut short?") from None
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or infinity); refusing it")
-    return tensors
 
 
 def read_prefix(directory: str | os.PathLike) -> tuple[PrefixMeta, dict[str, torch.Tensor]]:

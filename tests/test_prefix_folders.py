@@ -294,3 +294,223 @@ def test_the_weights_file_alone_is_the_prefix(two, tmp_path):
     (tmp_path / saving.CONFIG_NAME).unlink()
     assert load_prefix(tiny.gpt2(), tmp_path).prefixes["default"].num_virtual_tokens == P
     assert set(load_file(tmp_path / saving.WEIGHTS_NAME)) == set(old_tensors)
+
+
+# -- loaders validate before they allocate -------------------------------------------------------------------------
+
+
+def small(tmp_path, **config):
+    model = tiny.gpt2()
+    torch.manual_seed(3)
+    pm = add_prefix(model, PrefixConfig(num_virtual_tokens=4, init_std=0.5, **config))
+    pm.save_prefix(tmp_path / "prefix")
+    return tmp_path / "prefix"
+
+
+def rewrite_metadata(folder, edit):
+    """Rewrite the metadata in the weights file's header: ``edit(meta dict)`` returns the new JSON text."""
+    weights = folder / saving.WEIGHTS_NAME
+    meta = json.loads(saving.safetensors_header(weights)[0][saving.METADATA_KEY])
+    save_file(load_file(weights), weights, metadata={"format": "mmprefix", saving.METADATA_KEY: edit(meta)})
+
+
+def refused(folder, *words, model=None):
+    """Loading fails with a one-line ValueError holding ``words``; no prefix store is ever built."""
+    with pytest.raises(ValueError) as err:
+        load_prefix(model or tiny.gpt2(), folder)
+    message = str(err.value)
+    assert "\n" not in message and all(w in message for w in words), message
+    return message
+
+
+def edited(**changes):
+    """An edit of the metadata: dotted keys set (or, with value ..., removed)."""
+
+    def edit(meta):
+        for dotted, value in changes.items():
+            *parents, last = dotted.split("__")
+            node = meta
+            for part in parents:
+                node = node[int(part)] if part.isdigit() else node[part]
+            if value is ...:
+                del node[last]
+            else:
+                node[last] = value
+        return json.dumps(meta)
+
+    return edit
+
+
+@pytest.fixture
+def no_allocation(monkeypatch):
+    """Call it once the folder is ready: from then on, building a prefix store fails the test."""
+    from mmprefix import store
+
+    def built(*args, **kwargs):
+        raise AssertionError("a prefix store was allocated before the folder was validated")
+
+    return lambda: monkeypatch.setattr(store.PrefixStore, "__init__", built)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda meta: "[1, 2]", ["(metadata) holds a JSON array, expected the prefix metadata"]),
+    (lambda meta: '"text"', ["holds a JSON string"]),
+    (lambda meta: json.dumps(meta)[:-25], ["(metadata) is not valid JSON"]),
+    (edited(prefix_config=...), ["lacks required setting(s) prefix_config"]),
+    (edited(prefix_config__num_virtual_tokens="4"), ["prefix_config.num_virtual_tokens must be an integer, got text '4'"]),
+    (edited(prefix_config__init_std="wide"), ["prefix_config.init_std must be a number"]),
+    (edited(sites__0__heads="four"), ["sites[0].heads must be an integer"]),
+    (edited(sites__0__kind="sideways"), ["kind must be 'self' or 'cross'"]),
+    (edited(prefix_config__num_virtual_token=8), ["prefix_config.num_virtual_token is not a setting",
+                                                  "did you mean 'num_virtual_tokens'"]),
+    (edited(prefix_config__num_virtual_tokens=5), ["tensor 'transformer.h.0.attn.key' has shape (4, 4, 8), expected (4, 5, 8)"]),
+    (edited(sites__1__head_dim=80), ["'transformer.h.1.attn.key' has shape (4, 4, 8), expected (4, 4, 80)"]),
+    (edited(prefix_config__reparam="mlp", prefix_config__reparam_hidden=10_000_000),
+     ["prefix_config.reparam is 'mlp' but the file holds no reparam.* tensors"]),
+    (edited(prefix_config__gate="head"), ["missing ['transformer.h.0.attn.gate'"]),
+    (edited(tensors_sha256=...), ["has no tensors_sha256"]),
+    (edited(format_version=99), ["written by a newer mmprefix (format_version 99)"]),
+    (edited(format_version="2"), ["format_version must be an integer"]),
+    (edited(format="peft"), ["format is 'peft', expected 'mmprefix'"]),
+], ids=lambda value: value[0] if isinstance(value, list) else None)
+def test_bad_metadata_is_refused_by_file_and_field(edit, words, tmp_path, no_allocation):
+    folder = small(tmp_path)
+    rewrite_metadata(folder, edit)
+    no_allocation()
+    refused(folder, str(folder / saving.WEIGHTS_NAME), *words)
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\xff\xfe not utf-8", ["is not UTF-8 text"]),
+    (b'{"format": "mmprefix", "format_version": 1, "prefix_config": {', ["is not valid JSON"]),
+    (b"[]", ["holds a JSON array"]),
+    (b"null", ["holds a JSON null"]),
+])
+def test_a_bad_format_1_json_is_refused_by_file(content, words, tmp_path, no_allocation):
+    folder = small(tmp_path)
+    save_file(load_file(folder / saving.WEIGHTS_NAME), folder / saving.WEIGHTS_NAME)  # format 1: no metadata
+    (folder / saving.CONFIG_NAME).write_bytes(content)
+    no_allocation()
+    refused(folder, str(folder / saving.CONFIG_NAME), *words)
+
+
+def test_a_tampered_tensor_is_refused_even_without_the_checksum_field(tmp_path, no_allocation):
+    folder = small(tmp_path)
+    weights = folder / saving.WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x40  # a bit of the last tensor's last value
+    weights.write_bytes(bytes(data))
+    no_allocation()
+    refused(folder, str(weights), "do not match their checksum")
+    rewrite_metadata(folder, edited(tensors_sha256=...))
+    refused(folder, "has no tensors_sha256")
+    # format 1: the JSON's checksum of the file, when removed, is not silently skipped either
+    meta = json.loads(saving.safetensors_header(weights)[0][saving.METADATA_KEY])
+    meta.pop("tensors_sha256", None)
+    write_format_1(folder, load_file(weights), meta)
+    loaded = json.loads((folder / saving.CONFIG_NAME).read_text())
+    del loaded["weights_sha256"]
+    (folder / saving.CONFIG_NAME).write_text(json.dumps(loaded))
+    refused(folder, "has no weights_sha256")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_are_refused_naming_the_tensor(bad, tmp_path):
+    model = add_prefix(tiny.gpt2(), PrefixConfig(num_virtual_tokens=4))
+    with torch.no_grad():
+        model.prefixes["default"].values["transformer-h-1-attn"][0, 2, 3] = bad
+    model.save_prefix(tmp_path)
+    refused(tmp_path, str(tmp_path / saving.WEIGHTS_NAME), "'transformer.h.1.attn.value' holds 1 non-finite value")
+
+
+def test_a_cut_short_weights_file_is_refused_by_name(tmp_path, no_allocation):
+    folder = small(tmp_path)
+    weights = folder / saving.WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:-100])
+    no_allocation()
+    refused(folder, str(weights), "not a readable safetensors file")
+    weights.write_bytes(b"")
+    refused(folder, "not a readable safetensors file")
+
+
+def test_a_kept_reparameterisation_must_match_its_tensors(tmp_path, no_allocation):
+    model = add_prefix(tiny.gpt2(), PrefixConfig(num_virtual_tokens=4, reparam="mlp", reparam_hidden=6))
+    model.save_prefix(tmp_path, keep_reparam=True)
+    rewrite_metadata(tmp_path, edited(prefix_config__reparam_hidden=10_000_000))
+    no_allocation()
+    refused(tmp_path, "'reparam.embedding' has shape (4, 6), expected (4, 10000000)")
+
+
+# -- PEFT adapter folders ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peft_folder(tmp_path_factory):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    folder = tmp_path_factory.mktemp("peft")
+    get_peft_model(tiny.gpt2(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def peft_copy(peft_folder, tmp_path, monkeypatch):
+    """A copy of the adapter; reading its tensors fails the test (validation must come first)."""
+    from mmprefix import peft_compat
+
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / name).write_bytes((peft_folder / name).read_bytes())
+    real = peft_compat.load_finite
+    monkeypatch.setattr(peft_compat, "load_finite", lambda path: pytest.fail("tensors read before validation"))
+    return tmp_path, real
+
+
+def edit_adapter(folder, **changes):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for key, value in changes.items():
+        if value is ...:
+            del config[key]
+        else:
+            config[key] = value
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"[1]", ["adapter_config.json holds a JSON array"]),
+    (b'"PREFIX_TUNING"', ["holds a JSON string"]),
+    (b'{"peft_type": "PREFIX_TUNING", ', ["adapter_config.json is not valid JSON"]),
+    (b"\xc3\x28", ["adapter_config.json is not UTF-8 text"]),
+    (b'{"peft_type": "PREFIX_TUNING"}', ["adapter_config.json: missing task_type, num_virtual_tokens, num_layers"]),
+])
+def test_a_malformed_adapter_config_is_refused_by_file(content, words, peft_copy):
+    folder, _ = peft_copy
+    (folder / "adapter_config.json").write_bytes(content)
+    refused(folder, *words)
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(num_attention_heads="4"), ["adapter_config.json: num_attention_heads must be an integer, got text '4'"]),
+    (dict(num_layers=...), ["missing num_layers"]),
+    (dict(token_dim=30), ["token_dim 30 is not a multiple of num_attention_heads 4"]),
+    (dict(num_virtual_tokens=2_000_000), ["prompt_embeddings has shape (3, 128), expected (2000000, 128)"]),
+    (dict(num_layers=3), ["prompt_embeddings has shape (3, 128), expected (3, 192)"]),
+    (dict(peft_type="LORA"), ["peft_type is 'LORA'"]),
+    (dict(task_type="SEQ_2_SEQ_LM"), ["task_type is 'SEQ_2_SEQ_LM'"]),
+])
+def test_a_bad_adapter_config_field_is_refused_before_the_tensors_are_read(changes, words, peft_copy):
+    folder, _ = peft_copy
+    edit_adapter(folder, **changes)
+    refused(folder, *words)
+
+
+def test_a_non_finite_peft_adapter_is_refused(peft_copy, monkeypatch):
+    from mmprefix import peft_compat
+
+    folder, real = peft_copy
+    monkeypatch.setattr(peft_compat, "load_finite", real)
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors["prompt_embeddings"][1, 5] = float("nan")
+    save_file(tensors, weights)
+    refused(folder, str(weights), "'prompt_embeddings' holds 1 non-finite value")
+    load_file(weights)  # the file itself is fine: the refusal is mmprefix's

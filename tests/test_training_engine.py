@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import tiny
-from mmprefix import load_prefix
-from mmprefix.training import TrainConfig, TrainingError, train
+from mmprefix import PrefixConfig, add_prefix, load_prefix
+from mmprefix.training import TrainConfig, TrainingError, checkpoints, train
 from train_tiny import Rows, build, make_collate
 
 SCRIPT = str(Path(__file__).with_name("train_tiny.py"))
@@ -146,3 +146,68 @@ def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="fewer than one batch"):
         train(build(0.0), Rows(3), make_collate(False), TrainConfig(output_dir=str(tmp_path), batch_size=4))
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# -- checkpoints are validated before anything is applied -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train(build(0.0), Rows(), make_collate(False), TrainConfig(output_dir=str(out), max_steps=2, batch_size=4,
+                                                               save_every=2, plot=False))
+    return out / "checkpoints" / "step-00000002"
+
+
+def damaged_copy(one_checkpoint, tmp_path, damage):
+    path = tmp_path / "step-00000002"
+    shutil.copytree(one_checkpoint, path)
+    damage(path)
+    return path
+
+
+def read_into(path, model):
+    parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return checkpoints.read_checkpoint(path, parameters, torch.optim.AdamW(parameters.values()), rank=0)
+
+
+def nan_in(name):
+    def damage(path):
+        tensors = load_file(path / f"{name}.safetensors")
+        next(t for t in tensors.values() if t.is_floating_point()).view(-1)[0] = float("nan")
+        save_file(tensors, path / f"{name}.safetensors")
+    return damage
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda p: (p / "trainable.safetensors").write_bytes((p / "trainable.safetensors").read_bytes()[:-50]),
+     "trainable.safetensors cannot be read"),
+    (nan_in("trainable"), "trainable.safetensors: tensor"),
+    (nan_in("optimizer"), "optimizer.safetensors: tensor"),
+    (lambda p: (p / "state.json").write_text('{"__dict__": [['), "state.json is not valid JSON"),
+    (lambda p: (p / "state.json").write_bytes(b"\xff"), "state.json is not UTF-8"),
+    (lambda p: (p / "state.json").write_text((p / "state.json").read_text().replace('["step", 2]', '["step", "x"]')),
+     "state.json: step must be an integer"),
+    (lambda p: (p / "optimizer.json").unlink(), "optimizer.json is missing"),
+    (lambda p: (p / "optimizer.json").write_text('{"__tensor__": "nowhere"}'), "refers to tensor 'nowhere'"),
+    (lambda p: (p / "rng-rank0.json").write_text('{"__dict__": []}'), "rng-rank0.json does not hold the random states"),
+], ids=["cut-short", "nan-weights", "nan-optimizer", "bad-json", "not-utf8", "wrong-type", "missing-part",
+        "dangling-tensor", "bad-rng"])
+def test_a_damaged_checkpoint_is_a_value_error_naming_the_file(damage, words, one_checkpoint, tmp_path):
+    path = damaged_copy(one_checkpoint, tmp_path, damage)
+    with pytest.raises(ValueError) as err:
+        read_into(path, build(0.0))
+    assert words in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_checkpoint_of_another_prefix_length_is_refused_before_anything_is_loaded(one_checkpoint, tmp_path):
+    path = damaged_copy(one_checkpoint, tmp_path, lambda p: None)
+    other = add_prefix(tiny.gpt2(), PrefixConfig(num_virtual_tokens=6))
+    with pytest.raises(ValueError, match=r"has shape \(4, 4, 8\), this model's is \(4, 6, 8\)"):
+        read_into(path, other)
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    shutil.copytree(path, tmp_path / "run" / "checkpoints" / path.name)
+    with pytest.raises(ValueError, match="another prefix length"):
+        train(other, Rows(), make_collate(False), TrainConfig(output_dir=str(tmp_path / "run"), max_steps=4,
+                                                              batch_size=4, resume=True, plot=False))
+    assert all(torch.equal(before[n], p) for n, p in other.named_parameters()), "nothing was applied"

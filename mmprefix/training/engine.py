@@ -265,25 +265,25 @@ def _save(directory: Path, state, model, optimizer, scheduler, accelerator, conf
 
 
 def _load(path: Path, model, optimizer, scheduler, accelerator) -> dict[str, Any]:
-    state = checkpoints.read_part(path, "state")
-    if state["processes"] != accelerator.num_processes:
+    """Resume from checkpoint ``path``: every part read and checked first, then applied."""
+    parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    parts = checkpoints.read_checkpoint(path, parameters, optimizer, accelerator.process_index)
+    state = parts["state"]
+    if state.processes != accelerator.num_processes:
         raise ValueError(
-            f"{path} was written by {state['processes']} processes; resume with the same number "
+            f"{path} was written by {state.processes} processes; resume with the same number "
             f"(now {accelerator.num_processes}) so that every process gets its random state back"
         )
-    trainable = checkpoints.read_part(path, "trainable")
-    named = dict(model.named_parameters())
     with torch.no_grad():
-        for name, tensor in trainable.items():
-            if name not in named:
-                raise ValueError(f"{path} holds weights for {name!r}, which this model does not have")
-            named[name].copy_(tensor)
-    optimizer.load_state_dict(checkpoints.read_part(path, "optimizer"))
-    scheduler.load_state_dict(checkpoints.read_part(path, "scheduler"))
-    if accelerator.scaler is not None and (path / "scaler.json").is_file():
-        accelerator.scaler.load_state_dict(checkpoints.read_part(path, "scaler"))
-    checkpoints.set_rng_state(checkpoints.read_part(path, f"rng-rank{accelerator.process_index}"))
-    return {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "best", "samples")}
+        for name, tensor in parts["trainable"].items():
+            parameters[name].copy_(tensor)
+    optimizer.load_state_dict(parts["optimizer"])
+    scheduler.load_state_dict(parts["scheduler"])
+    if accelerator.scaler is not None and "scaler" in parts:
+        accelerator.scaler.load_state_dict(parts["scaler"])
+    checkpoints.set_rng_state(parts["rng"])
+    return {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "best": state.best,
+            "samples": state.samples}
 
 
 def _log(out: Path, record: dict[str, Any], accelerator: Accelerator) -> None:
