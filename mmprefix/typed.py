@@ -15,7 +15,7 @@ import types
 from collections.abc import Mapping
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-__all__ = ["FieldError", "build", "check", "describe", "hints", "location"]
+__all__ = ["FieldError", "build", "check", "describe", "hints", "location", "union_members", "unknown_key"]
 
 
 class FieldError(ValueError):
@@ -33,7 +33,7 @@ def hints(cls: type) -> dict[str, Any]:
     return {f.name: resolved[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def _optional(hint: Any) -> tuple[Any, ...] | None:
+def union_members(hint: Any) -> tuple[Any, ...] | None:
     """The members of a union annotation (``X | None``, ``Union[X, Y]``), else None."""
     if get_origin(hint) in (Union, types.UnionType):
         return get_args(hint)
@@ -42,7 +42,7 @@ def _optional(hint: Any) -> tuple[Any, ...] | None:
 
 def describe(hint: Any) -> str:
     """What a value of this annotation looks like, in words."""
-    members = _optional(hint)
+    members = union_members(hint)
     if members is not None:
         words = [describe(m) for m in members if m is not type(None)]
         return " or ".join(words) + (" or null" if type(None) in members else "")
@@ -72,11 +72,14 @@ def _shown(value: Any) -> str:
 def check(value: Any, hint: Any, source: str = "", path: str = "") -> Any:
     """``value`` as ``hint`` wants it (an integer becomes a float for a float field; nested dataclasses are
     built), or a `FieldError` naming ``source`` and ``path``."""
-    members = _optional(hint)
+    members = union_members(hint)
     if members is not None:
         if value is None and type(None) in members:
             return None
-        for member in (m for m in members if m is not type(None)):
+        others = [m for m in members if m is not type(None)]
+        if len(others) == 1:  # X | None: X's own error says more than "X or null"
+            return check(value, others[0], source, path)
+        for member in others:
             try:
                 return check(value, member, source, path)
             except FieldError:

@@ -501,9 +501,9 @@ def test_example_configs_parse_and_run_on_tiny_stand_ins(checkpoint, tmp_path, i
     assert len(CONFIGS) >= 3
     for path in CONFIGS:
         settings = cli.settings_from(["--config", str(path)])
-        assert settings["task"] in evaluation.TASKS and settings["output_dir"]
-    flags = cli.settings_from(["--config", str(CONFIGS[0]), "--num-beams", "4", "--prefix", "x=y"])
-    assert flags["num_beams"] == 4 and flags["prefix"] == ["x=y"]  # flags win over the config
+        assert settings.task in evaluation.TASKS and settings.output_dir
+    flags = cli.settings_from(["--config", str(CONFIGS[0]), "--num-beams", "4", "--prefix", "x=y", "examples=3"])
+    assert flags.num_beams == 4 and flags.prefix == ["x=y"] and flags.examples == 3  # flags win over the config
 
     # COCO Karpathy with a tiny BLIP captioner: the config's format and reader options, on a tiny split file
     captioner = tiny.world_blip(tf.BlipForConditionalGeneration)

@@ -7,7 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mmprefix"
-HARNESS = ("mmprefix.training", "mmprefix.evaluation", "mmprefix.experiment", "mmprefix.embedded")
+# The command line is an application of the library, as the recipes are: it may resolve embedded:NAME specs.
+HARNESS = ("mmprefix.training", "mmprefix.evaluation", "mmprefix.experiment", "mmprefix.embedded", "mmprefix.cli")
 
 
 def module_name(path: Path) -> str:

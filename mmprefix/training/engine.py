@@ -19,7 +19,6 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,49 +34,23 @@ from transformers import get_cosine_schedule_with_warmup
 
 from ..model import PrefixModel
 from . import checkpoints
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message says where and what is kept."""
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run (recipes fill it from their YAML configs)."""
-
-    output_dir: str
-    max_steps: int = 500
-    batch_size: int = 16  # rows per optimizer step and micro-step, split across processes
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"  # "no", "fp16" or "bf16"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate once, at the end
-    save_every: int = 0  # 0: no resumable checkpoints
-    keep_checkpoints: int = 2
-    resume: bool = False
-    metric: str | None = None  # the evaluation metric that picks the best model
-    greater_is_better: bool = True
-    trackers: list[str] = field(default_factory=list)  # accelerate trackers, e.g. ["tensorboard"]
-    num_workers: int = 0
-    plot: bool = True
-
-    def __post_init__(self) -> None:
-        if self.mixed_precision is False:  # YAML reads an unquoted `no` as false
-            self.mixed_precision = "no"
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-        if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("max_steps, batch_size and gradient_accumulation_steps must be >= 1")
+from .config import TrainConfig, TrainingError
 
 
 def default_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     return model(**batch).loss
+
+
+def saved_name(model: nn.Module) -> str:
+    """The folder a trained model is saved in, named for what was trained: ``prefix``, ``prompt`` (a soft
+    prompt), a PEFT adapter's type (``lora``), or ``model`` (every weight)."""
+    if isinstance(model, PrefixModel):
+        return model.prefixes[model.active_prefix].config.method
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict) and peft_config:
+        kind = next(iter(peft_config.values())).peft_type
+        return str(getattr(kind, "value", kind)).lower()
+    return "model"
 
 
 def save_trained(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -101,8 +74,11 @@ def train(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     loss_fn: Callable[[nn.Module, dict[str, Any]], torch.Tensor] = default_loss,
     save: Callable[[nn.Module, str | os.PathLike], None] = save_trained,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` on ``dataset``; returns the final state (steps, last loss, metrics, paths)."""
+    """Train ``model`` on ``dataset``; returns the final state (steps, last loss, metrics, paths).
+    ``settings``: what else defines the run (a recipe's model, method and data), kept in checkpoints and compared
+    with the checkpoint's on resume, like ``config``."""
     out = Path(config.output_dir)
     # One process may train several times (comparisons, tests): each run sets its own mixed precision.
     AcceleratorState._reset_state()
@@ -192,22 +168,24 @@ def train(
             if evaluate is not None and (final or (config.eval_every and step % config.eval_every == 0)):
                 metrics = _evaluate(evaluate, unwrapped, step, state, config, accelerator, save, out)
             if config.save_every and (step % config.save_every == 0 or final):
-                _save(checkpoint_dir, state, unwrapped, optimizer, scheduler, accelerator, config)
+                _save(checkpoint_dir, state, unwrapped, optimizer, scheduler, accelerator, config, settings)
             if final:
                 break
         else:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
     progress.close()
+    saved = out / saved_name(unwrapped)
     if accelerator.is_main_process:
-        save(unwrapped, out / "prefix")
+        save(unwrapped, saved)
         if config.plot:
             plot_curves(out / "log.jsonl", out / "curves.png")
     accelerator.wait_for_everyone()
     if config.trackers:
         accelerator.end_training()
     unwrapped.eval()
-    return {"step": state["step"], "metrics": metrics, "best": state["best"], "output_dir": str(out)}
+    return {"step": state["step"], "metrics": metrics, "best": state["best"], "output_dir": str(out),
+            "saved": str(saved)}
 
 
 def _check_finite(loss: torch.Tensor, step: int, accelerator: Accelerator, checkpoint_dir: Path) -> None:
@@ -247,14 +225,16 @@ def _evaluate(evaluate, model, step, state, config, accelerator, save, out: Path
     return metrics
 
 
-def _save(directory: Path, state, model, optimizer, scheduler, accelerator, config: TrainConfig) -> None:
+def _save(directory: Path, state, model, optimizer, scheduler, accelerator, config: TrainConfig,
+          settings: dict[str, Any] | None) -> None:
     rank = accelerator.process_index
     parts: dict[str, Any] = {f"rng-rank{rank}": checkpoints.rng_state()}
     if accelerator.is_main_process:
         parts["trainable"] = {n: p for n, p in model.named_parameters() if p.requires_grad}
         parts["optimizer"] = optimizer.state_dict()
         parts["scheduler"] = scheduler.state_dict()
-        parts["state"] = {**state, "processes": accelerator.num_processes, "config": dataclasses.asdict(config)}
+        parts["state"] = {**state, "processes": accelerator.num_processes, "config": dataclasses.asdict(config),
+                          "settings": settings}
         if accelerator.scaler is not None:
             parts["scaler"] = accelerator.scaler.state_dict()
     checkpoints.stage_checkpoint(directory, state["step"], parts)
