@@ -22,6 +22,7 @@ from ..data.classification import read_classification
 from ..evaluation.contrastive import classify
 from ..evaluation.report import write_report
 from ..model import PrefixModel
+from ..training import lock
 from . import loading
 from .methods import for_generation
 from .settings import DataSettings, EvalSettings, RecipeSettings
@@ -126,9 +127,12 @@ def name_classes(splits: dict[str, list], names_file: str | None = None) -> tupl
 
 
 def fresh_start(settings: RecipeSettings) -> Path:
-    """The output folder; without ``--resume`` a previous run's predictions there are removed, since the
+    """The output folder, claimed for this run before anything is written into it (another run on it is refused
+    with its process id); without ``--resume`` a previous run's predictions there are removed, since the
     evaluation would otherwise continue them (with another model's answers)."""
     out = Path(settings.output_dir)
+    if is_main_process():
+        lock.claim(out)
     if not settings.train.resume:
         for stale in ("zero-shot", "tuned"):
             (out / stale / "predictions.jsonl").unlink(missing_ok=True)

@@ -69,20 +69,29 @@ def write_part(folder: Path, name: str, state: Any) -> None:
     (folder / f"{name}.json").write_text(json.dumps(structure))
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that does not read back whole (a part missing, cut short, altered or not finite)."""
+
+
 def read_part(folder: Path, name: str) -> Any:
-    """One part as written by `write_part`; a damaged or incomplete part is a ``ValueError`` naming its file."""
+    """One part as written by `write_part`; a damaged or incomplete part is a `DamagedCheckpoint` naming its file."""
     source = folder / f"{name}.json"
     try:
         text = source.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise ValueError(f"{source} is missing: the checkpoint is incomplete") from None
+        raise DamagedCheckpoint(f"{source} is missing: the checkpoint is incomplete") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{source} is not UTF-8 text: the checkpoint is damaged") from None
+        raise DamagedCheckpoint(f"{source} is not UTF-8 text: the checkpoint is damaged") from None
     try:
         structure = json.loads(text)
+        return _join(structure, load_finite(folder / f"{name}.safetensors"), str(source))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{source} is not valid JSON ({err.msg}, line {err.lineno}): the checkpoint is damaged") from None
-    return _join(structure, load_finite(folder / f"{name}.safetensors"), str(source))
+        raise DamagedCheckpoint(f"{source} is not valid JSON ({err.msg}, line {err.lineno}): the checkpoint is "
+                                "damaged") from None
+    except DamagedCheckpoint:
+        raise
+    except ValueError as err:
+        raise DamagedCheckpoint(str(err)) from None
 
 
 @dataclass
@@ -107,7 +116,10 @@ def read_checkpoint(path: Path, parameters: dict[str, torch.Tensor], optimizer: 
                     rank: int) -> dict[str, Any]:
     """Every part of checkpoint ``path`` this process needs, checked against the trainable ``parameters`` (by
     name) and ``optimizer`` it is to be loaded into; nothing is applied here."""
-    state = typed.build(RunState, read_part(path, "state"), str(path / "state.json"))
+    try:
+        state = typed.build(RunState, read_part(path, "state"), str(path / "state.json"))
+    except typed.FieldError as err:
+        raise DamagedCheckpoint(str(err)) from None
     trainable = read_part(path, "trainable")
     source = path / "trainable.safetensors"
     if not isinstance(trainable, dict) or set(trainable) != set(parameters):
@@ -133,7 +145,7 @@ def read_checkpoint(path: Path, parameters: dict[str, torch.Tensor], optimizer: 
 def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer, source: Path) -> None:
     """The saved optimizer state has this optimizer's groups and, per parameter, tensors of its shape."""
     if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list) or not isinstance(saved.get("state"), dict):
-        raise ValueError(f"{source} is not an optimizer state (expected state and param_groups)")
+        raise DamagedCheckpoint(f"{source} is not an optimizer state (expected state and param_groups)")
     ours = optimizer.param_groups
     theirs = saved["param_groups"]
     if len(theirs) != len(ours) or any(len(g.get("params", [])) != len(o["params"]) for g, o in zip(theirs, ours)):
@@ -167,7 +179,7 @@ def _check_rng(state: Any, source: Path) -> None:
     except (KeyError, TypeError, ValueError, IndexError):
         ok = False
     if not ok:
-        raise ValueError(f"{source} does not hold the random states of a run (python, numpy, torch)")
+        raise DamagedCheckpoint(f"{source} does not hold the random states of a run (python, numpy, torch)")
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
