@@ -292,6 +292,36 @@ def test_report_files(images, tmp_path):
     assert report.markdown_table(runs, "text").splitlines()[2] == "| lm | 0.2500 | 50.00 | 2 | 0 |"  # primary first
 
 
+def test_the_report_says_what_was_run_and_shows_every_question_type(images, tmp_path):
+    """The page names model, method and run, embeds the curves, has the per-question-type table, and its examples
+    cover every question type (the one that got worse too); captioning has no empty input column."""
+    kinds = ["count"] * 6 + ["position"] + ["size"] * 10  # position: one question, the type that got worse
+    samples = [VQASample(question_id=i, image=images[i % len(images)], question=f"{kind} question {i}?",
+                         answers=["two"] * 10, question_type=kind) for i, kind in enumerate(kinds)]
+    metrics = {"zero-shot": {"count": 10.0, "size": 20.0, "position": 100.0},
+               "tuned": {"count": 90.0, "size": 80.0, "position": 0.0}}
+    results = {run: {"metrics": {"vqa_accuracy": 50.0, **{f"vqa_accuracy_by_question/{k}": v for k, v in m.items()}},
+                     "predictions": {s.question_id: "two" for s in samples}, "errors": [], "num_samples": len(samples)}
+               for run, m in metrics.items()}
+    curves = tmp_path / "curves.png"
+    Image.new("RGB", (20, 10), (0, 90, 200)).save(curves)
+    about = {"model": "embedded:blip:vqa", "method": "prefix", "run": "out/vqa/prefix"}
+    page = report.write_report(tmp_path, "vqa", samples, results, examples=3, about=about, curves=curves)["html"].read_text()
+    assert "mmprefix evaluation: vqa, prefix on embedded:blip:vqa" in page
+    assert all(f"<td>{value}</td>" in page for value in about.values())
+    assert "Accuracy per question type" in page and "<td>position</td><td>100.00</td><td>0.00</td>" in page
+    assert page.count("data:image/png;base64,") == 1
+    shown = [k for k in ("count", "size", "position") if any(f"{k} question {i}?" in page for i in range(len(kinds)))]
+    assert shown == ["count", "size", "position"]
+    assert report.pick_examples(samples, 3) == [0, 6, 7] and len(report.pick_examples(samples, 12)) == 12
+
+    captions = [CaptionSample(image_id=i, image=image, captions=["a red circle"]) for i, image in enumerate(images)]
+    runs = {"base": {"metrics": {"CIDEr": 1.0}, "predictions": {i: "a red circle" for i in range(len(images))},
+                     "errors": [], "num_samples": len(images)}}
+    page = report.write_report(tmp_path / "captions", "caption", captions, runs)["html"].read_text()
+    assert "<th>input</th>" not in page and "<th>image</th><th>references</th><th>base</th>" in page
+
+
 # -- classification and retrieval ------------------------------------------------------------------------------
 
 COLORS = {"red": (255, 0, 0), "green": (0, 200, 0), "blue": (0, 0, 255), "orange": (200, 100, 0)}

@@ -243,6 +243,9 @@ def test_real_checkpoint_configs_fail_clearly_without_checkpoint_or_data(config,
     assert settings.run(module.main, ["--config", str(path), f"model={stand_in(stand_ins, checkpoint)}",
                                     f"output_dir={tmp_path}"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    monkeypatch.delenv(variable)  # an unset data variable is named before anything loads
+    assert settings.run(module.main, ["--config", str(path), f"output_dir={tmp_path}"]) == 2
+    assert f"uses ${variable}, which is not set" in capsys.readouterr().err
 
 
 def test_two_processes_with_accelerate_launch(stand_ins, tmp_path):

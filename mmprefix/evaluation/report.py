@@ -158,9 +158,13 @@ def pick_examples(samples: Sequence[Any], examples: int) -> list[int]:
         groups.setdefault(getattr(sample, "question_type", None), []).append(index)
     if len(groups) <= 1:
         return _spread(len(samples), examples)
-    shares = {kind: examples // len(groups) + (n < examples % len(groups)) for n, kind in enumerate(groups)}
-    picked = [members[i] for kind, members in groups.items() for i in _spread(len(members), max(shares[kind], 1))]
-    return sorted(picked)[: max(examples, len(groups))]
+    shares = dict.fromkeys(groups, 0)
+    wanted = min(max(examples, len(groups)), len(samples))  # at least one of each type
+    while sum(shares.values()) < wanted:
+        for kind, members in groups.items():  # round-robin: a small type's unused share goes to the others
+            if shares[kind] < len(members) and sum(shares.values()) < wanted:
+                shares[kind] += 1
+    return sorted(members[i] for kind, members in groups.items() for i in _spread(len(members), shares[kind]))
 
 
 def _example_rows(task: str, samples: Sequence[Any], results: Mapping[str, Mapping], examples: int,
