@@ -22,7 +22,7 @@ from mmprefix.data import formatting
 from mmprefix.data.classification import read_classification
 from mmprefix.evaluation import decode, metrics, report
 from mmprefix.experiment import loading
-from mmprefix.data import BadImageError, CaptionSample, TextSample, VQASample
+from mmprefix.data import BadImageError, CaptionSample, NoReadableImages, TextSample, VQASample
 from mmprefix.embedded import text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +179,10 @@ def test_bad_images_are_reported_not_fatal(images, tmp_path):
 
     results = evaluation.evaluate_runs("vqa", model, processor, samples, {"base": None}, tmp_path / "out", **SETTINGS)
     assert len(results["base"]["errors"]) == 2 and set(results["base"]["predictions"]) == {0, 1}
+
+    unreadable = [s for s in samples if s.question_id in (7, 8)]  # skipping all of them would score nothing
+    with pytest.raises(NoReadableImages, match="none of the 2 images could be read"):
+        evaluation.predict("vqa", model, processor, unreadable, **SETTINGS)
 
 
 # -- scores and formats ----------------------------------------------------------------------------------------

@@ -132,6 +132,17 @@ def test_the_comparison_methods_run_through_the_same_recipe(name, checkpoint, me
 VQA_YAML = RECIPES["vqa"].parent / "configs" / "vqa.yaml"
 
 
+def test_a_dataset_of_unreadable_images_ends_the_recipe_with_one_line(stand_ins, tmp_path, capsys):
+    rows = [{"question_id": i, "image": f"gone-{i}.png", "question": "how many?", "answers": ["two"]} for i in range(4)]
+    (tmp_path / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = [f"data.{split}={{path: {tmp_path / 'vqa.jsonl'}}}" for split in ("train", "val", "test")]
+    code = settings.run(load("vqa").main, [f"model={stand_ins / 'blip'}", f"output_dir={tmp_path / 'out'}", *data,
+                                           "data.on_bad_image=skip"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("recipe: error: none of the 4 images could be read (e.g. ")
+
+
 def parse(*argv):
     return settings.recipe_settings(list(argv), "vqa", VQA_YAML)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..data import CaptionSample, ImageLoader, TextSample, VQASample
+from ..data import CaptionSample, ImageLoader, NoReadableImages, TextSample, VQASample
 from ..data.formatting import family
 from ..files import write_json
 from ..routing import ACTIVE
@@ -254,6 +254,8 @@ def predict(
     finally:
         bar.close()
         appender.close()
+    if todo and not done and len(errors) == len(todo):  # skipping every image would score nothing
+        raise NoReadableImages(len(todo), str(errors[0]["image"]), str(errors[0]["reason"]))
     ordered = {sample_id(task, s): done[sample_id(task, s)] for s in samples if sample_id(task, s) in done}
     return ordered, errors
 

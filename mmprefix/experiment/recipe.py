@@ -17,7 +17,7 @@ from accelerate import PartialState
 from torch import nn
 
 from .. import evaluation
-from ..data import ImageLoader, read_samples
+from ..data import ImageLoader, NoReadableImages, read_samples
 from ..data.classification import read_classification
 from ..evaluation.contrastive import classify
 from ..evaluation.report import write_report
@@ -67,8 +67,9 @@ class SampleDataset(torch.utils.data.Dataset):
             if image is not None:
                 return sample, image
             self.unreadable[row] = True
-        raise ValueError(f"none of the {len(self.samples)} samples has a readable image (e.g. "
-                         f"{_image_of(self.samples[0])}); check the data paths and image_root")
+        skipped = self.images.skipped[-1] if self.images.skipped else None
+        raise NoReadableImages(len(self.samples), skipped.path if skipped else str(_image_of(self.samples[0])),
+                               skipped.reason if skipped else "unreadable")
 
     def summary(self) -> str | None:
         """One line on the unreadable images that training skipped, or None."""

@@ -27,7 +27,7 @@ import yaml
 
 from .. import typed
 from ..config import PrefixConfig
-from ..training.config import TrainConfig, TrainingInterrupted, TrainSettings
+from ..training.config import TrainConfig, TrainingError, TrainingInterrupted, TrainSettings
 from .loading import LoadError
 
 METHODS = ("prefix", "prompt", "lora", "full")
@@ -501,10 +501,20 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
     run stopped by SIGTERM/SIGINT (after saving a checkpoint) with 128 + the signal number."""
     try:
         main(argv)
-    except (SettingsError, LoadError, FileNotFoundError) as err:
-        print(f"{name}: error: {err}", file=sys.stderr)
-        return 2
     except TrainingInterrupted as err:
         print(f"{name}: {err}", file=sys.stderr)
         return 128 + err.signal_number
+    except (SettingsError, LoadError, FileNotFoundError, TrainingError, ValueError) as err:
+        if isinstance(err, ValueError) and not isinstance(err, _data_errors()):
+            raise  # a bug, not bad input: the traceback is what helps
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _data_errors() -> tuple[type, ...]:
+    """Errors of bad data or files, whose messages name the file and what to fix (loaded once needed)."""
+    from ..data import AnnotationError, BadImageError, NoReadableImages
+    from ..training.checkpoints import CheckpointMismatch, DamagedCheckpoint
+
+    return SettingsError, LoadError, AnnotationError, BadImageError, NoReadableImages, DamagedCheckpoint, CheckpointMismatch

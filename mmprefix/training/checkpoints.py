@@ -73,6 +73,10 @@ class DamagedCheckpoint(ValueError):
     """A checkpoint that does not read back whole (a part missing, cut short, altered or not finite)."""
 
 
+class CheckpointMismatch(ValueError):
+    """A whole checkpoint that was written for another model, method or number of processes."""
+
+
 def read_part(folder: Path, name: str) -> Any:
     """One part as written by `write_part`; a damaged or incomplete part is a `DamagedCheckpoint` naming its file."""
     source = folder / f"{name}.json"
@@ -125,12 +129,12 @@ def read_checkpoint(path: Path, parameters: dict[str, torch.Tensor], optimizer: 
     if not isinstance(trainable, dict) or set(trainable) != set(parameters):
         missing = sorted(set(parameters) - set(trainable or {}))[:3]
         extra = sorted(set(trainable or {}) - set(parameters))[:3]
-        raise ValueError(f"{source} holds other weights than this model trains (missing {missing}, unknown {extra}): "
+        raise CheckpointMismatch(f"{source} holds other weights than this model trains (missing {missing}, unknown {extra}): "
                          "was it written for another model or method?")
     for name, tensor in trainable.items():
         if not torch.is_tensor(tensor) or tensor.shape != parameters[name].shape:
             got = tuple(tensor.shape) if torch.is_tensor(tensor) else type(tensor).__name__
-            raise ValueError(f"{source}: {name!r} has shape {got}, this model's is {tuple(parameters[name].shape)} "
+            raise CheckpointMismatch(f"{source}: {name!r} has shape {got}, this model's is {tuple(parameters[name].shape)} "
                              "(another prefix length or model?)")
     optimizer_state = read_part(path, "optimizer")
     _check_optimizer(optimizer_state, optimizer, path / "optimizer.json")
@@ -149,15 +153,15 @@ def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer, source: Path)
     ours = optimizer.param_groups
     theirs = saved["param_groups"]
     if len(theirs) != len(ours) or any(len(g.get("params", [])) != len(o["params"]) for g, o in zip(theirs, ours)):
-        raise ValueError(f"{source}: {[len(g.get('params', [])) for g in theirs]} parameters per group, this "
+        raise CheckpointMismatch(f"{source}: {[len(g.get('params', [])) for g in theirs]} parameters per group, this "
                          f"optimizer has {[len(g['params']) for g in ours]}")
     shapes = {index: p.shape for group, mine in zip(theirs, ours) for index, p in zip(group["params"], mine["params"])}
     for index, entry in saved["state"].items():
         if index not in shapes or not isinstance(entry, dict):
-            raise ValueError(f"{source}: state for unknown parameter {index!r}")
+            raise CheckpointMismatch(f"{source}: state for unknown parameter {index!r}")
         for key, value in entry.items():
             if torch.is_tensor(value) and value.dim() > 0 and value.shape != shapes[index]:
-                raise ValueError(f"{source}: {key} of parameter {index} has shape {tuple(value.shape)}, expected "
+                raise CheckpointMismatch(f"{source}: {key} of parameter {index} has shape {tuple(value.shape)}, expected "
                                  f"{tuple(shapes[index])}")
 
 

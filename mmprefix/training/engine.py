@@ -398,7 +398,7 @@ def _apply(path: Path, parts: dict[str, Any], parameters: dict[str, nn.Parameter
     """Put a read and checked checkpoint into the model, optimizer, scheduler and random generators."""
     state = parts["state"]
     if state.processes != accelerator.num_processes:
-        raise ValueError(
+        raise checkpoints.CheckpointMismatch(
             f"{path} was written by {state.processes} processes; resume with the same number "
             f"(now {accelerator.num_processes}) so that every process gets its random state back"
         )
