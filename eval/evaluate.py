@@ -151,6 +151,7 @@ def generation_settings(settings: EvaluationSettings) -> dict[str, int]:
 
 def run(settings: EvaluationSettings) -> dict[str, dict]:
     from mmprefix import evaluation
+    from mmprefix.data import NoReadableImages
     from mmprefix.evaluation import report
     from mmprefix.experiment import loading
 
@@ -175,7 +176,7 @@ def run(settings: EvaluationSettings) -> dict[str, dict]:
             on_bad_image=settings.on_bad_image, meteor=settings.meteor, spice=settings.spice,
             classnames=classnames, templates=settings.templates, progress=settings.progress,
         )
-    except evaluation.ResumeError as err:
+    except (evaluation.ResumeError, NoReadableImages) as err:
         raise UsageError(str(err)) from None
 
     # 4. the report: results.json, results.md, report.html

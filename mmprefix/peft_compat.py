@@ -57,6 +57,9 @@ def read_peft_config(directory: Path) -> PeftPrefix:
     """The adapter's config, every field used checked (PEFT's other fields are left alone)."""
     path = directory / CONFIG_NAME
     data = read_json(path, "a PEFT adapter config (a JSON object)")
+    if data.get("peft_type") != "PREFIX_TUNING":  # named first: its other fields are another method's
+        raise ValueError(f"{directory} holds a PEFT {data.get('peft_type')} adapter; only PREFIX_TUNING adapters "
+                         "can be loaded")
     fields = typed.hints(PeftPrefix)
     required = [name for name in fields if name != "base_model_name_or_path" and name not in data]
     if required:

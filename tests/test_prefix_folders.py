@@ -494,7 +494,7 @@ def test_a_malformed_adapter_config_is_refused_by_file(content, words, peft_copy
     (dict(token_dim=30), ["token_dim 30 is not a multiple of num_attention_heads 4"]),
     (dict(num_virtual_tokens=2_000_000), ["prompt_embeddings has shape (3, 128), expected (2000000, 128)"]),
     (dict(num_layers=3), ["prompt_embeddings has shape (3, 128), expected (3, 192)"]),
-    (dict(peft_type="LORA"), ["peft_type is 'LORA'"]),
+    (dict(peft_type="LORA"), ["holds a PEFT LORA adapter; only PREFIX_TUNING adapters can be loaded"]),
     (dict(task_type="SEQ_2_SEQ_LM"), ["task_type is 'SEQ_2_SEQ_LM'"]),
 ])
 def test_a_bad_adapter_config_field_is_refused_before_the_tensors_are_read(changes, words, peft_copy):

@@ -68,6 +68,12 @@ def test_a_bad_yaml_file_is_one_line_naming_the_file(text, words, tmp_path):
     assert all(w in message for w in words) and (str(config) in message or "settings" in message), message
 
 
+def test_classification_data_takes_no_reader_format():
+    config = ROOT / "recipes" / "configs" / "classification.yaml"
+    with pytest.raises(SettingsError, match=r"data.test: classification reads \{image, label\} JSONL"):
+        settings.recipe_settings(["data.test.format=jsonl"], "classification", config)
+
+
 def test_yaml_is_read_as_yaml_1_2():
     text = "a: 3e-3\nb: 1.0e+5\nc: no\nd: off\ne: true\nf: 010\ng: .inf\nh: 12\ni: -4\nj: 1_000\n"
     assert settings.parse_yaml(text, "test") == {"a": 0.003, "b": 100000.0, "c": "no", "d": "off", "e": True,
@@ -162,7 +168,7 @@ def evaluate_parser():
 def test_every_flag_has_help_and_the_examples_are_a_list():
     from mmprefix import cli
 
-    for parser in (settings.recipe_parser(None, "vqa", VQA_YAML), evaluate_parser(), cli.sites_parser()):
+    for parser in (settings.recipe_parser(None, VQA_YAML), evaluate_parser(), cli.sites_parser()):
         for action in parser._actions:
             assert action.help, f"{action.option_strings or action.dest} has no help text"
     help_text = subprocess.run([sys.executable, "recipes/vqa.py", "--help"], capture_output=True, text=True,

@@ -97,10 +97,7 @@ def load_splits(task: str, data: DataSettings) -> dict[str, list]:
             raise loading.LoadError(f"the {split} data {spec.path!r} ({path}) does not exist; "
                                     f"download it or fix data.{split}.path")
         options = {k: _expand(v) for k, v in spec.options.items()}
-        if task == "classification":
-            if spec.format or spec.options:
-                raise ValueError(f"data.{split}: classification reads {{image, label}} JSONL or a folder per "
-                                 "class and takes no format or options")
+        if task == "classification":  # settings refused a format or options for it
             samples, _ = read_classification(path)
         else:
             samples = read_samples(task, path, format=spec.format, **options)
@@ -121,7 +118,7 @@ def name_classes(splits: dict[str, list], names_file: str | None = None) -> tupl
         mapping = json.loads(Path(path).read_text(encoding="utf-8"))
         missing = [label for label in labels if label not in mapping]
         if missing:
-            raise ValueError(f"{path} names no class for labels {missing[:5]} ({len(missing)} in all)")
+            raise loading.LoadError(f"{path} names no class for labels {missing[:5]} ({len(missing)} in all)")
         names = {label: str(mapping[label]) for label in labels}
     named = {split: [(image, names[label]) for image, label in samples] for split, samples in splits.items()}
     return named, sorted(set(names.values()))

@@ -379,7 +379,7 @@ FLAGS = {  # recipe flag -> (dotted key, argparse keywords)
 }
 
 
-def recipe_parser(description: str | None, task: str, default_config: Path) -> argparse.ArgumentParser:
+def recipe_parser(description: str | None, default_config: Path) -> argparse.ArgumentParser:
     """The command line every recipe shares; ``description`` is the recipe's docstring (examples kept as lines)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Settings are layered: the YAML config, then these flags, then key=value "
@@ -397,7 +397,7 @@ def recipe_settings(argv: Sequence[str] | None, task: str, default_config: Path,
                     description: str | None = None) -> RecipeSettings:
     """A recipe's settings from its command line: the YAML config, the flags, the overrides; checked in full
     (keys, types, method options, unset data variables) before anything is loaded."""
-    parser = recipe_parser(description, task, default_config)
+    parser = recipe_parser(description, default_config)
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     flags: dict[str, Any] = {}
     for flag, (key, _) in FLAGS.items():
@@ -417,6 +417,9 @@ def recipe_settings(argv: Sequence[str] | None, task: str, default_config: Path,
         settings.train.learning_rate = typed.check(rate, float, "settings", f"{settings.method}.learning_rate")
     _check_lora(settings.lora)
     for name, split in settings.data.splits().items():
+        if task == "classification" and (split.format or split.options):
+            raise SettingsError(f"settings: data.{name}: classification reads {{image, label}} JSONL or a folder per "
+                                "class and takes no format or options")
         check_path_variables(split.path, f"data.{name}.path", "settings")
         check_path_variables(split.options, f"data.{name}.options", "settings")
     if settings.data.class_names:
@@ -504,8 +507,11 @@ def run(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None 
     except TrainingInterrupted as err:
         print(f"{name}: {err}", file=sys.stderr)
         return 128 + err.signal_number
-    except (SettingsError, LoadError, FileNotFoundError, TrainingError, ValueError) as err:
-        if isinstance(err, ValueError) and not isinstance(err, _data_errors()):
+    except (SettingsError, LoadError, FileNotFoundError, TrainingError) as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        if not isinstance(err, _data_errors()):
             raise  # a bug, not bad input: the traceback is what helps
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2
@@ -517,4 +523,4 @@ def _data_errors() -> tuple[type, ...]:
     from ..data import AnnotationError, BadImageError, NoReadableImages
     from ..training.checkpoints import CheckpointMismatch, DamagedCheckpoint
 
-    return SettingsError, LoadError, AnnotationError, BadImageError, NoReadableImages, DamagedCheckpoint, CheckpointMismatch
+    return AnnotationError, BadImageError, NoReadableImages, DamagedCheckpoint, CheckpointMismatch

@@ -290,9 +290,10 @@ def _compare(path: Path, saved: checkpoints.RunState, config: TrainConfig, setti
     now = dataclasses.asdict(config)
     differences = [f"train.{key}: checkpoint {saved.config.get(key)!r}, now {value!r}" for key, value in now.items()
                    if key not in RESUMABLE_CHANGES and saved.config.get(key) != value]
-    before, after = _dotted(saved.settings or {}), _dotted(settings or {})
-    differences += [f"{key}: checkpoint {before.get(key)!r}, now {after.get(key)!r}"
-                    for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    if saved.settings is not None:  # checkpoints of versions that did not record them are compared on train only
+        before, after = _dotted(saved.settings), _dotted(settings or {})
+        differences += [f"{key}: checkpoint {before.get(key)!r}, now {after.get(key)!r}"
+                        for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
     if not differences:
         return
     listed = "; ".join(differences)
