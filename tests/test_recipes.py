@@ -259,6 +259,20 @@ def test_real_checkpoint_configs_fail_clearly_without_checkpoint_or_data(config,
     assert f"uses ${variable}, which is not set" in capsys.readouterr().err
 
 
+def test_offline_an_uncached_open_clip_checkpoint_is_refused_before_any_download(monkeypatch, tmp_path):
+    from mmprefix.experiment import loading
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip download either
+
+    def download(*args, **kwargs):
+        raise AssertionError("open_clip was asked to fetch weights offline (minutes of retries)")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", download)
+    with pytest.raises(loading.LoadError, match="its weights are not in the local cache and the hub is offline"):
+        loading.load_model("open_clip:ViT-B-32:laion2b_s34b_b79k", "classification")
+
+
 def test_two_processes_with_accelerate_launch(stand_ins, tmp_path):
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
