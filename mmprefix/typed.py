@@ -127,26 +127,25 @@ def unknown_key(key: str, valid: list[str], source: str, path: str) -> FieldErro
     return FieldError(f"{location(source, path)} is not a setting{hint}; {section}: {', '.join(sorted(valid))}")
 
 
-def build(cls: type, data: Any, source: str = "", path: str = "", **fixed: Any) -> Any:
+def build(cls: type, data: Any, source: str = "", path: str = "") -> Any:
     """A ``cls`` dataclass from a mapping: unknown keys are named with the valid ones, each value is checked
-    against its field, nested dataclasses are built; errors of ``cls``'s own checks name the source.
-    ``fixed`` are further arguments that do not come from ``data``."""
+    against its field, nested dataclasses are built; errors of ``cls``'s own checks name the source."""
     if not isinstance(data, Mapping):
         raise FieldError(f"{location(source, path) or 'the settings'} must be {describe(cls)}, got {_shown(data)}")
     fields = hints(cls)
     values = {}
     for key, value in data.items():
         key_path = f"{path}.{key}" if path else str(key)
-        if key not in fields or key in fixed:
-            raise unknown_key(str(key), [f for f in fields if f not in fixed], source, key_path)
+        if key not in fields:
+            raise unknown_key(str(key), list(fields), source, key_path)
         values[key] = check(value, fields[key], source, key_path)
-    required = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in values and f.name not in fixed
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in values
                 and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if required:
         missing = ", ".join(f"{path}.{name}" if path else name for name in required)
         raise FieldError(f"{location(source, path) or cls.__name__} lacks required setting(s) {missing}")
     try:
-        return cls(**values, **fixed)
+        return cls(**values)
     except FieldError:
         raise
     except (ValueError, TypeError) as err:

@@ -193,14 +193,14 @@ def override_layer(cls: type, overrides: Sequence[str], source: str = "command l
     return layer
 
 
-def layered(cls: type, layers: Sequence[tuple[str, Mapping[str, Any]]], **fixed: Any) -> Any:
+def layered(cls: type, layers: Sequence[tuple[str, Mapping[str, Any]]]) -> Any:
     """A ``cls`` from layers ``(source, mapping)``, later ones winning; each layer is checked on its own (errors
     name its source), then the merged settings run ``cls``'s own checks."""
     merged: dict[str, Any] = {}
     for source, layer in layers:
         merged = _merge(merged, check_layer(cls, layer, source), cls)
     try:
-        return typed.build(cls, merged, "settings", **fixed)
+        return typed.build(cls, merged, "settings")
     except typed.FieldError as err:
         raise SettingsError(str(err)) from None
 
