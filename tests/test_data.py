@@ -722,6 +722,20 @@ def test_training_rows_with_unreadable_images_are_replaced_and_counted_once(tmp_
         SampleDataset(samples)[1]  # the default policy: an error
 
 
+def test_unreadable_images_found_by_dataloader_workers_are_counted(tmp_path):
+    import torch
+
+    from mmprefix.experiment.recipe import SampleDataset
+
+    Image.new("RGB", (4, 4), RED).save(tmp_path / "good.png")
+    paths = ["good.png", "gone-1.png", "good.png", "gone-2.png", "good.png", "gone-3.png"]
+    samples = [VQASample(question_id=i, image=str(tmp_path / p), question="?", answers=["a"]) for i, p in enumerate(paths)]
+    dataset = SampleDataset(samples, on_bad_image="skip")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=lambda rows: rows)
+    assert sum(len(batch) for batch in loader) == 6  # full batches: every bad row was replaced in a worker
+    assert dataset.summary().startswith("3 of 6 training images could not be read")
+
+
 def test_a_dataset_whose_every_image_is_unreadable_is_a_clear_error(tmp_path):
     from mmprefix.data import NoReadableImages
     from mmprefix.experiment.recipe import SampleDataset
