@@ -1,78 +1,73 @@
 #!/usr/bin/env python
 """Evaluate a model, with zero, one or several prefixes, on a task; write predictions, scores and a report.
 
-    python eval/evaluate.py --task vqa --model embedded:blip --data world:vqa_downstream_test \\
-        --prefix counts=out/counts --prefix sizes=out/sizes --output-dir out/eval
-    python eval/evaluate.py --config eval/configs/coco_karpathy_blip.yaml --limit 500
+examples:
+  python eval/evaluate.py --task vqa --model embedded:blip --data world:vqa_downstream_test \\
+      --prefix counts=out/counts --prefix sizes=out/sizes --output-dir out/eval
+  python eval/evaluate.py --config eval/configs/coco_karpathy_blip.yaml --limit 500
+  python eval/evaluate.py --config eval/configs/world_vqa_embedded.yaml num_beams=3   # any setting, by its key
 
 Tasks: vqa, caption, text (generation, scored with the official metrics), classification and retrieval
-(CLIP-like models). Models: ``embedded:NAME[:HEAD]`` (the tiny backbones shipped with mmprefix), a local folder
-or Hugging Face id, or ``open_clip:MODEL[:PRETRAINED]``. Each ``--prefix NAME=DIR`` (an mmprefix or PEFT prefix
-folder) is loaded onto the one frozen model and evaluated as its own run; ``--base`` (the default) adds the
-model without a prefix. A YAML ``--config`` holds the same keys as the flags (``output_dir`` or
-``output-dir``); flags given on the command line win.
+(CLIP-like models). Models: embedded:NAME[:HEAD] (the tiny backbones shipped with mmprefix), a local folder
+or Hugging Face id, or open_clip:MODEL[:PRETRAINED]. Each --prefix NAME=DIR (an mmprefix or PEFT prefix
+folder) is loaded onto the one frozen model and evaluated as its own run; --base (the default) adds the
+model without a prefix. Settings are layered as the recipes' are: a YAML --config with the same keys as the
+flags (output_dir or output-dir), then the flags, then key=value overrides; every key and type is checked
+before anything is loaded.
 
-Output: ``OUTPUT_DIR/<run>/predictions.jsonl`` (a rerun skips the ids already there),
-``OUTPUT_DIR/<run>/results.json`` (official result format), ``OUTPUT_DIR/results.json``, ``results.md`` and
-``report.html``.
+Output: OUTPUT_DIR/<run>/predictions.jsonl (a rerun skips the ids already there),
+OUTPUT_DIR/<run>/results.json (official result format), OUTPUT_DIR/results.json, results.md and report.html.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+from mmprefix.experiment import settings as layering
+from mmprefix.experiment.loading import LoadError
+from mmprefix.experiment.settings import EvaluationSettings, SettingsError
 
-from mmprefix import evaluation
-from mmprefix.data.classification import read_classification
-from mmprefix.evaluation import report
-from mmprefix.experiment import loading
-
-DEFAULTS: dict[str, Any] = {
-    "task": None, "model": None, "data": None, "output_dir": None, "config": None,
-    "format": None, "data_options": {}, "limit": None,
-    "prefix": [], "base": True,
-    "batch_size": 16, "num_beams": 1, "max_new_tokens": None,
-    "on_bad_image": "skip", "meteor": True, "spice": False,
-    "templates": ["a photo of a {}."], "examples": 12, "progress": True,
-}
-REQUIRED = ("task", "model", "data", "output_dir")
+TASKS = "vqa, caption, text (generation), classification, retrieval"
 
 
 class UsageError(Exception):
     """A problem the user can fix (bad flag, missing checkpoint, unreadable data): printed without a traceback."""
 
 
-# -- settings: defaults < YAML config < flags ------------------------------------------------------------------
+# -- settings: defaults < YAML config < flags < key=value overrides (mmprefix.experiment.settings) ---------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS)  # only flags given override the config
-    parser.add_argument("--config", help="YAML file with the same keys as these flags")
-    parser.add_argument("--task", choices=evaluation.TASKS)
+    parser.add_argument("--config", help="YAML file with the same keys as these flags (output_dir or output-dir)")
+    parser.add_argument("--task", help=f"what to evaluate: {TASKS}")
     parser.add_argument("--model", help="embedded:NAME[:HEAD], a local folder or HF id, open_clip:MODEL[:PRETRAINED]")
     parser.add_argument("--data", help="annotation file or folder (any format of mmprefix.data.read_samples), "
                         "or world:NAME for a file of the synthetic world, e.g. world:vqa_downstream_test")
     parser.add_argument("--format", help="reader format, e.g. vqav2, gqa, karpathy, coco, jsonl (default: detected)")
     parser.add_argument("--data-option", dest="data_options", action="append", metavar="KEY=VALUE",
                         help="reader option, e.g. annotations=PATH, image_root=DIR, split=test (repeatable)")
-    parser.add_argument("--limit", type=int, help="evaluate the first N samples only")
+    parser.add_argument("--limit", type=int, metavar="N", help="evaluate the first N samples only")
     parser.add_argument("--prefix", action="append", metavar="NAME=DIR", help="a prefix run (repeatable)")
     parser.add_argument("--base", action=argparse.BooleanOptionalAction, help="also evaluate the model without prefix")
-    parser.add_argument("--output-dir", dest="output_dir")
-    parser.add_argument("--batch-size", dest="batch_size", type=int)
-    parser.add_argument("--num-beams", dest="num_beams", type=int)
-    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
-    parser.add_argument("--on-bad-image", dest="on_bad_image", choices=["skip", "error"])
+    parser.add_argument("--output-dir", dest="output_dir", metavar="DIR", help="where predictions and reports go")
+    parser.add_argument("--batch-size", dest="batch_size", type=int, metavar="N", help="samples per batch (default 16)")
+    parser.add_argument("--num-beams", dest="num_beams", type=int, metavar="N", help="beam search width (default 1)")
+    parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, metavar="N",
+                        help="longest generated answer or caption (default: the model's)")
+    parser.add_argument("--on-bad-image", dest="on_bad_image", choices=["skip", "error"],
+                        help="an unreadable image is listed and skipped (default) or stops the evaluation")
     parser.add_argument("--meteor", action=argparse.BooleanOptionalAction, help="compute METEOR (a JVM start)")
     parser.add_argument("--spice", action=argparse.BooleanOptionalAction, help="try SPICE (needs its jars offline)")
     parser.add_argument("--template", dest="templates", action="append", help="classification prompt, e.g. 'a photo of a {}.'")
-    parser.add_argument("--examples", type=int, help="examples in report.html")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction)
+    parser.add_argument("--examples", type=int, metavar="N", help="examples in report.html (default 12)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="any setting by its key, e.g. num_beams=3")
     return parser
 
 
@@ -83,38 +78,16 @@ def key_value(item: str, what: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def load_config(path: str) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise UsageError(f"cannot read config {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"config {path} must be a mapping of settings")
-    config = {key.replace("-", "_"): value for key, value in data.items()}
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        raise UsageError(f"config {path}: unknown keys {unknown}; known: {sorted(DEFAULTS)}")
-    return config
-
-
-def settings_from(argv: list[str] | None) -> dict[str, Any]:
-    flags = vars(build_parser().parse_args(argv))
-    config = load_config(flags["config"]) if flags.get("config") else {}
+def settings_from(argv: list[str] | None) -> EvaluationSettings:
+    """The settings of one evaluation, checked in full before anything is loaded."""
+    flags = vars(build_parser().parse_intermixed_args(argv))
+    config, overrides = flags.pop("config", None), flags.pop("overrides", [])
     if "data_options" in flags:  # KEY=VALUE strings from the command line
         flags["data_options"] = dict(key_value(item, "--data-option") for item in flags["data_options"])
-    settings = {**DEFAULTS, **config, **flags}
-    if isinstance(settings["prefix"], dict):
-        settings["prefix"] = [f"{name}={folder}" for name, folder in settings["prefix"].items()]
-    if isinstance(settings["prefix"], str):
-        settings["prefix"] = [settings["prefix"]]
-    if not isinstance(settings["data_options"], dict):
-        raise UsageError(f"data_options must be a mapping, got {settings['data_options']!r}")
-    missing = [f"--{key.replace('_', '-')}" for key in REQUIRED if not settings.get(key)]
-    if missing:
-        raise UsageError(f"missing {', '.join(missing)} (as flags or in --config)")
-    if settings["task"] not in evaluation.TASKS:
-        raise UsageError(f"unknown task {settings['task']!r}; tasks are {list(evaluation.TASKS)}")
-    return settings
+    try:
+        return layering.evaluation_settings(config, flags, overrides)
+    except SettingsError as err:
+        raise UsageError(str(err)) from None
 
 
 # -- prefixes and runs -----------------------------------------------------------------------------------------
@@ -144,45 +117,52 @@ def add_prefixes(model: Any, prefixes: list[str], base: bool) -> tuple[Any, dict
 # -- data ------------------------------------------------------------------------------------------------------
 
 
-def read_data(settings: dict[str, Any]) -> tuple[list, list[str] | None]:
+def read_data(settings: EvaluationSettings) -> tuple[list, list[str] | None]:
     """(samples, class names for classification), limited to the first ``limit`` samples."""
     from mmprefix.data import read_samples
+    from mmprefix.data.classification import read_classification
+    from mmprefix.experiment import loading
 
-    task, path, classnames = settings["task"], loading.data_path(settings["data"]), None
+    task, path, classnames = settings.task, loading.data_path(settings.data), None
     try:
         if task == "classification":
             samples, classnames = read_classification(path)
         else:
             reader_task = "caption" if task == "retrieval" else task
-            samples = read_samples(reader_task, path, format=settings["format"], **settings["data_options"])
+            samples = read_samples(reader_task, path, format=settings.format, **settings.data_options)
     except (OSError, ValueError, TypeError) as err:
         raise UsageError(f"cannot read {task} data from {path}: {err}") from None
-    if settings["limit"]:
-        samples = samples[: settings["limit"]]
+    if settings.limit:
+        samples = samples[: settings.limit]
     if not samples:
         raise UsageError(f"no samples in {path}")
     return samples, classnames
 
 
-def generation_settings(settings: dict[str, Any]) -> dict[str, int]:
-    generation = {"num_beams": settings["num_beams"]}
-    if settings["max_new_tokens"]:
-        generation["max_new_tokens"] = settings["max_new_tokens"]
+def generation_settings(settings: EvaluationSettings) -> dict[str, int]:
+    generation = {"num_beams": settings.num_beams}
+    if settings.max_new_tokens:
+        generation["max_new_tokens"] = settings.max_new_tokens
     return generation
 
 
 # -- the command -----------------------------------------------------------------------------------------------
 
 
-def run(settings: dict[str, Any]) -> dict[str, dict]:
-    task, output_dir = settings["task"], Path(settings["output_dir"])
+def run(settings: EvaluationSettings) -> dict[str, dict]:
+    from mmprefix import evaluation
+    from mmprefix.data import NoReadableImages
+    from mmprefix.evaluation import report
+    from mmprefix.experiment import loading
+
+    task, output_dir = settings.task, Path(settings.output_dir)
 
     # 1. the frozen model and its processor, then every prefix on it: one run per prefix (and the base model)
     try:
-        model, processor = loading.load_model(settings["model"], task)
-    except loading.LoadError as err:
+        model, processor = loading.load_model(settings.model, task)
+    except LoadError as err:
         raise UsageError(str(err)) from None
-    model, runs = add_prefixes(model, settings["prefix"], settings["base"])
+    model, runs = add_prefixes(model, settings.prefix, settings.base)
 
     # 2. the samples, in any reader format
     samples, classnames = read_data(settings)
@@ -192,16 +172,18 @@ def run(settings: dict[str, Any]) -> dict[str, dict]:
     try:
         results = evaluation.evaluate_runs(
             task, model, processor, samples, runs, output_dir,
-            batch_size=settings["batch_size"], generation=generation_settings(settings),
-            on_bad_image=settings["on_bad_image"], meteor=settings["meteor"], spice=settings["spice"],
-            classnames=classnames, templates=settings["templates"], progress=settings["progress"],
+            batch_size=settings.batch_size, generation=generation_settings(settings),
+            on_bad_image=settings.on_bad_image, meteor=settings.meteor, spice=settings.spice,
+            classnames=classnames, templates=settings.templates, progress=settings.progress,
         )
-    except evaluation.ResumeError as err:
+    except (evaluation.ResumeError, NoReadableImages) as err:
         raise UsageError(str(err)) from None
 
     # 4. the report: results.json, results.md, report.html
-    recorded = {k: v for k, v in settings.items() if k != "progress"}
-    paths = report.write_report(output_dir, task, samples, results, examples=settings["examples"], settings=recorded)
+    recorded = {k: v for k, v in dataclasses.asdict(settings).items() if k != "progress"}
+    about = {"model": settings.model, "data": settings.data, "runs": ", ".join(runs), "output": str(output_dir)}
+    paths = report.write_report(output_dir, task, samples, results, examples=settings.examples, settings=recorded,
+                                about=about)
     print(report.markdown_table(results, task))
     for label, result in results.items():
         if result["errors"]:
@@ -214,7 +196,7 @@ def run(settings: dict[str, Any]) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     try:
         run(settings_from(argv))
-    except UsageError as err:
+    except (UsageError, SettingsError) as err:
         print(f"evaluate: error: {err}", file=sys.stderr)
         return 2
     return 0

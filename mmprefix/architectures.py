@@ -322,7 +322,7 @@ def check_reachable(model: nn.Module, sites: list[Site], targets: list[str] | No
         )
 
 
-_TARGET = re.compile(r"^(?P<tower>[\w*?]+)(?:\.(?P<kind>[\w*?]+))?(?:\[(?P<start>-?\d*):(?P<stop>-?\d*)\])?$")
+_TARGET = re.compile(r"(?P<tower>[\w*?]+)(?:\.(?P<kind>[\w*?]+))?(?P<slice>\[(?P<start>-?\d+)?:(?P<stop>-?\d+)?\])?")
 
 
 def select_sites(sites: list[Site], targets: list[str] | None) -> list[Site]:
@@ -332,16 +332,20 @@ def select_sites(sites: list[Site], targets: list[str] | None) -> list[Site]:
     valid = ", ".join(sorted({f"{s.tower}.{s.kind}" for s in sites}))
     chosen: set[str] = set()
     for target in targets:
-        match = _TARGET.match(target.strip())
+        match = _TARGET.fullmatch(target.strip())
         if match is None:
             raise ValueError(f"cannot parse target {target!r}: expected 'tower', 'tower.kind' or 'tower.kind[start:stop]'")
         tower, kind = match["tower"], match["kind"] or "*"
         hits = [s for s in sites if fnmatchcase(s.tower, tower) and fnmatchcase(s.kind, kind)]
         if not hits:
             raise ValueError(f"target {target!r} matches no attention site; valid targets for this model: {valid}")
-        if match["start"] is not None:
+        if match["slice"]:
             layer_slice = slice(int(match["start"]) if match["start"] else None, int(match["stop"]) if match["stop"] else None)
             layers = {t: sorted({s.layer for s in hits if s.tower == t}) for t in {s.tower for s in hits}}
             hits = [s for s in hits if s.layer in layers[s.tower][layer_slice]]
+            if not hits:
+                counts = ", ".join(f"{t} has {len(v)}" for t, v in sorted(layers.items()))
+                raise ValueError(f"target {target!r} selects no layer ({counts}; the slice counts layers from 0, "
+                                 "negative from the last)")
         chosen.update(s.name for s in hits)
     return [s for s in sites if s.name in chosen]

@@ -1,36 +1,72 @@
 """Command line: ``mmprefix sites MODEL`` prints where prefixes go and how big they are; ``mmprefix serve``
-serves prefixes on a frozen model over HTTP (the ``serve`` extra: ``pip install 'mmprefix[serve]'``)."""
+serves prefixes on a frozen model over HTTP (the ``serve`` extra: ``pip install 'mmprefix[serve]'``).
+
+For ``sites``, MODEL is what the recipes accept: a Hugging Face id, a local folder with ``config.json``, or ``embedded:NAME[:HEAD]``
+(the tiny backbones shipped with mmprefix). Only the config is read; the model is built on the meta device, so no
+weights are read or downloaded. torch and transformers load after the arguments are read, so ``--help`` and
+argument errors answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from typing import Any
 
-import torch
-from torch import nn
-
-from .architectures import Site, find_sites, select_sites
 from .config import PrefixConfig
 
 
-def build_skeleton(name_or_path: str) -> nn.Module:
+class CommandError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+def build_skeleton(spec: str) -> Any:
     """The model's architecture from its config alone, on the meta device: no weights are read or downloaded."""
+    import torch
     import transformers
 
-    try:
-        config = transformers.AutoConfig.from_pretrained(name_or_path)
-    except OSError as err:
-        raise SystemExit(f"mmprefix: cannot read a model config from {name_or_path!r}: {err}") from None
-    architectures = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
+    if spec.startswith("embedded:"):
+        from .embedded import MODELS, backbone_dir
+
+        _, name, *head = spec.split(":")
+        try:
+            folder, heads = backbone_dir(name), MODELS[name][0]
+        except ValueError as err:
+            raise CommandError(str(err)) from None
+        if head and head[0] not in heads:
+            raise CommandError(f"backbone {name!r} has heads {sorted(heads)}, not {head[0]!r}")
+        config, cls = transformers.AutoConfig.from_pretrained(folder), heads[head[0] if head else next(iter(heads))]
+    else:
+        config = _config(spec)
+        architectures = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, architectures[0], None) if architectures else None
     with torch.device("meta"):
         if cls is None:
             return transformers.AutoModel.from_config(config)
         return cls._from_config(config)
 
 
-def format_sites(sites: list[Site], num_virtual_tokens: int, total_parameters: int | None = None) -> str:
+def _config(spec: str) -> Any:
+    """A model config from a folder, the local cache, or the hub (not when offline): one line when it fails."""
+    import transformers
+
+    from .experiment.loading import first_line, offline
+
+    local = os.path.isdir(spec)
+    if not local and spec.startswith((".", "/", "~")):
+        raise CommandError(f"{spec} does not exist (give a Hugging Face id, a model folder or embedded:NAME)")
+    if local and not os.path.isfile(os.path.join(spec, "config.json")):
+        raise CommandError(f"{spec} is a folder without config.json, not a model folder (give a Hugging Face id, a "
+                           "model folder or embedded:NAME)")
+    try:
+        return transformers.AutoConfig.from_pretrained(spec, local_files_only=local or offline())
+    except (OSError, ValueError) as err:
+        where = " (offline: HF_HUB_OFFLINE is set and it is not in the local cache)" if offline() and not local else ""
+        raise CommandError(f"cannot read a model config from {spec!r}{where}: {first_line(err)}") from None
+
+
+def format_sites(sites: list, num_virtual_tokens: int, total_parameters: int | None = None) -> str:
     columns = ("name", "tower", "kind", "layer", "heads", "kv_heads", "head_dim", "prefix_params")
     rows = [
         (s.name, s.tower, s.kind, s.layer, s.heads, s.kv_heads, s.head_dim, f"{s.prefix_numel(num_virtual_tokens):,}")
@@ -45,23 +81,40 @@ def format_sites(sites: list[Site], num_virtual_tokens: int, total_parameters: i
     return "\n".join([*lines, summary])
 
 
-def main(argv: list[str] | None = None) -> int:
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a prefix needs at least one virtual token, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprefix", description="Prefix tuning for frozen vision-language models.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    sites = commands.add_parser("sites", help="list the attention sites of a model and their prefix sizes")
-    sites.add_argument("model", help="Hugging Face model id or local folder with config.json")
-    sites.add_argument("-p", "--num-virtual-tokens", type=int, default=PrefixConfig.num_virtual_tokens)
+    commands = parser.add_subparsers(dest="command", required=True, help="what to do")
+    sites = commands.add_parser("sites", help="list the attention sites of a model and their prefix sizes",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sites.add_argument("model", help="Hugging Face id, local folder with config.json, or embedded:NAME[:HEAD]")
+    sites.add_argument("-p", "--num-virtual-tokens", type=_positive, default=PrefixConfig.num_virtual_tokens,
+                       metavar="P", help="prefix length used for the sizes (default: %(default)s)")
     sites.add_argument("--targets", nargs="+", help="e.g. vision.self 'lm.self[-4:]' (default: all)")
     sites.add_argument("--target-modules", nargs="+", help="regular expressions on module names")
     add_serve_parser(commands)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    from .architectures import find_sites, select_sites  # torch loads from here on
 
-    model = build_skeleton(args.model)
     try:
+        model = build_skeleton(args.model)
         selected = select_sites(find_sites(model, args.target_modules), args.targets)
-    except ValueError as err:
+    except (CommandError, ValueError) as err:
         print(f"mmprefix: {err}", file=sys.stderr)
         return 2
     print(format_sites(selected, args.num_virtual_tokens, sum(p.numel() for p in model.parameters())))

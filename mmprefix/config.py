@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from . import typed
+
 
 INJECTIONS = ("prefix", "prompt")  # PrefixConfig.method: keys and values in attention, or a soft prompt
 INITS = ("random", "zero", "text")
@@ -51,8 +53,8 @@ class PrefixConfig:
 
     num_virtual_tokens: int = 16
     method: str = "prefix"
-    targets: list[str] | None = None
-    target_modules: list[str] | None = None
+    targets: list[str] | str | None = None
+    target_modules: list[str] | str | None = None
     init: str = "random"
     init_std: float = 0.02
     init_text: str | None = None
@@ -93,9 +95,7 @@ class PrefixConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PrefixConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown PrefixConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+    def from_dict(cls, data: Any, source: str = "", path: str = "") -> PrefixConfig:
+        """A config from parsed JSON or YAML, every field checked against its type; a ``ValueError`` names
+        ``source``, the field and what was expected (e.g. ``num_virtual_tokens must be an integer``)."""
+        return typed.build(cls, data, source, path)

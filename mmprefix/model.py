@@ -317,7 +317,8 @@ class PrefixModel(nn.Module):
 
     # -- saving -----------------------------------------------------------------------------------------
     def save_prefix(self, directory: str | os.PathLike, name: str | None = None, keep_reparam: bool = False) -> None:
-        """Write ``prefix_config.json`` and ``prefix.safetensors`` for one prefix (default: the active one).
+        """Write one prefix (default: the active one) into ``directory``: ``prefix.safetensors``, replaced in one
+        atomic rename, and its readable copy ``prefix_config.json`` (see `mmprefix.saving`).
 
         A reparameterised prefix is saved as the flat keys and values its MLP produces; ``keep_reparam=True``
         also keeps the embedding and MLP, to resume training it."""

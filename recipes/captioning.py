@@ -1,11 +1,11 @@
 """Image captioning: prefix-tune a frozen VLM to a caption style, compare with its zero-shot captions.
 
-    python recipes/captioning.py                              # embedded default: tiny BLIP learns caption style B
-    python recipes/captioning.py --method full                # or prompt / lora, for comparison
-    python recipes/captioning.py --config recipes/configs/captioning_blip_coco.yaml   # BLIP base, COCO Karpathy
-    accelerate launch recipes/captioning.py --config ...      # several processes or GPUs
-
-Any config key can be overridden: ``train.learning_rate=3e-3 prefix.num_virtual_tokens=8``.
+examples:
+  python recipes/captioning.py                              # embedded default: tiny BLIP learns caption style B
+  python recipes/captioning.py --method full                # or prompt / lora, for comparison (out/captioning/full)
+  python recipes/captioning.py train.learning_rate=3e-3 prefix.num_virtual_tokens=8   # any setting, by its key
+  python recipes/captioning.py --config recipes/configs/captioning_blip_coco.yaml   # BLIP base, COCO Karpathy
+  accelerate launch recipes/captioning.py --config ...      # several processes or GPUs
 """
 
 from __future__ import annotations
@@ -14,24 +14,26 @@ import sys
 import time
 from pathlib import Path
 
-from mmprefix.data import formatting
-from mmprefix.experiment import loading, methods, recipe
-from mmprefix.training import TrainConfig, train
+from mmprefix.experiment import settings
 
 TASK = "caption"
 CONFIG = Path(__file__).parent / "configs" / "captioning.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = recipe.parse_args(argv, CONFIG, __doc__)
-    recipe.seed_everything(config["train"].get("seed", 0))
+    config = settings.recipe_settings(argv, TASK, CONFIG, __doc__)  # --help and bad settings end here, at once
+    from mmprefix.data import formatting  # torch loads from here on
+    from mmprefix.experiment import loading, methods, recipe
+    from mmprefix.training import train
+
+    recipe.seed_everything(config.train.seed)
     out = recipe.fresh_start(config)
     main_process = recipe.is_main_process()
-    evaluate = config["eval"]
+    evaluate = config.eval
 
     # 1. The frozen backbone and the data: images with reference captions.
-    model, processor = loading.load_model(config["model"], TASK)
-    data = recipe.load_splits(TASK, config["data"])
+    model, processor = loading.load_model(config.model, TASK)
+    data = recipe.load_splits(TASK, config.data)
     print(f"{len(data['train'])} training images, {len(data['test'])} test images")
 
     # 2. The frozen backbone's own captions.
@@ -41,29 +43,28 @@ def main(argv: list[str] | None = None) -> dict:
                                                     "zero-shot")
 
     # 3. The method: a prefix (or a soft prompt, LoRA, full fine-tuning).
-    model = methods.prepare(model, config["method"], recipe.method_options(config), processor)
+    model = methods.prepare(model, config.method, config.method_options(), processor)
     trainable, total = methods.trainable_parameters(model)
-    print(f"{config['method']}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
+    print(f"{config.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
 
     # 4. Train on (image, caption) rows, one reference caption per image drawn; CIDEr on validation images.
     def collate(rows):
-        rows = recipe.good_rows(rows)
         captions = [recipe.training_caption(s) for s, _ in rows]
         return formatting.caption_batch(model, processor, [image for _, image in rows], captions)
 
     validate = recipe.validation(TASK, processor, data["val"], evaluate)
 
     started = time.perf_counter()
-    dataset = recipe.SampleDataset(data["train"], config["data"].get("on_bad_image", "error"))
-    train(model, dataset, collate, TrainConfig(output_dir=str(out), **config["train"]), evaluate=validate)
+    dataset = recipe.SampleDataset(data["train"], config.data.on_bad_image)
+    trained = train(model, dataset, collate, config.train_config(), evaluate=validate, settings=config.identity())
     seconds = time.perf_counter() - started
 
     # 5. The tuned model's captions of the test images, next to the zero-shot ones.
     if not main_process:
         return {}
     results["tuned"] = recipe.score_on_test(TASK, model, processor, data["test"], out, evaluate, "tuned")
-    return recipe.report(out, TASK, data["test"], results, trainable, total, seconds)
+    return recipe.report(out, TASK, config, data["test"], results, trained, dataset, trainable, total, seconds)
 
 
 if __name__ == "__main__":
-    sys.exit(recipe.run(main, sys.argv[1:]))
+    sys.exit(settings.run(main, sys.argv[1:]))

@@ -578,8 +578,12 @@ def test_hf_vqa_paths_answer_column_and_dataset_dict(tmp_path):
     corrupt = datasets.Dataset.from_dict({"image": [{"bytes": b"garbage", "path": None}], "question": ["?"]},
                                          features=datasets.Features({"image": datasets.Image(),
                                                                      "question": datasets.Value("string")}))
-    with pytest.raises(BadImageError, match="row 0"):
-        read_hf_vqa(corrupt)
+    (undecodable,) = read_hf_vqa(corrupt)  # reading never decodes: the skip policy decides when it is loaded
+    assert load_image(undecodable.image, on_bad_image="skip") is None
+    with pytest.raises(BadImageError, match="row 0: UnidentifiedImageError"):
+        load_image(undecodable.image)
+    loader = ImageLoader(on_bad_image="skip")
+    assert loader(undecodable.image) is None and loader.skipped[0].path.endswith("row 0")
 
 
 def test_hf_by_name_with_load_dataset_args(tmp_path):
@@ -640,3 +644,104 @@ def test_read_samples_errors_list_formats(tmp_path):
     with pytest.raises(ValueError, match="cannot tell the format of folder"):
         read_samples("vqa", tmp_path)
     assert set(FORMATS) == {"vqa", "caption", "text"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# ids, pairs of files, and datasets whose images are all unreadable
+
+
+def test_a_repeated_vqav2_question_id_is_an_error_naming_both_places(tmp_path):
+    q, a = vqav2_files(tmp_path)
+    questions = json.loads(q.read_text())
+    questions["questions"][1]["question_id"] = 420  # would silently get question 420's answers
+    write_json(q, questions)
+    with pytest.raises(AnnotationError, match=r"questions\[1\]: question_id 420 repeats the one at questions\[0\]"):
+        read_vqav2(q, a)
+    q, a = vqav2_files(tmp_path)
+    annotations = json.loads(a.read_text())
+    annotations["annotations"][2]["question_id"] = 70
+    write_json(a, annotations)
+    with pytest.raises(AnnotationError, match=r"annotations\[2\]: question_id 70 repeats the one at annotations\[0\]"):
+        read_vqav2(q, a)
+
+
+def test_questions_and_annotations_of_different_splits_are_an_error(tmp_path):
+    q, a = vqav2_files(tmp_path)
+    annotations = json.loads(a.read_text())
+    write_json(a, {**annotations, "data_subtype": "train2014"})
+    with pytest.raises(AnnotationError, match="data_subtype 'train2014' differs from the questions' 'val2014'"):
+        read_vqav2(q, a)
+    for record in annotations["annotations"]:
+        record["question_id"] += 1000
+    write_json(a, annotations)
+    with pytest.raises(AnnotationError, match="none of the 2 questions of .* has an annotation here"):
+        read_vqav2(q, a)
+
+
+@pytest.mark.parametrize("reader, rows, words", [
+    (read_vqa_jsonl, [{"image": "a.jpg", "question": "?", "question_id": 3}, {"image": "b.jpg", "question": "!",
+                                                                             "id": 3}],
+     "line 2: question_id 3 repeats the one at line 1"),
+    (read_caption_jsonl, [{"image": "a.jpg", "caption": "x"}, {"image": "b.jpg"}, {"image": "a.jpg", "caption": "y"}],
+     "line 3: image id 'a.jpg' repeats the one at line 1"),
+    (read_text_jsonl, [{"prompt": "p", "id": "x"}, {"prompt": "q", "id": "x"}], "line 2: id 'x' repeats"),
+])
+def test_repeated_ids_in_jsonl_are_errors(reader, rows, words, tmp_path):
+    with pytest.raises(AnnotationError, match=words):
+        reader(write_jsonl(tmp_path / "data.jsonl", rows))
+
+
+def test_repeated_ids_in_karpathy_and_datasets_are_errors(tmp_path):
+    images = [{"filename": f"{n}.jpg", "cocoid": 5, "split": "test", "sentences": [{"raw": "a"}]} for n in "ab"]
+    with pytest.raises(AnnotationError, match=r"images\[1\]: image id 5 repeats the one at images\[0\]"):
+        read_karpathy(write_json(tmp_path / "k.json", {"images": images}))
+    rows = datasets.Dataset.from_list([{"image": "a.jpg", "question": "?", "question_id": 1}] * 2)
+    with pytest.raises(AnnotationError, match="row 1: question_id 1 repeats the one at row 0"):
+        read_hf_vqa(rows)
+    with pytest.raises(AnnotationError, match="row 1: id 7 repeats"):
+        read_hf_text(datasets.Dataset.from_list([{"prompt": "p", "id": 7}] * 2))
+
+
+def test_training_rows_with_unreadable_images_are_replaced_and_counted_once(tmp_path):
+    from mmprefix.experiment.recipe import SampleDataset
+
+    good = [tmp_path / f"{n}.png" for n in range(3)]
+    for n, path in enumerate(good):
+        Image.new("RGB", (4, 4), (n * 80, 0, 0)).save(path)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    paths = [good[0], tmp_path / "missing.png", tmp_path / "broken.png", good[1], good[2]]
+    samples = [VQASample(question_id=i, image=str(p), question="?", answers=["a"]) for i, p in enumerate(paths)]
+    dataset = SampleDataset(samples, on_bad_image="skip")
+    rows = [dataset[i] for i in range(len(dataset))] + [dataset[1]]  # the bad rows drawn twice
+    assert [s.question_id for s, _ in rows] == [0, 3, 3, 3, 4, 3], "a bad row is replaced by the next good one"
+    assert all(image.size == (4, 4) for _, image in rows)
+    assert dataset.summary() == (f"2 of 5 training images could not be read and were skipped (e.g. "
+                                 f"{tmp_path / 'missing.png'}, {tmp_path / 'broken.png'})")
+    assert SampleDataset(samples[:1], on_bad_image="skip").summary() is None
+    with pytest.raises(BadImageError, match="missing.png"):
+        SampleDataset(samples)[1]  # the default policy: an error
+
+
+def test_unreadable_images_found_by_dataloader_workers_are_counted(tmp_path):
+    import torch
+
+    from mmprefix.experiment.recipe import SampleDataset
+
+    Image.new("RGB", (4, 4), RED).save(tmp_path / "good.png")
+    paths = ["good.png", "gone-1.png", "good.png", "gone-2.png", "good.png", "gone-3.png"]
+    samples = [VQASample(question_id=i, image=str(tmp_path / p), question="?", answers=["a"]) for i, p in enumerate(paths)]
+    dataset = SampleDataset(samples, on_bad_image="skip")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=lambda rows: rows)
+    assert sum(len(batch) for batch in loader) == 6  # full batches: every bad row was replaced in a worker
+    assert dataset.summary().startswith("3 of 6 training images could not be read")
+
+
+def test_a_dataset_whose_every_image_is_unreadable_is_a_clear_error(tmp_path):
+    from mmprefix.data import NoReadableImages
+    from mmprefix.experiment.recipe import SampleDataset
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    samples = [VQASample(question_id=i, image=str(tmp_path / name), question="?", answers=["a"])
+               for i, name in enumerate(["gone.png", "broken.png", "gone2.png"])]
+    with pytest.raises(NoReadableImages, match=r"none of the 3 images could be read \(e.g. .*gone2?.png: "):
+        SampleDataset(samples, on_bad_image="skip")[0]

@@ -22,7 +22,7 @@ from mmprefix.data import formatting
 from mmprefix.data.classification import read_classification
 from mmprefix.evaluation import decode, metrics, report
 from mmprefix.experiment import loading
-from mmprefix.data import BadImageError, CaptionSample, TextSample, VQASample
+from mmprefix.data import BadImageError, CaptionSample, NoReadableImages, TextSample, VQASample
 from mmprefix.embedded import text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +180,10 @@ def test_bad_images_are_reported_not_fatal(images, tmp_path):
     results = evaluation.evaluate_runs("vqa", model, processor, samples, {"base": None}, tmp_path / "out", **SETTINGS)
     assert len(results["base"]["errors"]) == 2 and set(results["base"]["predictions"]) == {0, 1}
 
+    unreadable = [s for s in samples if s.question_id in (7, 8)]  # skipping all of them would score nothing
+    with pytest.raises(NoReadableImages, match="none of the 2 images could be read"):
+        evaluation.predict("vqa", model, processor, unreadable, **SETTINGS)
+
 
 # -- scores and formats ----------------------------------------------------------------------------------------
 
@@ -293,6 +297,36 @@ def test_report_files(images, tmp_path):
     page = report.write_report(tmp_path / "text", "text", texts, runs)["html"].read_text()
     assert '<span class="hit">The circle is red.</span>' in page and "x &lt;y&gt;" in page and "base64" not in page
     assert report.markdown_table(runs, "text").splitlines()[2] == "| lm | 0.2500 | 50.00 | 2 | 0 |"  # primary first
+
+
+def test_the_report_says_what_was_run_and_shows_every_question_type(images, tmp_path):
+    """The page names model, method and run, embeds the curves, has the per-question-type table, and its examples
+    cover every question type (the one that got worse too); captioning has no empty input column."""
+    kinds = ["count"] * 6 + ["position"] + ["size"] * 10  # position: one question, the type that got worse
+    samples = [VQASample(question_id=i, image=images[i % len(images)], question=f"{kind} question {i}?",
+                         answers=["two"] * 10, question_type=kind) for i, kind in enumerate(kinds)]
+    metrics = {"zero-shot": {"count": 10.0, "size": 20.0, "position": 100.0},
+               "tuned": {"count": 90.0, "size": 80.0, "position": 0.0}}
+    results = {run: {"metrics": {"vqa_accuracy": 50.0, **{f"vqa_accuracy_by_question/{k}": v for k, v in m.items()}},
+                     "predictions": {s.question_id: "two" for s in samples}, "errors": [], "num_samples": len(samples)}
+               for run, m in metrics.items()}
+    curves = tmp_path / "curves.png"
+    Image.new("RGB", (20, 10), (0, 90, 200)).save(curves)
+    about = {"model": "embedded:blip:vqa", "method": "prefix", "run": "out/vqa/prefix"}
+    page = report.write_report(tmp_path, "vqa", samples, results, examples=3, about=about, curves=curves)["html"].read_text()
+    assert "mmprefix evaluation: vqa, prefix on embedded:blip:vqa" in page
+    assert all(f"<td>{value}</td>" in page for value in about.values())
+    assert "Accuracy per question type" in page and "<td>position</td><td>100.00</td><td>0.00</td>" in page
+    assert page.count("data:image/png;base64,") == 1
+    shown = [k for k in ("count", "size", "position") if any(f"{k} question {i}?" in page for i in range(len(kinds)))]
+    assert shown == ["count", "size", "position"]
+    assert report.pick_examples(samples, 3) == [0, 6, 7] and len(report.pick_examples(samples, 12)) == 12
+
+    captions = [CaptionSample(image_id=i, image=image, captions=["a red circle"]) for i, image in enumerate(images)]
+    runs = {"base": {"metrics": {"CIDEr": 1.0}, "predictions": {i: "a red circle" for i in range(len(images))},
+                     "errors": [], "num_samples": len(images)}}
+    page = report.write_report(tmp_path / "captions", "caption", captions, runs)["html"].read_text()
+    assert "<th>input</th>" not in page and "<th>image</th><th>references</th><th>base</th>" in page
 
 
 # -- classification and retrieval ------------------------------------------------------------------------------
@@ -504,9 +538,9 @@ def test_example_configs_parse_and_run_on_tiny_stand_ins(checkpoint, tmp_path, i
     assert len(CONFIGS) >= 3
     for path in CONFIGS:
         settings = cli.settings_from(["--config", str(path)])
-        assert settings["task"] in evaluation.TASKS and settings["output_dir"]
-    flags = cli.settings_from(["--config", str(CONFIGS[0]), "--num-beams", "4", "--prefix", "x=y"])
-    assert flags["num_beams"] == 4 and flags["prefix"] == ["x=y"]  # flags win over the config
+        assert settings.task in evaluation.TASKS and settings.output_dir
+    flags = cli.settings_from(["--config", str(CONFIGS[0]), "--num-beams", "4", "--prefix", "x=y", "examples=3"])
+    assert flags.num_beams == 4 and flags.prefix == ["x=y"] and flags.examples == 3  # flags win over the config
 
     # COCO Karpathy with a tiny BLIP captioner: the config's format and reader options, on a tiny split file
     captioner = tiny.world_blip(tf.BlipForConditionalGeneration)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mmprefix"
 HARNESS = ("mmprefix.training", "mmprefix.evaluation", "mmprefix.experiment", "mmprefix.embedded", "mmprefix.serving")
-ENTRY_POINTS = ("mmprefix.cli",)  # commands start what they run (``mmprefix serve``), so they may import the harness
+# Commands are applications of the library, as the recipes are: they resolve embedded:NAME specs and start what
+# they run (``mmprefix serve``), so they may import the harness.
+ENTRY_POINTS = ("mmprefix.cli",)
 
 
 def module_name(path: Path) -> str:

@@ -1,9 +1,11 @@
-"""README's examples run as written: every python block in order, in one namespace, and its shell commands."""
+"""README's examples run as written: every python block on its own (each is a standalone snippet a reader may
+copy), without warnings, and its shell commands."""
 
 import re
 import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,9 +18,12 @@ def blocks(language):
 
 def test_readme_python_examples_and_commands(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    namespace = {}
-    for code in blocks("python"):
-        exec(compile(code, "README.md", "exec"), namespace)
+    for number, code in enumerate(blocks("python")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exec(compile(code, f"README.md python block {number}", "exec"), {})  # a fresh namespace: standalone
+        shown = [w for w in caught if issubclass(w.category, UserWarning)]  # Deprecation/FutureWarning are not
+        assert not shown, (number, [str(w.message) for w in shown])
     commands = [line for block in blocks("bash") for line in block.splitlines() if line.startswith("mmprefix ")]
     assert commands, "README shows the mmprefix command"
     for command in commands:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmprefix.experiment import recipe
+from mmprefix.experiment import settings
 from mmprefix.embedded import blip2_processor, blip_processor, clip_processor, pretrain, text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,29 +125,47 @@ def test_the_comparison_methods_run_through_the_same_recipe(name, checkpoint, me
     metrics = load(name).main([f"model={stand_ins / checkpoint}", f"output_dir={out}", "--method", method, *QUICK,
                                *world({"train": 24, "val": 6, "test": 6})])
     assert (metrics["trainable_percent"] == 100) == (method == "full")
-    assert (out / "prefix").is_dir()
+    saved = {"prompt": "prompt/prefix.safetensors", "lora": "lora/adapter_model.safetensors", "full": "model/config.json"}
+    assert (out / saved[method]).is_file() and not (out / "prefix").exists()
+
+
+VQA_YAML = RECIPES["vqa"].parent / "configs" / "vqa.yaml"
+
+
+def test_a_dataset_of_unreadable_images_ends_the_recipe_with_one_line(stand_ins, tmp_path, capsys):
+    rows = [{"question_id": i, "image": f"gone-{i}.png", "question": "how many?", "answers": ["two"]} for i in range(4)]
+    (tmp_path / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = [f"data.{split}={{path: {tmp_path / 'vqa.jsonl'}}}" for split in ("train", "val", "test")]
+    code = settings.run(load("vqa").main, [f"model={stand_ins / 'blip'}", f"output_dir={tmp_path / 'out'}", *data,
+                                           "data.on_bad_image=skip"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("recipe: error: none of the 4 images could be read (e.g. ")
+
+
+def parse(*argv):
+    return settings.recipe_settings(list(argv), "vqa", VQA_YAML)
 
 
 def test_flags_and_overrides():
-    config = recipe.parse_args(["--max-steps", "7", "--method", "lora", "--seed", "3", "--resume",
-                                "train.learning_rate=0.5", "prefix.num_virtual_tokens=4", "new.key=[1, 2]",
-                                "prefix.init_text=describe: a red circle", "eval.generation={num_beams: 3}"],
-                               RECIPES["vqa"].parent / "configs" / "vqa.yaml", "test")
-    assert config["train"]["max_steps"] == 7 and config["train"]["seed"] == 3 and config["train"]["resume"] is True
-    assert config["method"] == "lora" and config["train"]["learning_rate"] == 0.5
-    assert config["prefix"]["num_virtual_tokens"] == 4 and config["new"]["key"] == [1, 2]
-    assert config["prefix"]["init_text"] == "describe: a red circle"  # text with ': ' is not a mapping
-    assert config["eval"]["generation"] == {"num_beams": 3}
-    vqa_yaml = RECIPES["vqa"].parent / "configs" / "vqa.yaml"
-    rates = {method: recipe.parse_args(["--method", method], vqa_yaml, "test")["train"]["learning_rate"]
-             for method in ("prefix", "lora", "full")}
+    config = parse("--max-steps", "7", "--method", "lora", "--seed", "3", "--resume", "train.learning_rate=0.5",
+                   "prefix.num_virtual_tokens=4", "prefix.init_text=describe: a red circle",
+                   "eval.generation={num_beams: 3}", "prefix.targets=[text]", "train.mixed_precision=no")
+    assert config.train.max_steps == 7 and config.train.seed == 3 and config.train.resume is True
+    assert config.method == "lora" and config.train.learning_rate == 0.5
+    assert config.prefix.num_virtual_tokens == 4 and config.prefix.targets == ["text"]
+    assert config.prefix.init_text == "describe: a red circle"  # a text field takes the text as written
+    assert config.eval.generation == {"num_beams": 3} and config.train.mixed_precision == "no"
+    assert config.output_dir == "out/vqa/lora", "each method writes into its own folder"
+    rates = {method: parse("--method", method).train.learning_rate for method in ("prefix", "lora", "full")}
     assert rates == {"prefix": 0.03, "lora": 1e-3, "full": 3e-4}  # a method's own rate, else train's
-    full = recipe.parse_args(["--method", "full", "train.learning_rate=0.1"], vqa_yaml, "test")
-    assert full["train"]["learning_rate"] == 0.1 and recipe.method_options(full) == {}  # the flag wins
-    with pytest.raises(SystemExit):
-        recipe.parse_args(["no_equals_sign"], RECIPES["vqa"].parent / "configs" / "vqa.yaml", "test")
-    with pytest.raises(SystemExit):
-        recipe.parse_args(["--config", "/nowhere.yaml"], RECIPES["vqa"].parent / "configs" / "vqa.yaml", "test")
+    full = parse("--method", "full", "train.learning_rate=0.1")
+    assert full.train.learning_rate == 0.1 and full.method_options() == {}  # the command line wins
+    assert parse("train.learning_rate=3e-3").train.learning_rate == 0.003  # README's override: a number
+    with pytest.raises(settings.SettingsError, match="'no_equals_sign' is not key=value"):
+        parse("no_equals_sign")
+    with pytest.raises(settings.SettingsError, match="config file /nowhere.yaml does not exist"):
+        parse("--config", "/nowhere.yaml")
 
 
 def _images(folder, names):
@@ -231,11 +249,28 @@ def test_real_checkpoint_configs_fail_clearly_without_checkpoint_or_data(config,
     monkeypatch.setenv(variable, str(tmp_path / "no-data"))
     path = RECIPES[name].parent / "configs" / config
     module = load(name)
-    assert recipe.run(module.main, ["--config", str(path), f"output_dir={tmp_path}"]) == 2
+    assert settings.run(module.main, ["--config", str(path), f"output_dir={tmp_path}"]) == 2
     assert "cannot load" in capsys.readouterr().err
-    assert recipe.run(module.main, ["--config", str(path), f"model={stand_in(stand_ins, checkpoint)}",
+    assert settings.run(module.main, ["--config", str(path), f"model={stand_in(stand_ins, checkpoint)}",
                                     f"output_dir={tmp_path}"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    monkeypatch.delenv(variable)  # an unset data variable is named before anything loads
+    assert settings.run(module.main, ["--config", str(path), f"output_dir={tmp_path}"]) == 2
+    assert f"uses ${variable}, which is not set" in capsys.readouterr().err
+
+
+def test_offline_an_uncached_open_clip_checkpoint_is_refused_before_any_download(monkeypatch, tmp_path):
+    from mmprefix.experiment import loading
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip download either
+
+    def download(*args, **kwargs):
+        raise AssertionError("open_clip was asked to fetch weights offline (minutes of retries)")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", download)
+    with pytest.raises(loading.LoadError, match="its weights are not in the local cache and the hub is offline"):
+        loading.load_model("open_clip:ViT-B-32:laion2b_s34b_b79k", "classification")
 
 
 def test_two_processes_with_accelerate_launch(stand_ins, tmp_path):

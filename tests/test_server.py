@@ -356,11 +356,11 @@ def test_a_client_that_disconnects_mid_request_is_dropped_and_the_server_keeps_s
 
 @pytest.mark.slow  # a fresh process: imports and model loading take ~10 s
 def test_mmprefix_serve_with_no_model_serves_the_embedded_blip_and_the_recipe_prefixes_then_sigterm_finishes(tmp_path):
-    """A recipe's output folder (out/vqa/prefix) is served as 'vqa'; README's curl and OpenAI-client examples
+    """The VQA recipe's output (out/vqa/prefix/prefix: the prefix run of task vqa) is served as 'vqa'; README's curl and OpenAI-client examples
     get the answer of that prefix alone; SIGTERM lets the request in flight finish."""
     model, processor = load_backbone("blip", "vqa")
     torch.manual_seed(0)
-    add_prefix(model, PrefixConfig(num_virtual_tokens=4, init_std=0.5)).save_prefix(tmp_path / "out" / "vqa" / "prefix")
+    add_prefix(model, PrefixConfig(num_virtual_tokens=4, init_std=0.5)).save_prefix(tmp_path / "out" / "vqa" / "prefix" / "prefix")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "mmprefix.cli", "serve", "--port", "0", "--window-ms", "1500"],
                                cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
@@ -369,7 +369,7 @@ def test_mmprefix_serve_with_no_model_serves_the_embedded_blip_and_the_recipe_pr
         base = f"http://127.0.0.1:{port}"
         assert sorted(m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]) == ["base", "vqa"]
         serve_tiny.image(5, 64).save(tmp_path / "shapes.png")
-        expected = decode.answer_questions(load_prefix(load_backbone("blip", "vqa")[0], tmp_path / "out" / "vqa" / "prefix"),
+        expected = decode.answer_questions(load_prefix(load_backbone("blip", "vqa")[0], tmp_path / "out" / "vqa" / "prefix" / "prefix"),
                                            processor, [serve_tiny.image(5, 64)], ["how many shapes are there?"])[0]
         curl, client = readme_serving_examples(port)
         answer = json.loads(subprocess.run(["bash", "-c", curl], cwd=tmp_path, capture_output=True, text=True,

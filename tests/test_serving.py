@@ -267,9 +267,9 @@ def test_rescan_adds_new_folders_reloads_changed_ones_removes_missing_ones_and_s
         vqa, _ = serve_tiny.blip_heads()
         torch.manual_seed(9)  # a retrained 'red', saved over the old one
         add_prefix(vqa, PrefixConfig(num_virtual_tokens=6, init_std=1.0), name="x").save_prefix(tmp_path / "red")
-        (tmp_path / "recipe_out" / "prefix").mkdir(parents=True)  # a recipe's output folder
+        (tmp_path / "recipe_out" / "prefix" / "prefix").mkdir(parents=True)  # a recipe's task folder
         add_prefix(serve_tiny.blip_heads()[0], PrefixConfig(num_virtual_tokens=2, init_std=1.0)).save_prefix(
-            tmp_path / "recipe_out" / "prefix")
+            tmp_path / "recipe_out" / "prefix" / "prefix")
         report = service.rescan()
         assert report["added"] == ["recipe_out"] and report["reloaded"] == ["red"] and report["removed"] == ["green"]
         new = service.submit(Job("vqa", "red", image, question)).result(30)

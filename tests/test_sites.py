@@ -94,8 +94,30 @@ def test_sites_command_reports_bad_targets_and_missing_models(tmp_path, capsys):
     tiny.gpt2().save_pretrained(tmp_path)
     assert cli(["sites", str(tmp_path), "--targets", "vision"]) == 2
     assert "valid targets for this model: lm.self" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="cannot read a model config"):
-        cli(["sites", str(tmp_path / "missing")])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text('{"hello": 1}')
+    for folder, words in [(tmp_path / "missing", "does not exist"), (tmp_path / "notes", "a folder without config.json"),
+                          (tmp_path / "odd", "cannot read a model config from")]:
+        assert cli(["sites", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+
+
+def test_sites_command_accepts_what_the_recipes_accept(capsys):
+    assert cli(["sites", "embedded:blip", "-p", "2", "--targets", "vision"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("4 sites, ")  # the tiny BLIP's 4 vision layers
+    assert cli(["sites", "embedded:blip:caption", "--targets", "text_decoder.cross"]) == 0
+    assert "text_decoder.bert.encoder.layer.0.crossattention.self" in capsys.readouterr().out
+    assert cli(["sites", "embedded:nope"]) == 2
+    assert "unknown embedded backbone 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("p", ["0", "-3", "two"])
+def test_sites_command_refuses_a_prefix_without_tokens(p, capsys):
+    with pytest.raises(SystemExit):
+        cli(["sites", "embedded:lm", "-p", p])
+    assert "-p/--num-virtual-tokens" in capsys.readouterr().err
 
 
 def test_sites_command_needs_no_weights(tmp_path, capsys):

@@ -81,3 +81,20 @@ def test_images_show_what_the_text_says(tmp_path):
     for row in rows(root, "captions_a_train"):
         count = synthetic.COUNTS.index(row["captions"][0].split()[0]) + 1
         assert row["captions"][0].count(" a ") + row["captions"][0].startswith("a ") == count
+
+
+def test_every_word_of_the_world_is_in_the_shipped_vocabulary(tmp_path):
+    """Why the world writes "a orange circle": its vocabulary (the shipped tokenizers) has no "an"; a text with a
+    word outside it would become [UNK] for every backbone."""
+    from mmprefix.embedded import text
+
+    root = synthetic.build_world(tmp_path, SMALL)
+    tokenizers = [text.bert_tokenizer(), text.lm_tokenizer()]
+    texts = {value for path in root.glob("*.jsonl") for row in rows(root, path.stem)
+             for value in (row.get("question"), row.get("prompt"), row.get("target"), *row.get("captions", []),
+                           *row.get("answers", [])) if value}
+    for tokenizer in tokenizers:
+        unknown = [t for t in texts if tokenizer.unk_token_id in tokenizer(t)["input_ids"]]
+        assert not unknown, unknown[:3]
+        assert tokenizer.unk_token_id in tokenizer("an orange circle")["input_ids"]
+    assert any("a orange" in c for r in rows(root, "captions_b_train") for c in r["captions"])

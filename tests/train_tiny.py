@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
 
 from mmprefix import PrefixConfig, add_prefix  # noqa: E402
-from mmprefix.training import TrainConfig, train  # noqa: E402
+from mmprefix.training import TrainConfig, TrainingInterrupted, train  # noqa: E402
 
 
 class Rows(torch.utils.data.Dataset):
@@ -58,7 +58,11 @@ def main():
     config = TrainConfig(output_dir=args.output_dir, max_steps=args.steps, batch_size=4, learning_rate=1e-2,
                          save_every=4, resume=args.resume, log_every=2, gradient_accumulation_steps=args.accumulate,
                          plot=False)
-    train(pm, Rows(), make_collate(args.slow), config)
+    try:
+        train(pm, Rows(), make_collate(args.slow), config)
+    except TrainingInterrupted as stopped:  # SIGTERM / SIGINT: a checkpoint was saved
+        print(stopped, file=sys.stderr)
+        sys.exit(128 + stopped.signal_number)
     weights = {n: p.detach().contiguous() for n, p in pm.prefixes.named_parameters()}
     save_file(weights, os.path.join(args.output_dir, f"final-rank{os.environ.get('RANK', '0')}.safetensors"))
 

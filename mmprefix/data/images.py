@@ -20,12 +20,13 @@ from typing import Literal, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["BadImageError", "ImageLoader", "SkippedImage", "load_image", "to_rgb"]
+__all__ = ["BadImageError", "ImageLoader", "NoReadableImages", "SkippedImage", "UnreadableImage", "load_image",
+           "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
 OnBadImage = Literal["error", "skip"]
-ImageSource = Union[str, "os.PathLike[str]", Image.Image]
+ImageSource = Union[str, "os.PathLike[str]", Image.Image, "UnreadableImage"]
 
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _ALPHA = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -45,8 +46,27 @@ class BadImageError(ValueError):
         super().__init__(f"cannot read image {path}: {reason}")
 
 
+class NoReadableImages(ValueError):
+    """Not one image of a dataset could be read: skipping bad images would leave nothing, so this is an error."""
+
+    def __init__(self, count: int, example: str, reason: str):
+        super().__init__(f"none of the {count} images could be read (e.g. {example}: {reason}); check the data "
+                         "paths and image_root")
+
+
+@dataclass(frozen=True)
+class UnreadableImage:
+    """An image a reader found it cannot open (e.g. undecodable bytes in a dataset), kept as a sample's image so
+    that loading applies the ``on_bad_image`` policy to it like to any other bad file."""
+
+    name: str
+    reason: str
+
+
 def _describe(source: ImageSource) -> str:
     """A name for error messages: the path, or the file an in-memory image came from."""
+    if isinstance(source, UnreadableImage):
+        return source.name
     if isinstance(source, Image.Image):
         return getattr(source, "filename", "") or "<in-memory image>"
     return os.fspath(source)
@@ -112,6 +132,8 @@ def _check_policy(on_bad_image: str) -> None:
 def _load(source: ImageSource) -> Image.Image:
     """Decode ``source`` or raise :class:`BadImageError`: no ``OSError`` (or decoder bug) gets out."""
     name = _describe(source)
+    if isinstance(source, UnreadableImage):
+        raise BadImageError(source.name, source.reason)
     try:
         if isinstance(source, Image.Image):
             return to_rgb(_fresh(source))

@@ -28,7 +28,7 @@ from typing import Any, NoReturn, Union
 
 from PIL import Image
 
-from .images import BadImageError
+from .images import UnreadableImage
 from .records import CaptionSample, TextSample, VQASample
 
 __all__ = [
@@ -181,6 +181,21 @@ class _Record:
         return value
 
 
+class _UniqueIds:
+    """The ids of one file, each with where it was first seen: a repeated id is an error naming both places (a
+    second question with the same id would silently get the first one's answers, and predictions, keyed by id,
+    would overwrite each other)."""
+
+    def __init__(self, path: Any, what: str):
+        self.path, self.what, self.seen = path, what, {}
+
+    def add(self, value: Any, where: str) -> None:
+        if value in self.seen:
+            raise AnnotationError(self.path, where, f"{self.what} {value!r} repeats the one at {self.seen[value]}; "
+                                                    f"each record needs its own {self.what}")
+        self.seen[value] = where
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -245,15 +260,31 @@ def _vqav2(questions_data: Any, questions_path: PathLike, annotations: PathLike 
 
     by_question: dict[Any, tuple[str, _Record]] = {}
     if annotations is not None:
-        annotation_list = _top(_read_json(annotations), annotations, "annotations", "a VQAv2/OK-VQA annotations file")
+        annotation_data = _read_json(annotations)
+        annotation_list = _top(annotation_data, annotations, "annotations", "a VQAv2/OK-VQA annotations file")
+        subtypes = (questions_data.get("data_subtype"), annotation_data.get("data_subtype"))
+        if None not in subtypes and subtypes[0] != subtypes[1]:
+            raise AnnotationError(annotations, "top level", f"data_subtype {subtypes[1]!r} differs from the questions' "
+                                                            f"{subtypes[0]!r} ({os.fspath(questions_path)}): the two "
+                                                            "files are from different splits")
+        annotated = _UniqueIds(annotations, "question_id")
         for index, raw in enumerate(annotation_list):
             record = _Record(raw, annotations, f"annotations[{index}]")
-            by_question[record.get("question_id", "id")] = (f"annotations[{index}]", record)
+            annotated.add(record.get("question_id", "id"), record.where)
+            by_question[record.record["question_id"]] = (f"annotations[{index}]", record)
+        unanswered = [q.get("question_id") for q in questions if isinstance(q, dict)
+                      and q.get("question_id") not in by_question]
+        if questions and len(unanswered) == len(questions):
+            raise AnnotationError(annotations, "top level", f"none of the {len(questions)} questions of "
+                                                            f"{os.fspath(questions_path)} has an annotation here: the "
+                                                            "two files do not belong together")
 
     samples = []
+    asked = _UniqueIds(questions_path, "question_id")
     for index, raw in enumerate(questions):
         question = _Record(raw, questions_path, f"questions[{index}]")
         question_id = question.get("question_id", "id")
+        asked.add(question_id, question.where)
         image_id = question.get("image_id", "id")
         fields = {"split": split, "image_id": image_id} if split is not None else {"image_id": image_id}
         image = _join(root, _format_image(image_pattern, questions_path, question.where, **fields))
@@ -348,8 +379,10 @@ def read_vqa_jsonl(path: PathLike, *, image_root: PathLike | None = None) -> lis
     """
     root = _image_root(path, image_root)
     samples = []
+    ids = _UniqueIds(path, "question_id")
     for index, where, raw in _read_jsonl(path):
         record = _Record(raw, path, where)
+        ids.add(record.first(("question_id", "id"), "id", index), where)
         samples.append(VQASample(
             question_id=record.first(("question_id", "id"), "id", index),
             image=_join(root, record.get("image", "str")),
@@ -426,6 +459,7 @@ def _karpathy(data: Any, path: PathLike, *, split: str | Sequence[str] | None,
     wanted = {split} if isinstance(split, str) else (set(split) if split is not None else None)
     root = _image_root(path, image_root)
     samples, present = [], set()
+    ids = _UniqueIds(path, "image id")
     for index, raw in enumerate(images):
         record = _Record(raw, path, f"images[{index}]")
         image_split = record.get("split", "str")
@@ -437,6 +471,7 @@ def _karpathy(data: Any, path: PathLike, *, split: str | Sequence[str] | None,
         image_id = record.get("cocoid", "id", None)
         if image_id is None:
             image_id = record.get("imgid", "id", filename)
+        ids.add(image_id, record.where)
         captions = []
         for k, sentence in enumerate(record.get("sentences", "list")):
             captions.append(_Record(sentence, path, f"images[{index}].sentences[{k}]").get("raw", "str").strip())
@@ -471,15 +506,18 @@ def _captions(record: _Record) -> list[str]:
 def read_caption_jsonl(path: PathLike, *, image_root: PathLike | None = None) -> list[CaptionSample]:
     """Read JSONL lines ``{"image", "captions": [...]}`` (or ``"caption": "..."``); one sample per line.
 
-    ``image_id`` is the record's ``image_id`` (or ``id``), else the ``image`` value as written. Lines for
-    the same image are not merged.
+    ``image_id`` is the record's ``image_id`` (or ``id``), else the ``image`` value as written. Two lines with the
+    same image id are an error (captions are predicted and scored per image id): put all of an image's
+    captions on one line.
     """
     root = _image_root(path, image_root)
     samples = []
+    ids = _UniqueIds(path, "image id")
     for _, where, raw in _read_jsonl(path):
         record = _Record(raw, path, where)
         image = record.get("image", "str")
         image_id = record.first(("image_id", "id"), "id", image)
+        ids.add(image_id, where)
         samples.append(CaptionSample(image_id=image_id, image=_join(root, image), captions=_captions(record)))
     _warn_if_first_image_missing(samples, path)
     return samples
@@ -508,10 +546,12 @@ def read_caption_imagefolder(folder: PathLike, *, split: str | None = None) -> l
     metadata = _metadata_file(folder, split)
     root = os.path.dirname(os.path.abspath(metadata))
     samples = []
+    ids = _UniqueIds(metadata, "image id")
     for _, where, raw in _read_jsonl(metadata):
         record = _Record(raw, metadata, where)
         file_name = record.get("file_name", "str")
         image_id = record.first(("image_id", "id"), "id", file_name)
+        ids.add(image_id, where)
         samples.append(CaptionSample(image_id=image_id, image=_join(root, file_name), captions=_captions(record)))
     _warn_if_first_image_missing(samples, metadata)
     return samples
@@ -525,8 +565,10 @@ def read_text_jsonl(path: PathLike) -> list[TextSample]:
     """Read JSONL lines ``{"prompt", "target"}``; ``id`` is optional (default: the 0-based record index)
     and so is ``target`` (``""``, for prompts to complete only)."""
     samples = []
+    ids = _UniqueIds(path, "id")
     for index, where, raw in _read_jsonl(path):
         record = _Record(raw, path, where)
+        ids.add(record.get("id", "id", index), where)
         samples.append(TextSample(id=record.get("id", "id", index), prompt=record.get("prompt", "str"),
                                   target=record.get("target", "str", "")))
     return samples
@@ -612,8 +654,8 @@ def _hf_image(value: Any, root: str | None, name: str, where: str) -> Any:
         if value.get("bytes"):
             try:
                 return Image.open(io.BytesIO(value["bytes"]))  # reads the header only; pixels on load
-            except Exception as error:
-                raise BadImageError(f"{name} {where}", f"{type(error).__name__}: {error}") from None
+            except Exception as error:  # decided where the image is loaded, under its on_bad_image policy
+                return UnreadableImage(f"{name} {where}", f"{type(error).__name__}: {error}")
     raise AnnotationError(name, where, f"'image' must be a path, an image or image bytes, got {_short(value)}")
 
 
@@ -672,9 +714,11 @@ def read_hf_vqa(dataset: Any, *, columns: Mapping[str, str] | None = None, split
     dataset, name = _hf_dataset(dataset, split, load_kwargs)
     root = _image_root(None, image_root) if image_root is not None else None
     samples = []
+    ids = _UniqueIds(name, "question_id")
     for row, values in _hf_rows(dataset, columns, _VQA_FIELDS, ("image", "question"), name):
         where = f"row {row}"
         answers = values.get("answers", values.get("answer"))
+        ids.add(_hf_value(values.get("question_id"), "id", name, where, "question_id", row), where)
         samples.append(VQASample(
             question_id=_hf_value(values.get("question_id"), "id", name, where, "question_id", row),
             image=_hf_image(values["image"], root, name, where),
@@ -695,16 +739,19 @@ def read_hf_captions(dataset: Any, *, columns: Mapping[str, str] | None = None, 
 
     Images are never decoded while reading: an ``Image`` column whose file exists on disk becomes its
     path; embedded bytes become a lazily opened PIL image (header read only; a file that cannot even
-    be opened raises :class:`~mmprefix.data.images.BadImageError` naming the row). Path strings and
+    be opened becomes an :class:`~mmprefix.data.images.UnreadableImage` naming the row, which loading treats
+    as any bad image: skipped or an error, per ``on_bad_image``). Path strings and
     stored relative paths resolve against ``image_root`` if given, else the current directory, which is
     what ``datasets`` itself does.
     """
     dataset, name = _hf_dataset(dataset, split, load_kwargs)
     root = _image_root(None, image_root) if image_root is not None else None
     samples = []
+    ids = _UniqueIds(name, "image id")
     for row, values in _hf_rows(dataset, columns, _CAPTION_FIELDS, ("image",), name):
         where = f"row {row}"
         captions = values.get("captions", values.get("caption"))
+        ids.add(_hf_value(values.get("image_id"), "id", name, where, "image_id", row), where)
         samples.append(CaptionSample(
             image_id=_hf_value(values.get("image_id"), "id", name, where, "image_id", row),
             image=_hf_image(values["image"], root, name, where),
@@ -718,8 +765,10 @@ def read_hf_text(dataset: Any, *, columns: Mapping[str, str] | None = None, spli
     ``target`` to column names (``id`` defaults to the row number, ``target`` to ``""``)."""
     dataset, name = _hf_dataset(dataset, split, load_kwargs)
     samples = []
+    ids = _UniqueIds(name, "id")
     for row, values in _hf_rows(dataset, columns, _TEXT_FIELDS, ("prompt",), name):
         where = f"row {row}"
+        ids.add(_hf_value(values.get("id"), "id", name, where, "id", row), where)
         samples.append(TextSample(id=_hf_value(values.get("id"), "id", name, where, "id", row),
                                   prompt=_hf_value(values["prompt"], "str", name, where, "prompt"),
                                   target=_hf_value(values.get("target"), "str", name, where, "target", "")))

@@ -16,6 +16,12 @@ left / middle / right slots on a noisy light background. Every image comes with 
 Downstream answers and captions only use words the backbones' decoders already emit in pretraining (counts and
 sizes come from style-A captions): a frozen decoder cannot learn to emit a word it has always suppressed.
 
+The world has one indefinite article, "a", also before "orange" ("a orange circle" in style-B captions, "is there a
+orange square?"): the shipped backbones' tokenizers hold exactly the world's 49 words (`mmprefix.embedded.text`)
+and their embedding tables one row per word, so an "an" would be unknown to every backbone, and a style-B target
+the frozen decoders could never produce. Writing "an" needs new tokenizers and re-pretrained backbones (and the
+README's measured tables again); the texts are kept as the backbones saw them.
+
 Files are written once per version into a cache folder in the readers' JSONL formats (``image`` paths relative
 to the file), so recipes read the world exactly as they read any benchmark.
 """

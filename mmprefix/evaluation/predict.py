@@ -23,7 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..data import CaptionSample, ImageLoader, TextSample, VQASample
+from ..data import CaptionSample, ImageLoader, NoReadableImages, TextSample, VQASample
 from ..files import write_json
 from ..routing import ACTIVE
 from . import decode, metrics
@@ -206,14 +206,14 @@ def predict(
     Args:
         task: ``"vqa"`` (answers keyed by ``question_id``), ``"caption"`` (by ``image_id``) or ``"text"`` (by
             ``id``: the continuation of ``prompt``).
-        model, processor: a model of a family ``mmprefix.tasks`` formats for (BLIP, BLIP-2/InstructBLIP, causal
+        model, processor: a model of a family ``data/formatting.py`` formats for (BLIP, BLIP-2/InstructBLIP, causal
             LM), possibly a :class:`PrefixModel`; its processor (for ``"text"``: a tokenizer).
         samples: records from ``mmprefix.data.read_samples``; a repeated id is predicted once.
         prefix: with a PrefixModel, every batch is routed to this prefix name (``None``: the base model);
             ``ACTIVE`` leaves the active prefix.
         batch_size: samples per ``generate`` call.
         generation: ``generate`` settings such as ``num_beams`` and ``max_new_tokens`` (the defaults of
-            ``mmprefix.tasks`` otherwise); sampling is refused.
+            ``evaluation/decode.py`` otherwise); sampling is refused.
         predictions_path: a JSONL file. Ids already in it are not predicted again, and each batch's predictions
             are appended (flushed) as soon as it finishes, so that a killed run resumes where it stopped.
         on_bad_image: ``"skip"``: an unreadable image becomes an error row and its sample gets no prediction;
@@ -251,6 +251,8 @@ def predict(
     finally:
         bar.close()
         appender.close()
+    if todo and not done and len(errors) == len(todo):  # skipping every image would score nothing
+        raise NoReadableImages(len(todo), str(errors[0]["image"]), str(errors[0]["reason"]))
     ordered = {sample_id(task, s): done[sample_id(task, s)] for s in samples if sample_id(task, s) in done}
     return ordered, errors
 

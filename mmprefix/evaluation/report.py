@@ -150,12 +150,30 @@ def _spread(count: int, wanted: int) -> list[int]:
     return sorted({round(i * (count - 1) / (wanted - 1)) for i in range(wanted)})
 
 
-def _example_rows(task: str, samples: Sequence[Any], results: Mapping[str, Mapping], examples: int) -> list[str]:
+def pick_examples(samples: Sequence[Any], examples: int) -> list[int]:
+    """``examples`` sample indices: spread over the data, and over every question type when samples have one
+    (round-robin across types, so that a type that got worse is never left out)."""
+    groups: dict[Any, list[int]] = {}
+    for index, sample in enumerate(samples):
+        groups.setdefault(getattr(sample, "question_type", None), []).append(index)
+    if len(groups) <= 1:
+        return _spread(len(samples), examples)
+    shares = dict.fromkeys(groups, 0)
+    wanted = min(max(examples, len(groups)), len(samples))  # at least one of each type
+    while sum(shares.values()) < wanted:
+        for kind, members in groups.items():  # round-robin: a small type's unused share goes to the others
+            if shares[kind] < len(members) and sum(shares.values()) < wanted:
+                shares[kind] += 1
+    return sorted(members[i] for kind, members in groups.items() for i in _spread(len(members), shares[kind]))
+
+
+def _example_rows(task: str, samples: Sequence[Any], results: Mapping[str, Mapping], examples: int,
+                  with_input: bool) -> list[str]:
     rows = []
-    for index in _spread(len(samples), examples):
+    for index in pick_examples(samples, examples):
         sample = samples[index]
         image, text, references = _describe(sample)
-        cells = [_thumbnail(image), html.escape(text),
+        cells = [_thumbnail(image), *([html.escape(text)] if with_input else []),
                  "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in references) + "</ul>"]
         for run in results.values():
             key = sample_id(task, sample) if task in GENERATIVE_TASKS else None
@@ -191,12 +209,43 @@ td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}t
 ul{margin:0;padding-left:1.2em}.hit{color:#070;font-weight:bold}.missing{color:#999}"""
 
 
-def _html(task: str, samples: Sequence[Any], results: Mapping[str, Mapping], examples: int) -> str:
-    title = html.escape(f"mmprefix evaluation: {task}")
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["image", "input", "references", *results])
-    rows = "".join(_example_rows(task, samples, results, examples))
+def _html_about(about: Mapping[str, Any]) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in about.items())
+    return f"<table>{rows}</table>" if rows else ""
+
+
+def _html_breakdown(results: Mapping[str, Mapping]) -> str:
+    """VQA accuracy per question type, one column per run."""
+    groups: list[str] = []
+    for run in results.values():
+        groups += [n[len(BREAKDOWN):] for n in run.get("metrics", {}) if n.startswith(BREAKDOWN) and n[len(BREAKDOWN):] not in groups]
+    if not groups:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["question type", *results])
+    body = "".join("<tr>" + f"<td>{html.escape(group)}</td>" + "".join(
+        f"<td>{_number(BREAKDOWN, run.get('metrics', {}).get(BREAKDOWN + group))}</td>" for run in results.values())
+        + "</tr>" for group in groups)
+    return f"<h2>Accuracy per question type</h2><table><tr>{head}</tr>{body}</table>"
+
+
+def _html_curves(curves: Path | None) -> str:
+    if curves is None or not Path(curves).is_file():
+        return ""
+    data = base64.b64encode(Path(curves).read_bytes()).decode("ascii")
+    return f'<h2>Training curves</h2><img alt="training curves" src="data:image/png;base64,{data}">'
+
+
+def _html(task: str, samples: Sequence[Any], results: Mapping[str, Mapping], examples: int,
+          about: Mapping[str, Any], curves: Path | None) -> str:
+    title = html.escape(f"mmprefix evaluation: {task}" + (f", {about['method']} on {about['model']}"
+                                                          if "method" in about and "model" in about else ""))
+    with_input = any(_describe(sample)[1] for sample in samples)  # captions and class labels have no input text
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in
+                   ["image", *(["input"] if with_input else []), "references", *results])
+    rows = "".join(_example_rows(task, samples, results, examples, with_input))
     return (f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{title}</title><style>{STYLE}</style>'
-            f"</head><body><h1>{title}</h1><h2>Scores</h2>{_html_scores(task, results)}"
+            f"</head><body><h1>{title}</h1>{_html_about(about)}<h2>Scores</h2>{_html_scores(task, results)}"
+            f"{_html_breakdown(results)}{_html_curves(curves)}"
             f"<h2>Examples</h2><table><tr>{head}</tr>{rows}</table>{_html_errors(results)}</body></html>\n")
 
 
@@ -210,9 +259,13 @@ def write_report(
     results: Mapping[str, Mapping],
     examples: int = 12,
     settings: Mapping[str, Any] | None = None,
+    about: Mapping[str, Any] | None = None,
+    curves: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
     """Write ``results.json`` (every run's metrics, counts, unreadable images and ``settings``), ``results.md``
-    and ``report.html`` (``examples`` samples spread over the data) into ``output_dir``; return their paths."""
+    and ``report.html`` into ``output_dir``; return their paths. The HTML page opens with ``about`` (what was
+    evaluated: model, method, run...), then the scores, the per-question-type table, the training ``curves``
+    (a PNG, embedded) and ``examples`` samples spread over the data and over every question type."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     summary = {
@@ -227,5 +280,5 @@ def write_report(
     paths = {"json": output / "results.json", "markdown": output / "results.md", "html": output / "report.html"}
     write_text(paths["json"], json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
     write_text(paths["markdown"], _markdown(task, results))
-    write_text(paths["html"], _html(task, samples, results, examples))
+    write_text(paths["html"], _html(task, samples, results, examples, dict(about or {}), curves))
     return paths

@@ -49,12 +49,35 @@ def load_open_clip(spec: str) -> tuple[Any, Any]:
     import open_clip
 
     _, name, *pretrained = spec.split(":", 2)
+    if pretrained and offline() and not os.path.isfile(pretrained[0]) and not open_clip_weights_cached(name, pretrained[0]):
+        raise LoadError(f"cannot load open_clip model {spec!r}: its weights are not in the local cache and the hub is "
+                        "offline (HF_HUB_OFFLINE); download them once online, or give a weights file as PRETRAINED")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained[0] if pretrained else None)
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as err:  # unknown name, weights not downloadable offline, ...
         raise LoadError(f"cannot load open_clip model {spec!r}: {type(err).__name__}: {err}") from None
     return model.eval(), (tokenizer, preprocess)
+
+
+def open_clip_weights_cached(name: str, tag: str) -> bool:
+    """Whether open_clip finds the weights of ``name:tag`` on disk (its Hugging Face cache entry or its download
+    folder), so that loading them offline does not wait on network retries. Unknown tags count as cached: open_clip
+    names them itself, at once."""
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.pretrained import get_pretrained_cfg
+
+    config = get_pretrained_cfg(name, tag)
+    if not config:
+        return True
+    if config.get("hf_hub"):
+        repo, filename = os.path.split(config["hf_hub"])
+        names = [filename or "open_clip_pytorch_model.bin"]
+        names.append(os.path.splitext(names[0])[0] + ".safetensors")
+        if any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+            return True
+    url = config.get("url", "")
+    return bool(url) and os.path.isfile(os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url)))
 
 
 def offline() -> bool:

@@ -31,13 +31,17 @@ LORA_TARGETS = {
 DEFAULT_LORA_TARGET = r".*\.(q_proj|v_proj)$"  # Llama, Mistral, Qwen2, OPT, ...
 
 
-def prepare(model: nn.Module, method: str, options: dict[str, Any] | None = None, processor: Any = None) -> nn.Module:
-    """The model to train with ``method``; ``options`` configure it (PrefixConfig or LoraConfig fields)."""
+def prepare(model: nn.Module, method: str, options: PrefixConfig | dict[str, Any] | None = None,
+            processor: Any = None) -> nn.Module:
+    """The model to train with ``method``; ``options`` configure it (a PrefixConfig or its fields, LoraConfig
+    fields)."""
+    if method in ("prefix", "prompt"):
+        if not isinstance(options, PrefixConfig):
+            options = PrefixConfig(**{"method": method, **(options or {})})
+        if options.method != method:
+            raise ValueError(f"method {method!r} was given a PrefixConfig for method {options.method!r}")
+        return add_prefix(model, options, processor=processor)
     options = dict(options or {})
-    if method == "prefix":
-        return add_prefix(model, PrefixConfig(**options), processor=processor)
-    if method == "prompt":
-        return add_prefix(model, PrefixConfig(method="prompt", **options), processor=processor)
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 
 BASE = "base"  # the model id of the frozen model without a prefix
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-RECIPE_PREFIX = "prefix"  # a recipe's output folder keeps its prefix here
+# Where a prefix may sit below a served entry: the entry itself, a recipe run's folder (``prefix/`` in it), or a
+# recipe's task folder, whose prefix run is ``prefix/`` with its own ``prefix/`` (out/vqa -> out/vqa/prefix/prefix).
+RECIPE_PLACES = ("", "prefix", "prefix/prefix")
 
 
 class InvalidName(ValueError):
@@ -49,13 +51,14 @@ def check_name(name: str) -> str:
 
 
 def prefix_folders(root: str | Path) -> tuple[dict[str, Path], dict[str, str]]:
-    """``({name: folder}, {entry: problem})`` for the subfolders of ``root``: a prefix folder, or a recipe output
-    folder with ``prefix/`` in it; anything else is a problem, reported by name."""
+    """``({name: folder}, {entry: problem})`` for the subfolders of ``root``: a prefix folder, or a recipe's output
+    below it (see ``RECIPE_PLACES``); anything else is a problem, reported by name."""
     found, problems = {}, {}
     for entry in sorted(Path(root).iterdir()):
         if not entry.is_dir():
             continue
-        folder = entry / RECIPE_PREFIX if (entry / RECIPE_PREFIX).is_dir() else entry
+        places = [entry / place for place in RECIPE_PLACES]
+        folder = next((f for f in places if (f / "prefix.safetensors").is_file()), places[0])
         try:
             check_name(entry.name)
             detect_format(folder)

@@ -1,5 +1,9 @@
 """Training checkpoints that resume exactly: trainable weights, optimizer, scheduler, RNG states and the data
-position, as safetensors + JSON (never pickles), each written to a temporary folder and renamed into place."""
+position, as safetensors + JSON (never pickles), each written to a temporary folder and renamed into place.
+
+Reading one validates everything before anything is applied: each part's JSON and tensors (damaged files,
+missing tensors and non-finite values are a ``ValueError`` naming the file), the run state's fields, and the
+weights and optimizer state against the shapes of the model being resumed."""
 
 from __future__ import annotations
 
@@ -7,12 +11,16 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from .. import typed
+from ..files import load_finite
 
 PREFIX = "step-"
 
@@ -33,18 +41,24 @@ def _split(state: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
     return state
 
 
-def _join(state: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _join(state: Any, tensors: dict[str, torch.Tensor], source: str) -> Any:
     if isinstance(state, dict):
-        if "__tensor__" in state:
-            return tensors[state["__tensor__"]]
-        if "__ndarray__" in state:
-            return tensors[state["__ndarray__"]].numpy()
+        for marker in ("__tensor__", "__ndarray__"):
+            if marker in state:
+                if state[marker] not in tensors:
+                    raise ValueError(f"{source} refers to tensor {state[marker]!r}, which its .safetensors lacks")
+                tensor = tensors[state[marker]]
+                return tensor if marker == "__tensor__" else tensor.numpy()
         if "__tuple__" in state:
-            return tuple(_join(v, tensors) for v in state["__tuple__"])
+            return tuple(_join(v, tensors, source) for v in state["__tuple__"])
         if "__dict__" in state:
-            return {_join(k, tensors): _join(v, tensors) for k, v in state["__dict__"]}
+            pairs = state["__dict__"]
+            if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+                raise ValueError(f"{source}: a __dict__ entry must be a list of [key, value] pairs")
+            return {_join(k, tensors, source): _join(v, tensors, source) for k, v in pairs}
+        return {k: _join(v, tensors, source) for k, v in state.items()}
     if isinstance(state, list):
-        return [_join(v, tensors) for v in state]
+        return [_join(v, tensors, source) for v in state]
     return state
 
 
@@ -55,8 +69,100 @@ def write_part(folder: Path, name: str, state: Any) -> None:
     (folder / f"{name}.json").write_text(json.dumps(structure))
 
 
+class DamagedCheckpoint(ValueError):
+    """A checkpoint that does not read back whole (a part missing, cut short, altered or not finite)."""
+
+
+class CheckpointMismatch(ValueError):
+    """A whole checkpoint that was written for another model, method or number of processes."""
+
+
 def read_part(folder: Path, name: str) -> Any:
-    return _join(json.loads((folder / f"{name}.json").read_text()), load_file(folder / f"{name}.safetensors"))
+    """One part as written by `write_part`; a damaged or incomplete part is a `DamagedCheckpoint` naming its file."""
+    source = folder / f"{name}.json"
+    try:
+        text = source.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise DamagedCheckpoint(f"{source} is missing: the checkpoint is incomplete") from None
+    except UnicodeDecodeError:
+        raise DamagedCheckpoint(f"{source} is not UTF-8 text: the checkpoint is damaged") from None
+    try:
+        structure = json.loads(text)
+        return _join(structure, load_finite(folder / f"{name}.safetensors"), str(source))
+    except json.JSONDecodeError as err:
+        raise DamagedCheckpoint(f"{source} is not valid JSON ({err.msg}, line {err.lineno}): the checkpoint is "
+                                "damaged") from None
+    except DamagedCheckpoint:
+        raise
+    except ValueError as err:
+        raise DamagedCheckpoint(str(err)) from None
+
+
+@dataclass
+class RunState:
+    """Where a run stood when its checkpoint was written."""
+
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    samples: int
+    processes: int
+    config: dict[str, Any]
+    best: dict[str, Any] | None = None
+    settings: dict[str, Any] | None = None  # what else defines the run (a recipe's settings), compared on resume
+
+    def __post_init__(self) -> None:
+        if min(self.step, self.epoch, self.batch_in_epoch, self.samples) < 0 or self.processes < 1:
+            raise ValueError("step, epoch, batch_in_epoch and samples must be >= 0, processes >= 1")
+
+
+def read_checkpoint(path: Path, parameters: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    rank: int) -> dict[str, Any]:
+    """Every part of checkpoint ``path`` this process needs, checked against the trainable ``parameters`` (by
+    name) and ``optimizer`` it is to be loaded into; nothing is applied here."""
+    try:
+        state = typed.build(RunState, read_part(path, "state"), str(path / "state.json"))
+    except typed.FieldError as err:
+        raise DamagedCheckpoint(str(err)) from None
+    trainable = read_part(path, "trainable")
+    source = path / "trainable.safetensors"
+    if not isinstance(trainable, dict) or set(trainable) != set(parameters):
+        missing = sorted(set(parameters) - set(trainable or {}))[:3]
+        extra = sorted(set(trainable or {}) - set(parameters))[:3]
+        raise CheckpointMismatch(f"{source} holds other weights than this model trains (missing {missing}, unknown {extra}): "
+                         "was it written for another model or method?")
+    for name, tensor in trainable.items():
+        if not torch.is_tensor(tensor) or tensor.shape != parameters[name].shape:
+            got = tuple(tensor.shape) if torch.is_tensor(tensor) else type(tensor).__name__
+            raise CheckpointMismatch(f"{source}: {name!r} has shape {got}, this model's is {tuple(parameters[name].shape)} "
+                             "(another prefix length or model?)")
+    optimizer_state = read_part(path, "optimizer")
+    _check_optimizer(optimizer_state, optimizer, path / "optimizer.json")
+    parts = {"state": state, "trainable": trainable, "optimizer": optimizer_state,
+             "scheduler": read_part(path, "scheduler"), "rng": read_part(path, f"rng-rank{rank}")}
+    _check_rng(parts["rng"], path / f"rng-rank{rank}.json")
+    if (path / "scaler.json").is_file():
+        parts["scaler"] = read_part(path, "scaler")
+    return parts
+
+
+def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer, source: Path) -> None:
+    """The saved optimizer state has this optimizer's groups and, per parameter, tensors of its shape."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list) or not isinstance(saved.get("state"), dict):
+        raise DamagedCheckpoint(f"{source} is not an optimizer state (expected state and param_groups)")
+    ours = optimizer.param_groups
+    theirs = saved["param_groups"]
+    if len(theirs) != len(ours) or any(len(g.get("params", [])) != len(o["params"]) for g, o in zip(theirs, ours)):
+        raise CheckpointMismatch(f"{source}: {[len(g.get('params', [])) for g in theirs]} parameters per group, this "
+                         f"optimizer has {[len(g['params']) for g in ours]}")
+    shapes = {index: p.shape for group, mine in zip(theirs, ours) for index, p in zip(group["params"], mine["params"])}
+    for index, entry in saved["state"].items():
+        if index not in shapes or not isinstance(entry, dict):
+            raise CheckpointMismatch(f"{source}: state for unknown parameter {index!r}")
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != shapes[index]:
+                raise CheckpointMismatch(f"{source}: {key} of parameter {index} has shape {tuple(value.shape)}, expected "
+                                 f"{tuple(shapes[index])}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -64,6 +170,20 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _check_rng(state: Any, source: Path) -> None:
+    """The random states have the layout `rng_state` writes (so that setting them cannot fail half-way)."""
+    now = rng_state()
+    try:
+        version, internal, _ = state["python"]
+        ok = (version == now["python"][0] and len(internal) == len(now["python"][1])
+              and state["numpy"][0] == now["numpy"][0] and np.shape(state["numpy"][1]) == np.shape(now["numpy"][1])
+              and torch.is_tensor(state["torch"]) and state["torch"].shape == now["torch"].shape)
+    except (KeyError, TypeError, ValueError, IndexError):
+        ok = False
+    if not ok:
+        raise DamagedCheckpoint(f"{source} does not hold the random states of a run (python, numpy, torch)")
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

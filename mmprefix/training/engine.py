@@ -13,13 +13,17 @@ what makes the data position resumable.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,51 +37,26 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from ..files import write_text
 from ..model import PrefixModel
-from . import checkpoints
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message says where and what is kept."""
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one training run (recipes fill it from their YAML configs)."""
-
-    output_dir: str
-    max_steps: int = 500
-    batch_size: int = 16  # rows per optimizer step and micro-step, split across processes
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"  # "no", "fp16" or "bf16"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate once, at the end
-    save_every: int = 0  # 0: no resumable checkpoints
-    keep_checkpoints: int = 2
-    resume: bool = False
-    metric: str | None = None  # the evaluation metric that picks the best model
-    greater_is_better: bool = True
-    trackers: list[str] = field(default_factory=list)  # accelerate trackers, e.g. ["tensorboard"]
-    num_workers: int = 0
-    plot: bool = True
-
-    def __post_init__(self) -> None:
-        if self.mixed_precision is False:  # YAML reads an unquoted `no` as false
-            self.mixed_precision = "no"
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
-        if self.max_steps < 1 or self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("max_steps, batch_size and gradient_accumulation_steps must be >= 1")
+from . import checkpoints, lock
+from .config import TrainConfig, TrainingError, TrainingInterrupted
 
 
 def default_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     return model(**batch).loss
+
+
+def saved_name(model: nn.Module) -> str:
+    """The folder a trained model is saved in, named for what was trained: ``prefix``, ``prompt`` (a soft
+    prompt), a PEFT adapter's type (``lora``), or ``model`` (every weight)."""
+    if isinstance(model, PrefixModel):
+        return model.prefixes[model.active_prefix].config.method
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict) and peft_config:
+        kind = next(iter(peft_config.values())).peft_type
+        return str(getattr(kind, "value", kind)).lower()
+    return "model"
 
 
 def save_trained(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -101,8 +80,26 @@ def train(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     loss_fn: Callable[[nn.Module, dict[str, Any]], torch.Tensor] = default_loss,
     save: Callable[[nn.Module, str | os.PathLike], None] = save_trained,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` on ``dataset``; returns the final state (steps, last loss, metrics, paths)."""
+    """Train ``model`` on ``dataset``; returns the final state (steps, metrics, best step, paths).
+
+    The run owns ``config.output_dir`` (a second run on it is refused, see `mmprefix.training.lock`). With
+    ``config.resume`` it continues from the latest checkpoint that reads back whole (a damaged one is skipped with a
+    warning) after comparing the checkpoint's settings with these (``settings``: what else defines the run, e.g. a
+    recipe's model, method and data); a difference is refused unless ``config.resume_with_changes``. SIGTERM and
+    SIGINT end the run after the current step with a checkpoint (`TrainingInterrupted`). A non-finite loss or
+    gradient stops it before the step's update (`TrainingError`), so the weights and every checkpoint stay finite.
+    """
+    out = Path(config.output_dir)
+    # The folder is claimed first, before accelerate's process-wide state is touched; by global rank 0 only.
+    with lock.holding(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext(), \
+            StopSignals() as stop:
+        return _train(model, dataset, collate, config, evaluate, loss_fn, save, settings, stop)
+
+
+def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save, settings,
+           stop: StopSignals) -> dict[str, Any]:
     out = Path(config.output_dir)
     # One process may train several times (comparisons, tests): each run sets its own mixed precision.
     AcceleratorState._reset_state()
@@ -137,10 +134,9 @@ def train(
             (out / "log.jsonl").unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if config.resume:
-        latest = checkpoints.latest_checkpoint(checkpoint_dir)
-        if latest is not None:
-            state = _load(latest, unwrapped, optimizer, scheduler, accelerator)
-            accelerator.print(f"resuming from {latest} (step {state['step']})")
+        state = _resume(checkpoint_dir, unwrapped, optimizer, scheduler, accelerator, config, settings) or state
+        if accelerator.is_main_process:
+            _keep_log_until(out / "log.jsonl", state["step"])  # a resumed step is logged again: once
     if config.trackers:
         accelerator.init_trackers("mmprefix", config=_flat(dataclasses.asdict(config)))
 
@@ -166,10 +162,10 @@ def train(
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = loss_fn(model, batch)
-                _check_finite(loss, state["step"] + 1, accelerator, checkpoint_dir)
+                _refuse_non_finite("loss", loss.detach().float()[None], state["step"] + 1, accelerator, config)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+                if accelerator.sync_gradients:
+                    _check_gradients(parameters, state["step"] + 1, accelerator, config)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -191,35 +187,164 @@ def train(
             final = step == config.max_steps
             if evaluate is not None and (final or (config.eval_every and step % config.eval_every == 0)):
                 metrics = _evaluate(evaluate, unwrapped, step, state, config, accelerator, save, out)
-            if config.save_every and (step % config.save_every == 0 or final):
-                _save(checkpoint_dir, state, unwrapped, optimizer, scheduler, accelerator, config)
+            saved_now = bool(config.save_every) and (step % config.save_every == 0 or final)
+            if saved_now:
+                _save(checkpoint_dir, state, unwrapped, optimizer, scheduler, accelerator, config, settings)
+            signal_number = stop.agreed(accelerator)
+            if signal_number and not final:
+                if not saved_now:
+                    _save(checkpoint_dir, state, unwrapped, optimizer, scheduler, accelerator, config, settings)
+                progress.close()
+                latest = checkpoints.latest_checkpoint(checkpoint_dir)
+                raise TrainingInterrupted(f"{signal.Signals(signal_number).name} stopped training after step {step}; "
+                                          f"checkpoint {latest} holds it: run the same command with --resume to "
+                                          "continue", signal_number, str(latest))
             if final:
                 break
         else:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
     progress.close()
+    saved = out / saved_name(unwrapped)
     if accelerator.is_main_process:
-        save(unwrapped, out / "prefix")
+        save(unwrapped, saved)
         if config.plot:
             plot_curves(out / "log.jsonl", out / "curves.png")
     accelerator.wait_for_everyone()
     if config.trackers:
         accelerator.end_training()
     unwrapped.eval()
-    return {"step": state["step"], "metrics": metrics, "best": state["best"], "output_dir": str(out)}
+    return {"step": state["step"], "metrics": metrics, "best": state["best"], "output_dir": str(out),
+            "saved": str(saved)}
 
 
-def _check_finite(loss: torch.Tensor, step: int, accelerator: Accelerator, checkpoint_dir: Path) -> None:
-    values = accelerator.gather(loss.detach().float()[None])
+class StopSignals:
+    """While training, SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) ask the loop to stop after the
+    current step, with a checkpoint; a second one of either stops at once. Installed only in the main thread."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.received:  # asked twice: no more waiting for the step to end
+            self.__exit__()
+            signal.raise_signal(number)
+            return
+        self.received = number
+        print(f"\n{signal.Signals(number).name}: stopping after this step, with a checkpoint (again to stop now)",
+              file=sys.stderr)
+
+    def agreed(self, accelerator: Accelerator) -> int:
+        """The signal any process received (every process must stop at the same step)."""
+        if accelerator.num_processes == 1:
+            return self.received
+        flag = torch.tensor([self.received], device=accelerator.device)
+        return int(accelerator.reduce(flag, reduction="max").item())
+
+
+def _resume(directory: Path, model, optimizer, scheduler, accelerator, config: TrainConfig,
+            settings: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Load the latest checkpoint that reads back whole (damaged ones are skipped with a warning), after checking
+    that it was written with this run's settings; None when there is none (the run starts fresh, and says so)."""
+    found = checkpoints.complete_checkpoints(directory)
+    if not found:
+        accelerator.print(f"--resume: no checkpoint in {directory}; starting fresh from step 0")
+        return None
+    parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    damaged = []
+    for path in reversed(found):
+        try:
+            parts = checkpoints.read_checkpoint(path, parameters, optimizer, accelerator.process_index)
+        except checkpoints.DamagedCheckpoint as err:
+            damaged.append(str(err))
+            warnings.warn(f"checkpoint {path.name} cannot be read back ({err}); trying the one before", stacklevel=2)
+            continue
+        _compare(path, parts["state"], config, settings)
+        state = _apply(path, parts, parameters, optimizer, scheduler, accelerator)
+        accelerator.print(f"resuming from {path} (step {state['step']})")
+        return state
+    raise checkpoints.DamagedCheckpoint(f"no checkpoint in {directory} reads back whole: {'; '.join(damaged)}")
+
+
+# Settings that may change when a run is resumed: how long it goes on, how often it logs, evaluates and saves.
+RESUMABLE_CHANGES = ("output_dir", "max_steps", "log_every", "eval_every", "save_every", "keep_checkpoints",
+                     "resume", "resume_with_changes", "trackers", "num_workers", "plot")
+
+
+def _compare(path: Path, saved: checkpoints.RunState, config: TrainConfig, settings: dict[str, Any] | None) -> None:
+    """Refuse to resume a checkpoint written with other settings (unless told to), naming every difference."""
+    now = dataclasses.asdict(config)
+    differences = [f"train.{key}: checkpoint {saved.config.get(key)!r}, now {value!r}" for key, value in now.items()
+                   if key not in RESUMABLE_CHANGES and saved.config.get(key) != value]
+    if saved.settings is not None:  # checkpoints of versions that did not record them are compared on train only
+        before, after = _dotted(saved.settings), _dotted(settings or {})
+        differences += [f"{key}: checkpoint {before.get(key)!r}, now {after.get(key)!r}"
+                        for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+    if not differences:
+        return
+    listed = "; ".join(differences)
+    if not config.resume_with_changes:
+        raise TrainingError(f"{path} was written with other settings ({listed}): resume with the same settings, or "
+                            "pass --resume-with-changes (train.resume_with_changes=true) to continue anyway")
+    warnings.warn(f"resuming {path} with changed settings: {listed}", stacklevel=3)
+
+
+def _dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"a.b": value}``, values as JSON gives them back (tuples become lists)."""
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, value in tree.items() for k, v in _dotted(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): json.loads(json.dumps(tree))} if prefix else {}
+
+
+def _keep_log_until(log: Path, step: int) -> None:
+    """Drop what a killed run logged after the checkpoint it is resumed from: each step is logged once."""
+    if log.is_file():
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            write_text(log, "".join(line + "\n" for line in kept))
+
+
+def _refuse_non_finite(what: str, values: torch.Tensor, step: int, accelerator: Accelerator,
+                       config: TrainConfig) -> None:
+    """Stop before a non-finite loss or gradient can reach the weights; name the last good checkpoint."""
+    values = accelerator.gather(values)
     if torch.isfinite(values).all():
         return
-    latest = checkpoints.latest_checkpoint(checkpoint_dir)
-    kept = f"the last good checkpoint is {latest}" if latest else "no checkpoint was written (save_every=0)"
+    latest = checkpoints.latest_checkpoint(Path(config.output_dir) / "checkpoints")
+    kept = (f"the last good checkpoint is {latest}" if latest else
+            f"no checkpoint was written yet (save_every={config.save_every})")
     raise TrainingError(
-        f"the loss became {values.tolist()} at step {step}; training stopped and {kept}. Lower the learning rate, "
-        "check the data of this step, or train in float32"
+        f"the {what} became {values.tolist()} at step {step}; training stopped before the step's update, the "
+        f"weights are those of step {step - 1} and {kept}. Lower the learning rate, check the data of this step, "
+        "or train in float32"
     )
+
+
+def _check_gradients(parameters: list[nn.Parameter], step: int, accelerator: Accelerator, config: TrainConfig) -> None:
+    """Clip the step's gradients (when asked) and refuse non-finite ones. With fp16 the gradient scaler owns
+    overflows: it skips such a step itself and lowers its scale."""
+    if config.max_grad_norm:
+        norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    if accelerator.scaler is None:
+        _refuse_non_finite("gradient norm", torch.as_tensor(norm, dtype=torch.float32).reshape(1), step, accelerator,
+                           config)
 
 
 def _evaluate(evaluate, model, step, state, config, accelerator, save, out: Path) -> dict[str, float]:
@@ -247,14 +372,19 @@ def _evaluate(evaluate, model, step, state, config, accelerator, save, out: Path
     return metrics
 
 
-def _save(directory: Path, state, model, optimizer, scheduler, accelerator, config: TrainConfig) -> None:
+def _save(directory: Path, state, model, optimizer, scheduler, accelerator, config: TrainConfig,
+          settings: dict[str, Any] | None) -> None:
     rank = accelerator.process_index
     parts: dict[str, Any] = {f"rng-rank{rank}": checkpoints.rng_state()}
     if accelerator.is_main_process:
         parts["trainable"] = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        broken = [n for n, p in parts["trainable"].items() if not torch.isfinite(p).all()]
+        if broken:  # the guards of the loop make this unreachable; a checkpoint must never hold it
+            raise TrainingError(f"weights {broken[:3]} are not finite at step {state['step']}; no checkpoint written")
         parts["optimizer"] = optimizer.state_dict()
         parts["scheduler"] = scheduler.state_dict()
-        parts["state"] = {**state, "processes": accelerator.num_processes, "config": dataclasses.asdict(config)}
+        parts["state"] = {**state, "processes": accelerator.num_processes, "config": dataclasses.asdict(config),
+                          "settings": settings}
         if accelerator.scaler is not None:
             parts["scaler"] = accelerator.scaler.state_dict()
     checkpoints.stage_checkpoint(directory, state["step"], parts)
@@ -264,26 +394,25 @@ def _save(directory: Path, state, model, optimizer, scheduler, accelerator, conf
     accelerator.wait_for_everyone()
 
 
-def _load(path: Path, model, optimizer, scheduler, accelerator) -> dict[str, Any]:
-    state = checkpoints.read_part(path, "state")
-    if state["processes"] != accelerator.num_processes:
-        raise ValueError(
-            f"{path} was written by {state['processes']} processes; resume with the same number "
+def _apply(path: Path, parts: dict[str, Any], parameters: dict[str, nn.Parameter], optimizer, scheduler,
+           accelerator) -> dict[str, Any]:
+    """Put a read and checked checkpoint into the model, optimizer, scheduler and random generators."""
+    state = parts["state"]
+    if state.processes != accelerator.num_processes:
+        raise checkpoints.CheckpointMismatch(
+            f"{path} was written by {state.processes} processes; resume with the same number "
             f"(now {accelerator.num_processes}) so that every process gets its random state back"
         )
-    trainable = checkpoints.read_part(path, "trainable")
-    named = dict(model.named_parameters())
     with torch.no_grad():
-        for name, tensor in trainable.items():
-            if name not in named:
-                raise ValueError(f"{path} holds weights for {name!r}, which this model does not have")
-            named[name].copy_(tensor)
-    optimizer.load_state_dict(checkpoints.read_part(path, "optimizer"))
-    scheduler.load_state_dict(checkpoints.read_part(path, "scheduler"))
-    if accelerator.scaler is not None and (path / "scaler.json").is_file():
-        accelerator.scaler.load_state_dict(checkpoints.read_part(path, "scaler"))
-    checkpoints.set_rng_state(checkpoints.read_part(path, f"rng-rank{accelerator.process_index}"))
-    return {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "best", "samples")}
+        for name, tensor in parts["trainable"].items():
+            parameters[name].copy_(tensor)
+    optimizer.load_state_dict(parts["optimizer"])
+    scheduler.load_state_dict(parts["scheduler"])
+    if accelerator.scaler is not None and "scaler" in parts:
+        accelerator.scaler.load_state_dict(parts["scaler"])
+    checkpoints.set_rng_state(parts["rng"])
+    return {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "best": state.best,
+            "samples": state.samples}
 
 
 def _log(out: Path, record: dict[str, Any], accelerator: Accelerator) -> None:
