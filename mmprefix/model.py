@@ -26,6 +26,16 @@ from .store import PrefixStore
 TEXT_METHODS = ("get_text_features",)
 
 
+def check_prefix_name(name: str) -> str:
+    """``name`` if it can name a prefix: non-empty, no dots, and not an attribute of ``nn.ModuleDict`` (the
+    prefixes are registered as submodules, so "half" or "train" would shadow a method)."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"prefix names must be non-empty strings and hold no dots, got {name!r}")
+    if hasattr(nn.ModuleDict, name) or name in nn.ModuleDict().__dict__:
+        raise ValueError(f"{name!r} cannot name a prefix: it is an attribute of torch's nn.ModuleDict; choose another name")
+    return name
+
+
 class PrefixModel(nn.Module):
     """Wraps a model, freezes every base parameter and routes named prefixes into its attention sites.
 
@@ -117,8 +127,7 @@ class PrefixModel(nn.Module):
         return store
 
     def _new_store(self, name: str, config: PrefixConfig, sites: list[Site]) -> PrefixStore | PromptStore:
-        if not name or "." in name:
-            raise ValueError(f"prefix names must be non-empty and hold no dots, got {name!r}")
+        check_prefix_name(name)
         if name in self.prefixes:
             raise ValueError(f"a prefix named {name!r} already exists; delete_prefix({name!r}) first")
         if config.method == "prompt":

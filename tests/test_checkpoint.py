@@ -133,3 +133,12 @@ def test_loading_into_a_prefix_model_adds_a_named_prefix(tmp_path):
     assert set(pm.prefixes) == {"default", "saved"} and pm.active_prefix == "default"
     with pytest.raises(ValueError, match="already exists"):
         pm.load_prefix("saved", tmp_path)
+
+
+@pytest.mark.parametrize("name", ["half", "train", "training", "to"])
+def test_a_name_that_would_shadow_a_module_attribute_is_refused_and_nothing_changes(name):
+    # before: ModuleDict's own KeyError "attribute 'half' already exists" after the hooks were installed
+    pm = add_prefix(tiny.gpt2(), PrefixConfig(num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="cannot name a prefix.*choose another name"):
+        pm.add_prefix(name, PrefixConfig(num_virtual_tokens=2))
+    assert set(pm.prefixes) == {"default"} and callable(pm.prefixes.train)

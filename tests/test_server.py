@@ -280,12 +280,15 @@ def test_a_corrupt_prefix_folder_at_start_is_reported_and_the_rest_is_served(fol
     import shutil
 
     shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
-    (tmp_path / "half").mkdir()
+    (tmp_path / "cut").mkdir()
+    whole = (folder / "red" / "prefix.safetensors").read_bytes()
+    (tmp_path / "cut" / "prefix.safetensors").write_bytes(whole[: len(whole) // 2])  # a copy cut short
+    (tmp_path / "half").mkdir()  # a name torch's ModuleDict reserves
     shutil.copy(folder / "red" / "prefix.safetensors", tmp_path / "half")
-    (tmp_path / "half" / "prefix_config.json").write_text((folder / "blue" / "prefix_config.json").read_text())
     with client_for(tmp_path) as client:
         health = client.get("/health").json()
-        assert "checksum differs" in health["problems"]["half"]
+        assert "damaged or cut short" in health["problems"]["cut"]
+        assert "nn.ModuleDict" in health["problems"]["half"]
         assert sorted(health["models"]) == ["base", "blue", "cap", "green", "red"]
 
 

@@ -258,7 +258,7 @@ def test_rescan_adds_new_folders_reloads_changed_ones_removes_missing_ones_and_s
     service = PrefixService(serve_tiny.blip_engines(), tmp_path)
     try:
         assert sorted(service.models()) == ["base", "blue", "cap", "green", "red"]
-        assert "not valid JSON" in service.problems["broken"] and "invalid prefix name" in service.problems["has.dot"]
+        assert "not a readable safetensors file" in service.problems["broken"] and "invalid prefix name" in service.problems["has.dot"]
         image, question = serve_tiny.image(0), serve_tiny.QUESTIONS[0]
         old = service.submit(Job("vqa", "red", image, question)).result(30)
         import shutil

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ..model import check_prefix_name
 from ..saving import detect_format, read_for
 from .batcher import Batcher
 from .engine import Engine, Job
@@ -47,7 +48,10 @@ def check_name(name: str) -> str:
             f"invalid prefix name {name!r}: use 1-64 letters, digits, '-' or '_' (no path separators, dots or "
             f"'..'), not {BASE!r}"
         )
-    return name
+    try:
+        return check_prefix_name(name)
+    except ValueError as error:
+        raise InvalidName(f"invalid prefix name {name!r}: {error}") from None
 
 
 def prefix_folders(root: str | Path) -> tuple[dict[str, Path], dict[str, str]]:
