@@ -87,7 +87,8 @@ def test_sites_command_prints_the_table_with_prefix_sizes(tmp_path, capsys):
     assert out[0].split() == ["name", "tower", "kind", "layer", "heads", "kv_heads", "head_dim", "prefix_params"]
     assert out[1].split() == ["language_model.decoder.block.0.layer.1.EncDecAttention", "lm_decoder", "cross", "0", "4",
                               "4", "8", "640"]
-    assert out[-1].startswith("2 sites, 1,280 prefix parameters with P=10")
+    assert out[-2].startswith("2 sites, 1,280 prefix parameters with P=10")
+    assert out[-1] == "towers: the tested record of family 'blip-2'"
 
 
 def test_sites_command_reports_bad_targets_and_missing_models(tmp_path, capsys):
@@ -101,4 +102,6 @@ def test_sites_command_reports_bad_targets_and_missing_models(tmp_path, capsys):
 def test_sites_command_needs_no_weights(tmp_path, capsys):
     tiny.llama().config.save_pretrained(tmp_path)  # config.json only
     assert cli(["sites", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith("2 sites, 1,024 prefix parameters with P=16")
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].startswith("2 sites, 1,024 prefix parameters with P=16")
+    assert out[-1] == "towers: the tested record of family 'causal LM'"

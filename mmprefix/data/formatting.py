@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..architectures import is_open_clip, unwrap
+from ..architectures import family_of, is_open_clip, unwrap
 
 IGNORE = -100
 
@@ -25,13 +25,10 @@ VQA_PROMPT = "Question: {question} Answer:"
 
 
 def family(model: Any) -> str:
-    """``"blip"``, ``"blip2"`` (BLIP-2 and InstructBLIP) or ``"lm"``, from the model's config."""
-    model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
-    if model_type == "blip":
-        return "blip"
-    if model_type in ("blip-2", "instructblip"):
-        return "blip2"
-    return "lm"
+    """The prompt format of the model's family record: ``"blip"``, ``"blip2"`` (BLIP-2 and InstructBLIP), ... or
+    ``"lm"`` (plain language models, and models without a record)."""
+    record = family_of(unwrap(model)) if hasattr(unwrap(model), "config") else None
+    return (record.prompt_format if record is not None else None) or "lm"
 
 
 def _tokenizer(processor: Any) -> Any:
