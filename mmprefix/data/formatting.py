@@ -31,6 +31,13 @@ def family(model: Any) -> str:
     return (record.prompt_format if record is not None else None) or "lm"
 
 
+def chat_prompt(processor: Any, text: str) -> str:
+    """One user turn, an image then ``text``, through the processor's chat template (which puts the family's
+    image placeholders where the model expects them), with the assistant's turn opened."""
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+
+
 def _tokenizer(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
 

@@ -1,0 +1,282 @@
+"""The family matrix: every class mmprefix names, on a tiny config with its real processor, through every check.
+
+Sites (towers, kinds, layers), forward, ``disable_prefix()`` bit-equal to the untouched model, gradients only on
+the prefix, per-row routing equal to each row alone, greedy and beam generation with and without the KV cache
+against a full recompute of every step, save/load, ``init="text"`` through the processor, and a soft prompt equal
+to the same vectors read as tokens. The factories are in ``tiny_families.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import tiny_families
+from mmprefix import PrefixConfig, add_prefix, load_prefix
+from mmprefix.architectures import prompt_input
+
+CASES = tiny_families.CASES
+NAMES = sorted(CASES)
+GENERATING = sorted(n for n in NAMES if CASES[n].generation)
+PROMPTED = sorted(n for n in NAMES if CASES[n].prompt)
+NEW_TOKENS = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run several times faster on one thread than on two that wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.lru_cache(maxsize=None)
+def processor(name):
+    return CASES[name].processor()
+
+
+def inputs(name, labels=True) -> dict:
+    """A fresh copy of the family's forward batch (the model may not keep references to it)."""
+    batch = _inputs(name)
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items() if labels or k != "labels"}
+
+
+@functools.lru_cache(maxsize=None)
+def _inputs(name) -> dict:
+    return CASES[name].inputs(processor(name))
+
+
+def output(name, model, **kwargs) -> torch.Tensor:
+    return getattr(model(**inputs(name), **kwargs), CASES[name].output)
+
+
+@functools.lru_cache(maxsize=None)
+def untouched(name) -> torch.Tensor:
+    with torch.no_grad():
+        return output(name, CASES[name].build())
+
+
+def prefixed(name, **config) -> "PrefixModel":  # noqa: F821
+    config = {"num_virtual_tokens": 3, "init_std": 1.0, "targets": CASES[name].targets, **config}
+    return add_prefix(CASES[name].build(), PrefixConfig(**config))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sites_have_the_expected_towers_kinds_and_layers(name):
+    pm = prefixed(name)
+    counts = {}
+    for site in pm.sites:
+        counts[(site.tower, site.kind)] = counts.get((site.tower, site.kind), 0) + 1
+    assert counts == CASES[name].sites
+    for tower, kind in counts:
+        layers = sorted(s.layer for s in pm.sites if (s.tower, s.kind) == (tower, kind))
+        assert layers == list(range(len(layers))), f"{tower}.{kind} layers {layers}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_prefix_changes_the_output_and_disabled_or_empty_is_the_untouched_model(name):
+    expected = untouched(name)
+    pm = prefixed(name)
+    with torch.no_grad():
+        with pm.disable_prefix():
+            torch.testing.assert_close(output(name, pm), expected, rtol=0, atol=0)
+        changed = output(name, pm)
+        empty = prefixed(name, num_virtual_tokens=0)
+        torch.testing.assert_close(output(name, empty), expected, rtol=0, atol=0)
+    assert not torch.allclose(changed, expected, atol=1e-4), "an active prefix must change the output"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_reach_every_prefix_tensor_and_nothing_else(name):
+    pm = prefixed(name, init_std=0.5)
+    output(name, pm).float().pow(2).mean().backward()
+    prefix_parameters = dict(pm.prefixes.named_parameters())
+    for key, parameter in prefix_parameters.items():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, f"no gradient for {key}"
+    for key, parameter in pm.base_model.named_parameters():
+        assert not parameter.requires_grad and parameter.grad is None, f"base parameter {key} got a gradient"
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("routing", [["a", "b"], ["b", None]], ids=["a-b", "b-none"])
+def test_each_row_of_a_routed_batch_equals_that_row_alone(name, routing):
+    pm = prefixed(name)
+    pm.delete_prefix("default")
+    pm.add_prefix("a", PrefixConfig(num_virtual_tokens=3, init_std=1.0, targets=CASES[name].targets))
+    pm.add_prefix("b", PrefixConfig(num_virtual_tokens=5, init_std=1.0, targets=[f"{t}[-1:]" for t in (CASES[name].targets or ["*"])]))
+    with torch.no_grad():
+        mixed = output(name, pm, prefix=routing)
+        for row, prefix in enumerate(routing):
+            alone = output(name, pm, prefix=prefix)
+            torch.testing.assert_close(mixed[row], alone[row], rtol=1e-5, atol=1e-5, msg=f"row {row} ({prefix})")
+
+
+# -- generation ------------------------------------------------------------------------------------------------
+def _grow(name, batch: dict, token: torch.Tensor) -> dict:
+    """The inputs of the next full-recompute step: ``token`` appended, aligned inputs extended."""
+    case = CASES[name]
+    key = "decoder_input_ids" if case.generation == "seq2seq" else "input_ids"
+    grown = dict(batch)
+    grown[key] = torch.cat([batch[key], token], dim=1)
+    if case.generation == "decoder":
+        grown["attention_mask"] = mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], dim=1)
+        if "position_ids" in batch:
+            grown["position_ids"] = positions(mask)
+        for aligned, fill in case.grow.items():
+            last = batch[aligned][:, -1:]
+            grown[aligned] = torch.cat([last if fill == "last" else torch.full_like(last, fill), ], dim=1)
+            grown[aligned] = torch.cat([batch[aligned], grown[aligned]], dim=1)
+    return grown
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """What generate() passes as position ids to a left-padded decoder (padding at 0)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def _start(name, model, reference=False) -> dict:
+    """The generation inputs; for the reference loop also the position ids that generate() would make."""
+    batch = inputs(name, labels=False)
+    if reference and CASES[name].positions:
+        batch["position_ids"] = positions(batch["attention_mask"])
+    if CASES[name].generation == "seq2seq":
+        start = model.generation_config.decoder_start_token_id
+        batch["decoder_input_ids"] = torch.full((batch_size(batch), 1), start)
+    return batch
+
+
+def batch_size(batch: dict) -> int:
+    return next(v.shape[0] for k, v in batch.items() if k in ("input_ids", "pixel_values", "input_features"))
+
+
+@functools.lru_cache(maxsize=None)
+def suppressed(name) -> tuple[int, ...]:
+    """Special tokens other than end of text: a random model may pick an image placeholder, which would turn
+    the next step's input into a malformed image prompt. Both generate and the reference loop never pick them."""
+    tokenizer = getattr(processor(name), "tokenizer", processor(name))
+    return tuple(sorted(set(tokenizer.all_special_ids) - {tokenizer.eos_token_id}))
+
+
+def _recompute_greedy(name, pm) -> torch.Tensor:
+    """Greedy decoding by recomputing the full forward at every step (no cache anywhere)."""
+    batch = _start(name, pm, reference=True)
+    key = "decoder_input_ids" if CASES[name].generation == "seq2seq" else "input_ids"
+    for _ in range(NEW_TOKENS):
+        logits = pm(**batch, use_cache=False).logits[:, -1]
+        logits[:, list(suppressed(name))] = float("-inf")
+        batch = _grow(name, batch, logits.argmax(-1, keepdim=True))
+    return batch[key]
+
+
+def _new_tokens(name, sequences: torch.Tensor, start: dict) -> torch.Tensor:
+    if CASES[name].generation == "seq2seq":
+        return sequences[:, 1:]
+    return sequences[:, start["input_ids"].shape[1]:]
+
+
+def _until_eos(row: torch.Tensor, eos: set) -> list:
+    out = []
+    for token in row.tolist():
+        out.append(token)
+        if token in eos:
+            break
+    return out
+
+
+def _eos(pm) -> set:
+    eos = pm.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+@pytest.mark.parametrize("name", GENERATING)
+def test_greedy_generation_with_and_without_cache_equals_a_full_recompute_loop(name):
+    pm = prefixed(name)
+    with torch.no_grad():
+        reference = _new_tokens(name, _recompute_greedy(name, pm), _start(name, pm))
+        for use_cache in (True, False):
+            start = _start(name, pm)
+            start.pop("decoder_input_ids", None)
+            generated = pm.generate(**start, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=use_cache,
+                                    suppress_tokens=suppressed(name))
+            got = _new_tokens(name, generated, _start(name, pm))
+            for row in range(got.shape[0]):
+                expected = _until_eos(reference[row], _eos(pm))
+                assert _until_eos(got[row], _eos(pm)) == expected, f"row {row}, use_cache={use_cache}"
+
+
+@pytest.mark.parametrize("name", GENERATING)
+def test_beam_search_scores_with_and_without_cache_equal_a_full_recompute(name):
+    """Every step of every returned beam, scored by generate (cached or not), equals the log-probability that a
+    full forward over the finished sequence gives that token."""
+    pm = prefixed(name)
+    for use_cache in (True, False):
+        start = _start(name, pm)
+        start.pop("decoder_input_ids", None)
+        with torch.no_grad():
+            out = pm.generate(**start, max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=3, use_cache=use_cache,
+                              output_scores=True, return_dict_in_generate=True, suppress_tokens=suppressed(name))
+            steps = pm.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
+            new = _new_tokens(name, out.sequences, _start(name, pm))
+            full = _start(name, pm, reference=True)
+            for column in range(new.shape[1] - 1):
+                full = _grow(name, full, new[:, column : column + 1])
+            log_probs = pm(**full, use_cache=False).logits.float().log_softmax(-1)
+        offset = log_probs.shape[1] - new.shape[1]  # the logits that predict the first new token
+        for row in range(new.shape[0]):
+            length = len(_until_eos(new[row], _eos(pm)))
+            recomputed = log_probs[row, offset + torch.arange(length), new[row, :length]]
+            torch.testing.assert_close(steps[row, :length], recomputed, rtol=1e-4, atol=1e-4,
+                                       msg=f"row {row}, use_cache={use_cache}")
+
+
+# -- saving, text initialisation, soft prompts ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_save_and_load_reproduce_the_outputs(name, tmp_path):
+    pm = prefixed(name)
+    pm.save_prefix(tmp_path)
+    loaded = load_prefix(CASES[name].build(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(output(name, loaded), output(name, pm), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_text_initialisation_through_the_family_processor_reaches_every_site(name):
+    def init(text):
+        config = PrefixConfig(num_virtual_tokens=3, init="text", init_text=text, targets=CASES[name].targets)
+        return add_prefix(CASES[name].build(), config, processor=processor(name)).prefixes["default"]
+
+    first, second = init("what color is the shape"), init("a red circle")
+    for site in first.sites:
+        keys, values = first.kv(site.name)
+        assert keys.abs().sum() > 0 and values.abs().sum() > 0, site.name
+        if site.tower == CASES[name].text_tower:  # the text reached this tower
+            assert not torch.allclose(keys, second.kv(site.name)[0]), site.name
+
+
+@pytest.mark.parametrize("name", PROMPTED)
+def test_a_soft_prompt_equals_the_same_vectors_read_as_tokens(name):
+    pm = add_prefix(CASES[name].build(), PrefixConfig(num_virtual_tokens=3, method="prompt"))
+    where = prompt_input(pm.base_model)
+    words = torch.tensor([11, 12, 13])
+    with torch.no_grad():
+        pm.prefixes["default"].embeddings.copy_(where.embedding.weight[words])
+        got = output(name, pm)
+        reference = inputs(name)
+        column, batch = where.column, reference["input_ids"].shape[0]
+
+        def insert(tensor, filler):
+            return torch.cat([tensor[:, :column], filler, tensor[:, column:]], dim=1)
+
+        reference["input_ids"] = insert(reference["input_ids"], words.expand(batch, -1))
+        reference["attention_mask"] = insert(reference["attention_mask"], torch.ones(batch, 3, dtype=torch.long))
+        for aligned in where.aligned:
+            if aligned in reference:
+                tensor = reference[aligned]
+                reference[aligned] = insert(tensor, tensor.new_zeros(batch, 3, *tensor.shape[2:]))
+        if where.labels_follow_input and "labels" in reference:
+            reference["labels"] = insert(reference["labels"], torch.full((batch, 3), -100))
+        expected = getattr(CASES[name].build()(**reference), CASES[name].output)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
