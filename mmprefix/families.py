@@ -55,6 +55,7 @@ class Family:
     prompt_format: str | None = None  # "blip", "blip2", "chat", "paligemma", "git", "lm" (data/formatting.py)
     images: Images | None = None
     packed: tuple[str, ...] = ()  # towers whose attention runs once per image chunk of a packed sequence
+    unroutable: tuple[tuple[str, str], ...] = ()  # (tower, why one call cannot give its rows different prefixes)
 
 
 def _generation(*classes: str) -> dict[str, tuple[str, ...]]:
@@ -113,7 +114,9 @@ FAMILIES: tuple[Family, ...] = (
     _vision_lm("paligemma", "PaliGemmaForConditionalGeneration", "PaliGemmaModel",
                aligned_inputs=("token_type_ids",), prompt_format="paligemma"),
     _vision_lm("gemma3", "Gemma3ForConditionalGeneration", "Gemma3Model", aligned_inputs=("token_type_ids",)),
-    _vision_lm("mistral3", "Mistral3ForConditionalGeneration", "Mistral3Model", unused=()),
+    _vision_lm("mistral3", "Mistral3ForConditionalGeneration", "Mistral3Model", unused=(),
+               unroutable=(("vision", "Pixtral attends over every image of the batch in one sequence with a "
+                                      "block-diagonal mask"),)),
     _vision_lm("internvl", "InternVLForConditionalGeneration", "InternVLModel", unused=()),
     _vision_lm("idefics2", "Idefics2ForConditionalGeneration", "Idefics2Model", unused=(),
                towers=(("vision_model.", "vision"), ("connector.", "resampler"), ("text_model.", LANGUAGE_MODEL)),

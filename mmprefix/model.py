@@ -199,6 +199,7 @@ class PrefixModel(nn.Module):
         if prefix is not ACTIVE:
             call.route = routing.resolve(prefix, self.prefixes, args, kwargs)
             self._check_checkpointing()
+            self._check_routable(call.route)
         if generating:
             call.expansion = routing.expansion(self.base_model, kwargs)
         route = self._route(call)
@@ -210,12 +211,25 @@ class PrefixModel(nn.Module):
         with routing.inside(self, call):
             yield kwargs
 
+    def _check_routable(self, route: Any) -> None:
+        """Towers where one call cannot give its rows different prefixes are an error before any compute."""
+        if not isinstance(route, Routing) or self._family is None:
+            return
+        towers = {site.tower for store in route.stores for site in store.sites}
+        for tower, why in self._family.unroutable:
+            if tower in towers:
+                raise ValueError(
+                    f"per-row routing cannot reach the {tower!r} tower of {type(self.base_model).__name__} ({why}); "
+                    f"give that tower one prefix per call, or route prefixes that target the other towers"
+                )
+
     @contextlib.contextmanager
     def using(self, prefix: str | None | Sequence[str | None]) -> Iterator[None]:
         """Route every call inside to ``prefix`` (a name, None, or one name per row), e.g. for methods that
         are not ``forward``/``generate``: ``with model.using(["a", "b"]): model.encode_image(images)``."""
         route = routing.resolve(prefix, self.prefixes, (), {})
         self._check_checkpointing()
+        self._check_routable(route)
         with routing.inside(self, dataclasses.replace(routing.current(self), route=route, cache=None)):
             yield
 

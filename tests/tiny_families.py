@@ -86,7 +86,8 @@ class Case:
     targets: list | None = None
     prompt: bool = True
     text_tower: str = "lm"  # a tower that reads the text (init="text" must reach it with that text)
-    positions: bool = True  # generate() numbers a left-padded prompt from its mask (False: the model does itself)
+    positions: int | None = 0  # generate() numbers a left-padded prompt from its mask, from this (None: the model does)
+    routable: list | None = None  # targets that per-row routing can reach, where some tower is refused
 
 
 def seeded(build: Callable[[], Any]) -> Callable[[], Any]:
@@ -97,12 +98,14 @@ def seeded(build: Callable[[], Any]) -> Callable[[], Any]:
     return make
 
 
-def processed(prompts: Sequence[str] = PROMPTS, size: int = 32, **extra) -> Callable[[Any], dict]:
-    """Forward inputs from the family's processor: two images and two prompts, padded."""
+def processed(prompts: Sequence[str] = PROMPTS, size: int = 32, nested: bool = False, **extra) -> Callable[[Any], dict]:
+    """Forward inputs from the family's processor: two images and two prompts, padded (``nested``: the images
+    as one list per row)."""
 
     def inputs(processor) -> dict:
-        batch = processor(images=images(len(prompts), size), text=list(prompts), return_tensors="pt", padding=True, **extra)
-        return dict(batch)
+        pictures = images(len(prompts), size)
+        pictures = [[p] for p in pictures] if nested else pictures
+        return dict(processor(images=pictures, text=list(prompts), return_tensors="pt", padding=True, **extra))
 
     return inputs
 
@@ -167,6 +170,123 @@ def llava_onevision_processor():
                                       video_processor=tf.LlavaOnevisionVideoProcessor())
 
 
+def _paligemma_tokenizer():
+    return word_tokenizer(image_token="<image>")
+
+
+def paligemma():
+    tokenizer = paligemma_processor().tokenizer  # the processor adds location and segmentation tokens
+    config = tf.PaliGemmaConfig(vision_config=dict(VISION, model_type="siglip_vision_model", projection_dim=32),
+                                text_config=lm_config(tokenizer, model_type="gemma", head_dim=8),
+                                image_token_id=tokenizer.convert_tokens_to_ids("<image>"), projection_dim=32)
+    return tf.PaliGemmaForConditionalGeneration(config)
+
+
+def paligemma_processor():
+    images = tf.SiglipImageProcessor(size={"height": 32, "width": 32})
+    images.image_seq_length = 16
+    return tf.PaliGemmaProcessor(image_processor=images, tokenizer=_paligemma_tokenizer())
+
+
+def _gemma3_tokenizer():
+    return word_tokenizer(image_token="<image_soft_token>", boi_token="<start_of_image>", eoi_token="<end_of_image>")
+
+
+def gemma3():
+    tokenizer = _gemma3_tokenizer()
+    config = tf.Gemma3Config(vision_config=dict(VISION, vision_use_head=False),
+                             text_config=lm_config(tokenizer, head_dim=8, sliding_window=8, layer_types=None),
+                             mm_tokens_per_image=4, image_token_id=tokenizer.image_token_id,
+                             boi_token_id=tokenizer.boi_token_id, eoi_token_id=tokenizer.eoi_token_id)
+    model = tf.Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # starts at zero: no image would reach the language model
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_()
+    return model
+
+
+def gemma3_processor():
+    images = tf.Gemma3ImageProcessor(size={"height": 32, "width": 32})
+    return tf.Gemma3Processor(image_processor=images, tokenizer=_gemma3_tokenizer(), image_seq_length=4,
+                              chat_template=chat_template("<start_of_image>"))
+
+
+def _pixtral_tokenizer():
+    return word_tokenizer(image_token="[IMG]", image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
+
+
+def mistral3():
+    tokenizer = _pixtral_tokenizer()
+    vision = dict(VISION, model_type="pixtral", head_dim=8, image_size=32, patch_size=8)
+    config = tf.Mistral3Config(vision_config=vision, text_config=lm_config(tokenizer, model_type="mistral"),
+                               image_token_id=tokenizer.image_token_id, spatial_merge_size=2, vision_feature_layer=-1)
+    return tf.Mistral3ForConditionalGeneration(config)
+
+
+def mistral3_processor():
+    images = tf.PixtralImageProcessor(size={"longest_edge": 32}, patch_size=8)
+    return tf.PixtralProcessor(image_processor=images, tokenizer=_pixtral_tokenizer(), patch_size=8,
+                               spatial_merge_size=2, chat_template=chat_template("[IMG]"))
+
+
+def _internvl_tokenizer():
+    return word_tokenizer(start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>",
+                          video_token="<video>")
+
+
+def internvl():
+    tokenizer = _internvl_tokenizer()
+    config = tf.InternVLConfig(vision_config=dict(VISION, image_size=[32, 32], patch_size=[8, 8]),
+                               text_config=lm_config(tokenizer, model_type="qwen2"),
+                               image_token_id=tokenizer.context_image_token_id, downsample_ratio=0.5)
+    return tf.InternVLForConditionalGeneration(config)
+
+
+def internvl_processor():
+    images = tf.GotOcr2ImageProcessor(size={"height": 32, "width": 32}, crop_to_patches=False)
+    return tf.InternVLProcessor(image_processor=images, tokenizer=_internvl_tokenizer(), image_seq_length=4,
+                                video_processor=tf.InternVLVideoProcessor(), chat_template=chat_template("<IMG_CONTEXT>"))
+
+
+def _idefics_tokenizer():
+    return word_tokenizer(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"])
+
+
+def idefics2():
+    tokenizer = _idefics_tokenizer()
+    config = tf.Idefics2Config(vision_config=dict(VISION), text_config=lm_config(tokenizer, model_type="mistral"),
+                               perceiver_config=dict(hidden_size=32, resampler_n_latents=4, resampler_depth=2,
+                                                     resampler_n_heads=4, resampler_head_dim=8, num_key_value_heads=2),
+                               image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    return tf.Idefics2ForConditionalGeneration(config)
+
+
+def idefics2_processor():
+    images = tf.Idefics2ImageProcessor(size={"shortest_edge": 32, "longest_edge": 32}, do_image_splitting=False)
+    return tf.Idefics2Processor(image_processor=images, tokenizer=_idefics_tokenizer(), image_seq_len=4,
+                                chat_template=chat_template("<image>"))
+
+
+def idefics3(cls=tf.Idefics3ForConditionalGeneration, config_class=tf.Idefics3Config):
+    tokenizer = _idefics_tokenizer()
+    config = config_class(vision_config=dict(VISION), text_config=lm_config(tokenizer, model_type="llama"),
+                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2)
+    return cls(config)
+
+
+def idefics3_processor(cls=tf.Idefics3Processor, images=tf.Idefics3ImageProcessor, **videos):
+    images = images(size={"longest_edge": 32}, max_image_size={"longest_edge": 32}, do_image_splitting=False)
+    return cls(image_processor=images, tokenizer=_idefics_tokenizer(), image_seq_len=4,
+               chat_template=chat_template("<image>"), **videos)
+
+
+def smolvlm():
+    return idefics3(tf.SmolVLMForConditionalGeneration, tf.SmolVLMConfig)
+
+
+def smolvlm_processor():
+    return idefics3_processor(tf.SmolVLMProcessor, tf.SmolVLMImageProcessor, video_processor=tf.SmolVLMVideoProcessor())
+
+
 IMAGE_FIRST = [f"<image> {p}" for p in PROMPTS]
 
 CASES: dict[str, Case] = {
@@ -175,4 +295,18 @@ CASES: dict[str, Case] = {
                        {("vision", "self"): 1, ("lm", "self"): 2}),
     "llava_onevision": Case(seeded(llava_onevision), llava_onevision_processor, processed(IMAGE_FIRST),
                             {("vision", "self"): 2, ("lm", "self"): 2}),
+    "paligemma": Case(seeded(paligemma), paligemma_processor, processed(), {("vision", "self"): 2, ("lm", "self"): 2},
+                      grow={"token_type_ids": 1}, positions=1),
+    "gemma3": Case(seeded(gemma3), gemma3_processor, processed([f"<start_of_image> {p}" for p in PROMPTS], nested=True),
+                   {("vision", "self"): 2, ("lm", "self"): 2}, grow={"token_type_ids": 0}),
+    "mistral3": Case(seeded(mistral3), mistral3_processor, processed([f"[IMG] {p}" for p in PROMPTS]),
+                     {("vision", "self"): 2, ("lm", "self"): 2}, routable=["lm"]),
+    "internvl": Case(seeded(internvl), internvl_processor, processed([f"<IMG_CONTEXT> {p}" for p in PROMPTS]),
+                     {("vision", "self"): 2, ("lm", "self"): 2}),
+    **{name: Case(seeded(build), make, processed(IMAGE_FIRST, nested=True), sites)
+       for name, build, make, sites in (
+           ("idefics2", idefics2, idefics2_processor,
+            {("vision", "self"): 2, ("resampler", "cross"): 2, ("lm", "self"): 2}),
+           ("idefics3", idefics3, idefics3_processor, {("vision", "self"): 2, ("lm", "self"): 2}),
+           ("smolvlm", smolvlm, smolvlm_processor, {("vision", "self"): 2, ("lm", "self"): 2}))},
 }
