@@ -129,7 +129,7 @@ FAMILIES: tuple[Family, ...] = (
                images=Images("tiles")),
     *(
         _vision_lm(name, conditional, base, unused=(), towers=(("visual.", "vision"), ("language_model.", LANGUAGE_MODEL)),
-                   images=Images("grid"), packed=("vision",))
+                   images=Images("grid"), packed=("vision",), aligned_inputs=("mm_token_type_ids",))
         for name, conditional, base in (
             ("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
             ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),

@@ -103,20 +103,25 @@ def test_gradients_reach_every_prefix_tensor_and_nothing_else(name):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("routing", [["a", "b"], ["b", None]], ids=["a-b", "b-none"])
 def test_each_row_of_a_routed_batch_equals_that_row_alone(name, routing):
-    pm = prefixed(name)
-    targets = CASES[name].targets
     if CASES[name].routable is not None:  # a tower no call can route per row: refused before any compute
         with pytest.raises(ValueError, match="per-row routing cannot reach"):
-            pm(**inputs(name), prefix=["default", None])
-        targets = CASES[name].routable
-    pm.delete_prefix("default")
-    pm.add_prefix("a", PrefixConfig(num_virtual_tokens=3, init_std=1.0, targets=targets))
-    pm.add_prefix("b", PrefixConfig(num_virtual_tokens=5, init_std=1.0, targets=[f"{t}[-1:]" for t in (targets or ["*"])]))
+            prefixed(name)(**inputs(name), prefix=["default", None])
+    pm = routed(name)
     with torch.no_grad():
         mixed = output(name, pm, prefix=routing)
         for row, prefix in enumerate(routing):
             alone = output(name, pm, prefix=prefix)
             torch.testing.assert_close(mixed[row], alone[row], rtol=1e-5, atol=1e-5, msg=f"row {row} ({prefix})")
+
+
+def routed(name) -> "PrefixModel":  # noqa: F821
+    """Prefixes "a" (3 slots, every site) and "b" (5 slots, last layer of every tower), where rows can be routed."""
+    pm = prefixed(name)
+    targets = CASES[name].routable or CASES[name].targets
+    pm.delete_prefix("default")
+    pm.add_prefix("a", PrefixConfig(num_virtual_tokens=3, init_std=1.0, targets=targets))
+    pm.add_prefix("b", PrefixConfig(num_virtual_tokens=5, init_std=1.0, targets=[f"{t}[-1:]" for t in (targets or ["*"])]))
+    return pm
 
 
 # -- generation ------------------------------------------------------------------------------------------------
@@ -235,6 +240,24 @@ def test_beam_search_scores_with_and_without_cache_equal_a_full_recompute(name):
             recomputed = log_probs[row, offset + torch.arange(length), new[row, :length]]
             torch.testing.assert_close(steps[row, :length], recomputed, rtol=1e-4, atol=1e-4,
                                        msg=f"row {row}, use_cache={use_cache}")
+
+
+@pytest.mark.parametrize("name", GENERATING)
+def test_routed_generation_gives_each_row_what_it_gets_alone(name):
+    """Greedy and beam search, with per-row prefixes kept through the beams (and the packed or tiled images)."""
+    pm = routed(name)
+    scored = dict(output_scores=True, return_dict_in_generate=True, max_new_tokens=NEW_TOKENS, do_sample=False,
+                  suppress_tokens=suppressed(name))
+    start = _start(name, pm)
+    start.pop("decoder_input_ids", None)
+    with torch.no_grad():
+        for beams in (1, 3):
+            mixed = pm.generate(**start, **scored, num_beams=beams, prefix=["b", "a"])
+            for row, prefix in enumerate(["b", "a"]):
+                alone = pm.generate(**start, **scored, num_beams=beams, prefix=prefix)
+                assert torch.equal(mixed.sequences[row], alone.sequences[row]), f"row {row} ({prefix}), {beams} beams"
+                rows = slice(row * beams, (row + 1) * beams)
+                torch.testing.assert_close(mixed.scores[0][rows], alone.scores[0][rows], rtol=1e-5, atol=1e-5)
 
 
 # -- saving, text initialisation, soft prompts ---------------------------------------------------------------------

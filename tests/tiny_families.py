@@ -9,6 +9,7 @@ real processor classes (LlavaProcessor, Qwen2VLProcessor, ...) run offline and i
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -287,6 +288,43 @@ def smolvlm_processor():
     return idefics3_processor(tf.SmolVLMProcessor, tf.SmolVLMImageProcessor, video_processor=tf.SmolVLMVideoProcessor())
 
 
+def _qwen_tokenizer():
+    return word_tokenizer(["<|vision_start|>", "<|vision_end|>"], image_token="<|image_pad|>", video_token="<|video_pad|>")
+
+
+QWEN_VISION = dict(depth=2, hidden_size=32, embed_dim=32, num_heads=4, mlp_ratio=2, intermediate_size=64, patch_size=4,
+                   spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32)
+
+
+def qwen_vl(version: str = "2"):
+    """Qwen2-VL, Qwen2.5-VL (window attention in layer 0, full attention in layer 1) or Qwen3-VL."""
+    tokenizer = _qwen_tokenizer()
+    rope = dict(rope_type="default", mrope_section=[1, 1, 2])
+    classes = {
+        "2": (tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, {}, {}),
+        "2.5": (tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration,
+                dict(window_size=16, fullatt_block_indexes=[1]), {}),
+        "3": (tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration,
+              dict(num_position_embeddings=64, deepstack_visual_indexes=[0]), dict(head_dim=8)),
+    }
+    config_class, model_class, vision, text = classes[version]
+    config = config_class(vision_config=dict(QWEN_VISION, **vision),
+                          text_config=lm_config(tokenizer, rope_scaling=rope, rope_parameters=dict(rope, rope_theta=10000.0), **text),
+                          image_token_id=tokenizer.image_token_id, video_token_id=tokenizer.video_token_id,
+                          vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+                          vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"))
+    return model_class(config)
+
+
+def qwen_vl_processor(version: str = "2"):
+    images = tf.Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=32 * 32, patch_size=4, merge_size=2,
+                                      temporal_patch_size=2)
+    videos = tf.Qwen3VLVideoProcessor if version == "3" else tf.Qwen2VLVideoProcessor
+    processor = {"2": tf.Qwen2VLProcessor, "2.5": tf.Qwen2_5_VLProcessor, "3": tf.Qwen3VLProcessor}[version]
+    return processor(image_processor=images, tokenizer=_qwen_tokenizer(), video_processor=videos(patch_size=4, merge_size=2),
+                     chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
+
+
 IMAGE_FIRST = [f"<image> {p}" for p in PROMPTS]
 
 CASES: dict[str, Case] = {
@@ -309,4 +347,8 @@ CASES: dict[str, Case] = {
             {("vision", "self"): 2, ("resampler", "cross"): 2, ("lm", "self"): 2}),
            ("idefics3", idefics3, idefics3_processor, {("vision", "self"): 2, ("lm", "self"): 2}),
            ("smolvlm", smolvlm, smolvlm_processor, {("vision", "self"): 2, ("lm", "self"): 2}))},
+    **{name: Case(seeded(functools.partial(qwen_vl, version)), functools.partial(qwen_vl_processor, version),
+                  processed([f"<|vision_start|><|image_pad|><|vision_end|> {p}" for p in PROMPTS]),
+                  {("vision", "self"): 2, ("lm", "self"): 2}, grow={"mm_token_type_ids": 0}, positions=None)
+       for name, version in (("qwen2_vl", "2"), ("qwen2_5_vl", "2.5"), ("qwen3_vl", "3"))},
 }
