@@ -273,7 +273,7 @@ def prompt_input(model: nn.Module) -> PromptInput:
         positions = "ids"
     else:
         positions = "fixed"
-    filler = getattr(language, "pad_token_id", None) or 0
+    filler = getattr(language, family.prompt_filler if family else "pad_token_id", None) or 0
     return PromptInput(embedding, column, labels_follow, positions, filler, family.aligned_inputs)
 
 

@@ -56,6 +56,8 @@ class Family:
     images: Images | None = None
     packed: tuple[str, ...] = ()  # towers whose attention runs once per image chunk of a packed sequence
     unroutable: tuple[tuple[str, str], ...] = ()  # (tower, why one call cannot give its rows different prefixes)
+    image_first: tuple[str, ...] = ()  # towers that see the image's tokens in front of input_ids (GIT)
+    prompt_filler: str = "pad_token_id"  # text-config attribute: the token id a soft prompt's placeholders hold
 
 
 def _generation(*classes: str) -> dict[str, tuple[str, ...]]:
@@ -105,7 +107,7 @@ FAMILIES: tuple[Family, ...] = (
            prompt_format="blip2"),
     # GIT: a CLIP image encoder, and one text transformer over [image tokens; text] (hand-written attention).
     Family("git", ("git",), (("image_encoder.", "vision"), ("encoder.", "lm")),
-           prompt_inputs={"GitForCausalLM": (None, 1, True)}, tasks=_generation("GitForCausalLM"),
+           prompt_inputs={"GitForCausalLM": (None, 1, True)}, tasks=_generation("GitForCausalLM"), image_first=("lm",),
            lora=r".*\.(q_proj|v_proj|query|value)$", prompt_format="git"),
     _vision_lm("llava", "LlavaForConditionalGeneration", "LlavaModel"),
     _vision_lm("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextModel", images=Images("tiles")),
@@ -143,7 +145,8 @@ FAMILIES: tuple[Family, ...] = (
                aligned_inputs=("cross_attention_mask",)),
     _vision_lm("kosmos-2", "Kosmos2ForConditionalGeneration", "Kosmos2Model", unused=(),
                towers=(("vision_model.", "vision"), ("image_to_text_projection.", "projector"), ("text_model.", "lm")),
-               cross=("*x_attn",), aligned_inputs=("image_embeds_position_mask",)),
+               cross=("*x_attn",), aligned_inputs=("image_embeds_position_mask",),
+               prompt_filler="bos_token_id"),  # its positions count every token that is not padding
     Family("florence2", ("florence2",), (("vision_tower.", "vision"), ("language_model.", LANGUAGE_MODEL)),
            refused=(("vision", "its DaViT channel attention attends over channels, with the number of image tokens as "
                      "head size (it changes with the image size), so a prefix has no fixed shape there"),),

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import routing
-from .architectures import is_open_clip
+from .architectures import family_of, is_open_clip
 from .config import PrefixConfig
 from .data.images import BadImageError
 from .data.formatting import chat_prompt
@@ -87,17 +87,19 @@ def captured_keys_values(model: Any, store: Any, processor: Any) -> dict[str, tu
     if missing:
         raise ValueError(f'init="text" reached no activations at {len(missing)} sites (e.g. {missing[0]})')
     text = text_positions(processor, config.init_text, inputs.get("input_ids"))
+    family = family_of(model.base_model) if hasattr(model.base_model, "config") else None
     captured = {}
-    for name, (keys, values) in call.captured.items():
-        if not store.has_site(name):
-            continue
-        # A site that sees the whole text input (a chat template, image placeholders around it) takes the keys
-        # of the text's own tokens; other sites (vision, Q-Former queries) their first positions.
-        positions = text if text is not None and keys.shape[1] == inputs["input_ids"].shape[1] else None
-        if positions is None:
+    for site in store.sites:
+        keys, values = call.captured[site.name]
+        # A site that sees the whole text input (a chat template, image placeholders around it; for GIT after
+        # the image's tokens) takes the keys of the text's own tokens; other sites their first positions.
+        offset = keys.shape[1] - inputs["input_ids"].shape[1] if text is not None else -1
+        if offset == 0 or (offset > 0 and family is not None and site.tower in family.image_first):
+            positions = text + offset
+        else:
             positions = torch.arange(keys.shape[1])
         slots = positions[torch.arange(config.num_virtual_tokens) % len(positions)].to(keys.device)
-        captured[name] = (keys[:, slots], values[:, slots])
+        captured[site.name] = (keys[:, slots], values[:, slots])
     return captured
 
 

@@ -99,14 +99,16 @@ def seeded(build: Callable[[], Any]) -> Callable[[], Any]:
     return make
 
 
-def processed(prompts: Sequence[str] = PROMPTS, size: int = 32, nested: bool = False, **extra) -> Callable[[Any], dict]:
+def processed(prompts: Sequence[str] = PROMPTS, size: int = 32, nested: bool = False, drop: Sequence[str] = (),
+              **extra) -> Callable[[Any], dict]:
     """Forward inputs from the family's processor: two images and two prompts, padded (``nested``: the images
-    as one list per row)."""
+    as one list per row; ``drop``: outputs the model's generate does not take)."""
 
     def inputs(processor) -> dict:
         pictures = images(len(prompts), size)
         pictures = [[p] for p in pictures] if nested else pictures
-        return dict(processor(images=pictures, text=list(prompts), return_tensors="pt", padding=True, **extra))
+        batch = processor(images=pictures, text=list(prompts), return_tensors="pt", padding=True, **extra)
+        return {k: v for k, v in batch.items() if k not in drop}
 
     return inputs
 
@@ -325,6 +327,68 @@ def qwen_vl_processor(version: str = "2"):
                      chat_template=chat_template("<|vision_start|><|image_pad|><|vision_end|>"))
 
 
+def _mllama_tokenizer():
+    return word_tokenizer(["<|image|>", "<|python_tag|>"])
+
+
+def mllama():
+    tokenizer = _mllama_tokenizer()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=2, attention_heads=4,
+                  image_size=32, patch_size=8, vision_output_dim=64, intermediate_layers_indices=[0], max_num_tiles=2,
+                  supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]], initializer_range=0.2)
+    text = lm_config(tokenizer, num_hidden_layers=4, cross_attention_layers=[1, 3], rope_scaling=None)
+    config = tf.MllamaConfig(vision_config=vision, text_config=text,
+                             image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"))
+    model = tf.MllamaForConditionalGeneration(config)
+    with torch.no_grad():  # the cross-attention gates start closed: no image would reach the text
+        for name, parameter in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                parameter.fill_(1.0)
+    return model
+
+
+def mllama_processor():
+    images = tf.MllamaImageProcessor(size={"height": 32, "width": 32}, max_image_tiles=2)
+    return tf.MllamaProcessor(image_processor=images, tokenizer=_mllama_tokenizer(), chat_template=chat_template("<|image|>"))
+
+
+def _kosmos2_tokenizer():
+    return word_tokenizer(bos="<s>", eos="</s>")
+
+
+def kosmos2():
+    tokenizer = kosmos2_processor().tokenizer  # the processor adds its grounding tokens
+    config = tf.Kosmos2Config(vision_config=dict(VISION), latent_query_num=64,  # the processor's image tokens
+                              text_config=dict(vocab_size=len(tokenizer) + 4, embed_dim=32, layers=2, attention_heads=4,
+                                               ffn_dim=64, pad_token_id=tokenizer.pad_token_id,
+                                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    return tf.Kosmos2ForConditionalGeneration(config)
+
+
+def kosmos2_processor():
+    images = tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return tf.Kosmos2Processor(image_processor=images, tokenizer=_kosmos2_tokenizer(), num_patch_index_tokens=16)
+
+
+def git():
+    from mmprefix.embedded import text
+
+    tokenizer = text.bert_tokenizer()
+    config = tf.GitConfig(vision_config=dict(VISION), vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                          bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, pad_token_id=0)
+    return tf.GitForCausalLM(config)
+
+
+def git_processor():
+    from mmprefix.embedded import text
+
+    images = tf.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    tokenizer = text.bert_tokenizer()
+    tokenizer.padding_side = "left"
+    return tf.GitProcessor(image_processor=images, tokenizer=tokenizer)
+
+
 IMAGE_FIRST = [f"<image> {p}" for p in PROMPTS]
 
 CASES: dict[str, Case] = {
@@ -351,4 +415,14 @@ CASES: dict[str, Case] = {
                   processed([f"<|vision_start|><|image_pad|><|vision_end|> {p}" for p in PROMPTS]),
                   {("vision", "self"): 2, ("lm", "self"): 2}, grow={"mm_token_type_ids": 0}, positions=None)
        for name, version in (("qwen2_vl", "2"), ("qwen2_5_vl", "2.5"), ("qwen3_vl", "3"))},
+    "mllama": Case(seeded(mllama), mllama_processor, processed([f"<|image|> {p}" for p in PROMPTS], nested=True),
+                   {("vision", "self"): 2, ("vision_global", "self"): 2, ("lm", "self"): [0, 2], ("lm", "cross"): [1, 3]},
+                   grow={"cross_attention_mask": "last"}),
+    # Prompts of one length: Kosmos-2 numbers positions by non-padding tokens in forward but not in cached
+    # decoding, so its own generate() disagrees with its forward on left-padded rows (with or without a prefix).
+    "kosmos2": Case(seeded(kosmos2), kosmos2_processor,
+                    processed(["<grounding> what color is the shape", "<grounding> what size is the circle"]),
+                    {("vision", "self"): 2, ("projector", "cross"): 1, ("lm", "self"): 2},
+                    grow={"image_embeds_position_mask": 0}, positions=None),
+    "git": Case(seeded(git), git_processor, processed(drop=("token_type_ids",)), {("vision", "self"): 2, ("lm", "self"): 2}),
 }
