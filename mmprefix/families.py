@@ -89,7 +89,8 @@ FAMILIES: tuple[Family, ...] = (
            tasks=_contrastive("CLIPModel")),
     # The pooling head is a learned probe attending to the patches: cross-attention, like CoCa's pooler.
     Family("siglip", ("siglip", "siglip2"), (("vision_model.", "vision"), ("text_model.", "text")),
-           cross=("*head.attention",), tasks=_contrastive("SiglipModel", "Siglip2Model")),
+           cross=("*head.attention",), tasks=_contrastive("SiglipModel", "Siglip2Model"),
+           prompt_inputs={c: ("text_model.embeddings.token_embedding", 0, False) for c in ("SiglipModel", "Siglip2Model")}),
     Family("blip", ("blip",), (("vision_model.", "vision"), ("text_encoder.", "text_encoder"),
                                 ("text_decoder.", "text_decoder")),
            prompt_inputs={"BlipForConditionalGeneration": (None, 1, True), "BlipForQuestionAnswering": (None, 1, False),

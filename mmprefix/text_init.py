@@ -108,7 +108,7 @@ def text_positions(processor: Any, text: str, input_ids: torch.Tensor | None) ->
     if input_ids is None or is_open_clip_processor(processor):
         return None
     tokenizer = getattr(processor, "tokenizer", processor)
-    words = tokenizer(text, add_special_tokens=False)["input_ids"]
+    words = torch.as_tensor(tokenizer(text, add_special_tokens=False)["input_ids"]).flatten().tolist()
     row = input_ids[0].tolist()
     for start in range(len(row) - len(words) + 1):
         if words and row[start : start + len(words)] == words:
