@@ -228,3 +228,23 @@ def test_blip2_t5_decoder_self_attention_is_reached():
     """The T5 inside BLIP-2 goes through the same route as a standalone T5."""
     pm = add_prefix(tiny.blip2("t5"), PrefixConfig(num_virtual_tokens=P, targets=["lm_decoder.self"]))
     assert {s.name for s in pm.sites} == {f"language_model.decoder.block.{i}.layer.0.SelfAttention" for i in (0, 1)}
+
+
+def test_git_text_attention_in_the_models_own_forward_against_a_hand_computed_reference():
+    """GIT's hand-written text attention (image tokens and text in one sequence, GIT's own mask), reached through
+    a real call: the module's output equals softmax over [prefix; keys] with the mask GIT built."""
+    import tiny_families
+
+    name = "git.encoder.layer.0.attention.self"
+    pm, module, pk, pv = prefixed(tiny_families.git().eval(), name)
+    seen = {}
+    module.register_forward_pre_hook(lambda m, args: seen.update(hidden=args[0], mask=args[1]))
+    module.register_forward_hook(lambda m, args, out: seen.update(out=out[0]))
+    batch = tiny_families.git_processor()(images=tiny_families.images(1), text=["what color is the shape"],
+                                          return_tensors="pt")
+    with torch.no_grad():
+        pm(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+        q, k, v = (heads(projection(seen["hidden"]), 8) for projection in (module.query, module.key, module.value))
+        expected = reference(q, k, v, pk, pv, allowed=seen["mask"] == 0)
+    assert seen["mask"].shape[-1] == q.shape[2] and not bool((seen["mask"] == 0).all()), "GIT's mask is causal on text"
+    torch.testing.assert_close(seen["out"], expected, rtol=1e-5, atol=1e-5)

@@ -105,3 +105,55 @@ def test_sites_command_needs_no_weights(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[-2].startswith("2 sites, 1,024 prefix parameters with P=16")
     assert out[-1] == "towers: the tested record of family 'causal LM'"
+
+
+# -- family records and the generic fallback ----------------------------------------------------------------------
+def test_a_refused_tower_is_named_with_its_reason_and_the_rest_still_works():
+    import tiny_families
+
+    with pytest.raises(ValueError, match=r"'vision' tower \(Florence2VisionBackbone: its DaViT channel attention .*"
+                                         r"targets=\['lm_decoder', 'lm_encoder'\]"):
+        add_prefix(tiny_families.florence2(), PrefixConfig())
+    pm = add_prefix(tiny_families.florence2(), PrefixConfig(targets=["lm_encoder", "lm_decoder"]))
+    assert {s.tower for s in pm.sites} == {"lm_encoder", "lm_decoder"}
+
+
+def test_a_composite_model_without_a_record_gets_towers_from_its_sub_models(tmp_path, capsys):
+    """VipLlava has no record: its towers come from its sub-configs (vision_config -> vision, text_config -> the
+    language model's layout); `mmprefix sites` says so. Dropping LLaVA's record gives LLaVA the same towers."""
+    import tiny_families
+    import transformers as tf
+    from mmprefix import families
+    from mmprefix.architectures import tower_layout
+
+    tokenizer = tiny_families.word_tokenizer(image_token="<image>")
+    config = tf.VipLlavaConfig(vision_config=dict(tiny_families.VISION, model_type="clip_vision_model"),
+                               text_config=tiny_families.lm_config(tokenizer, model_type="llama"),
+                               image_token_id=tokenizer.image_token_id, vision_feature_layers=[-2, -1])
+    vipllava = tf.VipLlavaForConditionalGeneration(config)
+    assert tower_layout(vipllava).fallback
+    pm = add_prefix(vipllava, PrefixConfig(num_virtual_tokens=2, targets=["vision", "lm.self[-1:]"]))
+    assert {(s.tower, s.kind) for s in pm.sites} == {("vision", "self"), ("lm", "self")}
+    vipllava.config.save_pretrained(tmp_path)
+    assert cli(["sites", str(tmp_path)]) == 0
+    assert "towers: generic fallback" in capsys.readouterr().out
+
+    llava = tiny_families.llava()
+    recorded = {(s.name, s.tower, s.kind, s.layer) for s in add_prefix(llava, PrefixConfig()).sites}
+    records = {k: v for k, v in families.BY_KEY.items() if k != "llava"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("mmprefix.architectures.BY_KEY", records)
+        generic = add_prefix(tiny_families.llava(), PrefixConfig())
+        assert tower_layout(generic.base_model).fallback
+    assert {(s.name, s.tower, s.kind, s.layer) for s in generic.sites} == recorded
+
+
+def test_sites_command_names_the_record_and_what_it_leaves_out(tmp_path, capsys):
+    import tiny_families
+
+    tiny_families.llava().config.save_pretrained(tmp_path)
+    assert cli(["sites", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "towers: the tested record of family 'llava'" in out
+    assert ("left out: vision_tower.encoder.layers.1.self_attn: the model reads the vision tower's hidden "
+            "states after layer 0 (vision_feature_layer=-2)") in out  # LlavaModel: the config names no head
