@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{config['method']}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
 
     # 4. Train on (image, question, answer) rows; score the validation questions as training goes.
-    prompt = evaluate.get("generation", {}).get("prompt", formatting.VQA_PROMPT)  # BLIP-2's question template
+    prompt = evaluate.get("generation", {}).get("prompt")  # None: the family's question template
 
     def collate(rows):
         rows = recipe.good_rows(rows)

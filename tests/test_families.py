@@ -335,3 +335,33 @@ def test_a_soft_prompt_equals_the_same_vectors_read_as_tokens(name):
             reference["labels"] = insert(reference["labels"], torch.full((batch, 3), -100))
         expected = read(name, CASES[name].build()(**reference))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# -- recipes and evaluation on today's VLMs ----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "smolvlm", "paligemma"])
+def test_vqa_training_scores_only_the_answer_and_answers_come_without_the_prompt(name):
+    """Training rows: the family's prompt (a chat turn through the processor's template, PaliGemma's task
+    prefix) then the answer; only the answer and the end of text are scored. Generated answers are the tokens
+    after the prompt, from the same prompt built by hand."""
+    from mmprefix.data import formatting
+    from mmprefix.evaluation import decode
+
+    model, proc = CASES[name].build(), processor(name)
+    tokenizer = proc.tokenizer
+    pictures = tiny_families.images(2)
+    batch = formatting.vqa_batch(model, proc, pictures, ["what color is the shape", "what size"], ["red", "small"])
+    for row, answer in enumerate(["red", "small"]):
+        scored = batch["labels"][row][batch["labels"][row] != -100].tolist()
+        assert scored == tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert model(**batch).loss.isfinite()
+
+    if name == "paligemma":
+        texts = ["answer en what color is the shape"]
+    else:
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the shape"}]}]
+        texts = [proc.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)]
+    inputs = proc(images=[pictures[:1]], text=texts, return_tensors="pt")
+    with torch.no_grad():
+        new = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        answer = decode.answer_questions(model, proc, pictures[:1], ["what color is the shape"], max_new_tokens=3)
+    assert answer == decode._decode(tokenizer, new[None])  # the same text clean-up as every decoded output

@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+import tiny_families
+
 from mmprefix.experiment import recipe
 from mmprefix.embedded import blip2_processor, blip_processor, clip_processor, pretrain, text
 
@@ -43,6 +45,9 @@ def stand_ins(tmp_path_factory):
     }.items():
         build().save_pretrained(folder / name)
         processor().save_pretrained(folder / name)
+    for name in ("llava", "qwen2_5_vl", "smolvlm", "paligemma"):  # today's VLMs, with their real processor classes
+        tiny_families.CASES[name].build().save_pretrained(folder / name)
+        tiny_families.CASES[name].processor().save_pretrained(folder / name)
     # open_clip: a tiny ViT model config registered offline, with the real tokenizer's vocabulary
     (folder / "open_clip").mkdir()
     (folder / "open_clip" / "mmprefix-recipe-clip.json").write_text(json.dumps(dict(
@@ -202,6 +207,10 @@ REAL = {  # config -> (recipe, stand-in checkpoint, data environment variable, d
     "captioning_blip_coco.yaml": ("captioning", "blip", "COCO", karpathy_file),
     "captioning_blip2_coco.yaml": ("captioning", "blip2", "COCO", karpathy_file),
     "textgen_llama.yaml": ("textgen", "lm", "TEXTGEN", text_files),
+    "vqa_llava_vqav2.yaml": ("vqa", "llava", "VQAV2", vqav2_files),
+    "vqa_qwen2_5_vl_vqav2.yaml": ("vqa", "qwen2_5_vl", "VQAV2", vqav2_files),
+    "vqa_paligemma_vqav2.yaml": ("vqa", "paligemma", "VQAV2", vqav2_files),
+    "captioning_smolvlm_coco.yaml": ("captioning", "smolvlm", "COCO", karpathy_file),
     "classification_openclip_imagenet.yaml": ("classification", "open_clip:mmprefix-recipe-clip", "IMAGENET",
                                               imagenet_folders),
 }
