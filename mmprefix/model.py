@@ -136,7 +136,7 @@ class PrefixModel(nn.Module):
                 self._installed[site.name] = site
                 if self._family is not None and site.tower in self._family.packed:
                     self._chunk_hooks[site.name] = module.register_forward_pre_hook(
-                        functools.partial(self._chunks, site.name), with_kwargs=True
+                        functools.partial(routing.record_chunks, self, site.name), with_kwargs=True
                     )
         self.prefixes[name] = store
         if config.position_offset and self._position_hook is None:
@@ -199,7 +199,7 @@ class PrefixModel(nn.Module):
         if prefix is not ACTIVE:
             call.route = routing.resolve(prefix, self.prefixes, args, kwargs)
             self._check_checkpointing()
-            self._check_routable(call.route)
+            routing.check_routable(call.route, self._family, self.base_model)
         if generating:
             call.expansion = routing.expansion(self.base_model, kwargs)
         route = self._route(call)
@@ -211,25 +211,13 @@ class PrefixModel(nn.Module):
         with routing.inside(self, call):
             yield kwargs
 
-    def _check_routable(self, route: Any) -> None:
-        """Towers where one call cannot give its rows different prefixes are an error before any compute."""
-        if not isinstance(route, Routing) or self._family is None:
-            return
-        towers = {site.tower for store in route.stores for site in store.sites}
-        for tower, why in self._family.unroutable:
-            if tower in towers:
-                raise ValueError(
-                    f"per-row routing cannot reach the {tower!r} tower of {type(self.base_model).__name__} ({why}); "
-                    f"give that tower one prefix per call, or route prefixes that target the other towers"
-                )
-
     @contextlib.contextmanager
     def using(self, prefix: str | None | Sequence[str | None]) -> Iterator[None]:
         """Route every call inside to ``prefix`` (a name, None, or one name per row), e.g. for methods that
         are not ``forward``/``generate``: ``with model.using(["a", "b"]): model.encode_image(images)``."""
         route = routing.resolve(prefix, self.prefixes, (), {})
         self._check_checkpointing()
-        self._check_routable(route)
+        routing.check_routable(route, self._family, self.base_model)
         with routing.inside(self, dataclasses.replace(routing.current(self), route=route, cache=None)):
             yield
 
@@ -252,18 +240,6 @@ class PrefixModel(nn.Module):
             chunks = call.cache.get(("chunks", site_name)) if call.cache is not None else None
             return route.prefix(site_name, batch_size, call, next(chunks) if chunks is not None else None)
         return self.prefixes[route].prefix(site_name, call.cache)
-
-    def _chunks(self, site_name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook of a packed tower's attention: it attends once per chunk of ``cu_seqlens`` (an image,
-        a frame, a window), in order; a routed call gives each chunk its row's prefix."""
-        call = routing.current(self)
-        if call.cache is None or not isinstance(self._route(call), Routing) or call.disabled:
-            return
-        if call.images is None:
-            raise ValueError(f"{site_name} packs the images of a batch into one sequence; a routed call needs the "
-                             "images' grid and placeholder tokens (image_grid_thw and input_ids) to route it")
-        cu_seqlens = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-        call.cache[("chunks", site_name)] = iter(call.images.chunk_rows(cu_seqlens, call.expansion))
 
     @property
     def capturing(self) -> bool:

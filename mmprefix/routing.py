@@ -157,6 +157,35 @@ def image_rows(kind: str, kwargs: dict, config: Any, grid: str, token: str) -> I
     return None
 
 
+def check_routable(route: Any, family: Any, model: Any) -> None:
+    """Towers where one call cannot give its rows different prefixes (``Family.unroutable``) are an error
+    before any compute."""
+    if not isinstance(route, Routing) or family is None:
+        return
+    towers = {site.tower for store in route.stores for site in store.sites}
+    for tower, why in family.unroutable:
+        if tower in towers:
+            raise ValueError(
+                f"per-row routing cannot reach the {tower!r} tower of {type(model).__name__} ({why}); give that "
+                "tower one prefix per call, or route prefixes that target the other towers"
+            )
+
+
+def record_chunks(owner: Any, site_name: str, module: Any, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a packed tower's attention (``owner``: its `PrefixModel`): the module attends once
+    per chunk of ``cu_seqlens`` (an image, a frame, a window), in order; a routed call gives each chunk its row's
+    prefix (``PrefixModel.prefix_for`` takes them one by one)."""
+    call = current(owner)
+    route = owner.active_prefix if call.route is ACTIVE else call.route
+    if call.cache is None or call.disabled or not isinstance(route, Routing):
+        return
+    if call.images is None:
+        raise ValueError(f"{site_name} packs the images of a batch into one sequence; a routed call needs the "
+                         "images' grid and placeholder tokens (image_grid_thw and input_ids) to route it")
+    cu_seqlens = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+    call.cache[("chunks", site_name)] = iter(call.images.chunk_rows(cu_seqlens, call.expansion))
+
+
 class Routing:
     """The prefix names of the rows of one batch."""
 

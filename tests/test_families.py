@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tiny_families
-from mmprefix import PrefixConfig, add_prefix, load_prefix
+from mmprefix import PrefixConfig, PrefixModel, add_prefix, load_prefix
 from mmprefix.architectures import prompt_input
 
 CASES = tiny_families.CASES
@@ -67,7 +67,7 @@ def untouched(name) -> torch.Tensor:
         return output(name, CASES[name].build().requires_grad_(False))
 
 
-def prefixed(name, **config) -> "PrefixModel":  # noqa: F821
+def prefixed(name, **config) -> PrefixModel:
     config = {"num_virtual_tokens": 3, "init_std": 1.0, "targets": CASES[name].targets, **config}
     return add_prefix(CASES[name].build(), PrefixConfig(**config))
 
@@ -133,7 +133,7 @@ def real(name, tensor: torch.Tensor, row: int) -> torch.Tensor:
     return tensor[row]
 
 
-def routed(name) -> "PrefixModel":  # noqa: F821
+def routed(name) -> PrefixModel:
     """Prefixes "a" (3 slots, every site) and "b" (5 slots, last layer of every tower), where rows can be routed."""
     pm = prefixed(name)
     targets = CASES[name].routable or CASES[name].targets

@@ -204,7 +204,7 @@ def pretrain_llava(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, d
             formatting.caption_batch(model, processor, pictures, [caption_of[r.image] for r in rows]),
         ]
 
-    train(PromptedLoss(model), Rows(data["vqa"] + data["verify"]), collate, _config(out, steps, 1e-3),
+    train(PromptedLoss(model), Rows(data["vqa"] + data["verify"]), collate, _config(out, steps, 1e-3, batch_size=32),
           loss_fn=lambda m, b: m(b), save=_no_save)
     model.eval()
     return model, processor, evaluate_vision_language(model, model, processor, root, verify=True)
@@ -332,8 +332,8 @@ def evaluate_clip(model, processor, root: Path) -> dict[str, float]:
 RESUME = False  # set by --resume: continue a killed pretraining run (same code and settings only)
 
 
-def _config(out: Path, steps: int, lr: float) -> TrainConfig:
-    return TrainConfig(output_dir=str(out / "run"), max_steps=steps, batch_size=64, learning_rate=lr,
+def _config(out: Path, steps: int, lr: float, batch_size: int = 64) -> TrainConfig:
+    return TrainConfig(output_dir=str(out / "run"), max_steps=steps, batch_size=batch_size, learning_rate=lr,
                        warmup_steps=min(200, steps // 10), weight_decay=0.01, log_every=50, save_every=500,
                        resume=RESUME)
 
@@ -375,7 +375,7 @@ BACKBONES = {
     "blip2": (pretrain_blip2, 3000),
     "clip": (pretrain_clip, 1500),
     "lm": (pretrain_lm, 6000),
-    "llava": (pretrain_llava, 1000),  # after clip and lm: it starts from their shipped weights
+    "llava": (pretrain_llava, 800),  # after clip and lm: it starts from their shipped weights
 }
 
 
