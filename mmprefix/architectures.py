@@ -26,7 +26,6 @@ from .families import (
     FAMILIES,
     LANGUAGE_MODEL,
     SEQ2SEQ_LM,
-    UNSUPPORTED,
     Family,
 )
 
@@ -153,8 +152,6 @@ def family_of(model: nn.Module) -> Family | None:
     """The record that covers ``model`` (a sub-model standing alone gets its tower at the root), or None."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type in UNSUPPORTED:
-        raise ValueError(f"mmprefix cannot put a prefix into {type(model).__name__}: {UNSUPPORTED[model_type]}")
     family = BY_KEY.get(model_type) or BY_KEY.get(qualified_name(type(model)))
     if family is not None:
         return family

@@ -5,7 +5,7 @@ counts as cross-attention beyond the usual names, attention whose output the mod
 could ever reach a prefix there), towers it cannot reach and why, where a soft prompt goes, which class to load
 per task, LoRA's target modules, the prompt format of the recipes and evaluation (``data/formatting.py``), and,
 for vision towers that do not see one image per text row, how images map to rows. Adding a family is one record
-here plus one tiny factory in ``tests/tiny.py``; a composite model with no record gets towers from its own
+here plus one tiny factory in ``tests/tiny_families.py``; a composite model with no record gets towers from its own
 sub-models (``architectures.fallback_towers``).
 """
 
@@ -32,7 +32,6 @@ class Images(NamedTuple):
     """
 
     kind: str
-    tower: str = "vision"
     grid: str = "image_grid_thw"
     token: str = "image_token_id"
 
@@ -52,7 +51,7 @@ class Family:
     aligned_inputs: tuple[str, ...] = ()  # inputs aligned with input_ids: a soft prompt inserts zeros there too
     tasks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # task -> transformers classes to load
     lora: str = DEFAULT_LORA
-    prompt_format: str | None = None  # "blip", "blip2", "chat", "paligemma", "git", "lm" (data/formatting.py)
+    prompt_format: str | None = None  # "blip", "blip2", "chat", "paligemma"; None: "lm" (data/formatting.py)
     images: Images | None = None
     packed: tuple[str, ...] = ()  # towers whose attention runs once per image chunk of a packed sequence
     unroutable: tuple[tuple[str, str], ...] = ()  # (tower, why one call cannot give its rows different prefixes)
@@ -109,7 +108,7 @@ FAMILIES: tuple[Family, ...] = (
     # GIT: a CLIP image encoder, and one text transformer over [image tokens; text] (hand-written attention).
     Family("git", ("git",), (("image_encoder.", "vision"), ("encoder.", "lm")),
            prompt_inputs={"GitForCausalLM": (None, 1, True)}, tasks=_generation("GitForCausalLM"), image_first=("lm",),
-           lora=r".*\.(q_proj|v_proj|query|value)$", prompt_format="git"),
+           lora=r".*\.(q_proj|v_proj|query|value)$"),
     _vision_lm("llava", "LlavaForConditionalGeneration", "LlavaModel"),
     _vision_lm("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextModel", images=Images("tiles")),
     _vision_lm("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel",
@@ -165,8 +164,5 @@ FAMILIES: tuple[Family, ...] = (
 CAUSAL_LM = Family("causal LM", (), DECODER_ONLY_LM, prompt_format="lm")
 SEQ2SEQ_LM = Family("seq2seq LM", (), ENCODER_DECODER_LM, prompt_format="lm")
 LORA_BY_LM = {"gpt2": r".*\.c_attn$", "t5": r".*\.(q|v)$"}  # model_type -> LoRA targets of a plain LM
-
-# Classes that cannot carry a prefix, and why (add_prefix says so; README lists them).
-UNSUPPORTED: dict[str, str] = {}
 
 BY_KEY = {key: family for family in FAMILIES for key in family.keys}

@@ -91,10 +91,12 @@ def captured_keys_values(model: Any, store: Any, processor: Any) -> dict[str, tu
     captured = {}
     for site in store.sites:
         keys, values = call.captured[site.name]
-        # A site that sees the whole text input (a chat template, image placeholders around it; for GIT after
-        # the image's tokens) takes the keys of the text's own tokens; other sites their first positions.
+        # Sites take the keys of their first positions. A site that sees the whole text input behind image
+        # tokens or a chat template (for GIT also behind the image's own tokens) takes those of the text's own
+        # tokens instead: its first positions would be the same for every text.
         offset = keys.shape[1] - inputs["input_ids"].shape[1] if text is not None else -1
-        if offset == 0 or (offset > 0 and family is not None and site.tower in family.image_first):
+        sees_text = offset == 0 or (offset > 0 and family is not None and site.tower in family.image_first)
+        if sees_text and int(text[0]) + offset > 1:  # more than a bos or [CLS] token in front
             positions = text + offset
         else:
             positions = torch.arange(keys.shape[1])

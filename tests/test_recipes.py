@@ -290,3 +290,16 @@ def test_recipe_as_written_adapts_the_frozen_backbone(name, tmp_path):
     assert metrics["tuned"][metric] >= metrics["zero_shot"][metric] + gain, metrics
     assert metrics["trainable_percent"] < 3
     assert f"{metric}: zero-shot" in result.stdout and (tmp_path / "prefix" / "prefix.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_the_embedded_llava_recipe_adapts_the_frozen_backbone(tmp_path):
+    """recipes/configs/vqa_llava_embedded.yaml as written, offline: the prefix lifts the LLaVA-style backbone on
+    the downstream questions far above its zero-shot score."""
+    config = RECIPES["vqa"].parent / "configs" / "vqa_llava_embedded.yaml"
+    result = subprocess.run([sys.executable, str(RECIPES["vqa"]), "--config", str(config), "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["tuned"]["vqa_accuracy"] >= metrics["zero_shot"]["vqa_accuracy"] + ADAPTS["vqa"][1], metrics
+    assert metrics["trainable_percent"] < 3
