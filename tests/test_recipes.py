@@ -220,7 +220,11 @@ def stand_in(stand_ins, checkpoint):
     return checkpoint if checkpoint.startswith("open_clip:") else stand_ins / checkpoint
 
 
-@pytest.mark.parametrize("config", sorted(REAL))
+# The chat VLMs' recipe runs cost 15-45 s each here: LLaVA's stays in the default suite, the others run with the slow ones.
+SLOW_REAL = {"vqa_qwen2_5_vl_vqav2.yaml", "vqa_paligemma_vqav2.yaml", "captioning_smolvlm_coco.yaml"}
+
+
+@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_REAL else c for c in sorted(REAL)])
 def test_real_checkpoint_configs_build_on_tiny_stand_ins(config, stand_ins, tmp_path, monkeypatch):
     name, checkpoint, variable, build = REAL[config]
     build(tmp_path / "data")
