@@ -1,8 +1,9 @@
 """Prefix tuning against a soft prompt, LoRA and full fine-tuning, on the recipes' embedded default.
 
-    python benchmarks/methods.py [--recipes vqa captioning textgen classification] [--methods prefix prompt lora full]
+    python benchmarks/methods.py [--recipes vqa captioning textgen classification vqa_llava] [--methods prefix prompt lora full]
 
-Each (recipe, method) runs the recipe with its default config in a fresh process, one after the other; the
+Each (recipe, method) runs the recipe with its default config in a fresh process, one after the other
+(``vqa_llava``: the VQA recipe with ``recipes/configs/vqa_llava_embedded.yaml``, the embedded LLaVA-style backbone); the
 peak resident memory is that process's own (``os.wait4`` returns the resource usage of that one child). Scores are the
 recipes' test-split primary metrics; "time" is the training time the recipe reports (evaluation excluded).
 Each method trains with its learning rate from the recipe's config (full fine-tuning and LoRA
@@ -20,11 +21,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRIMARY = {"vqa": "vqa_accuracy", "captioning": "CIDEr", "textgen": "Bleu_4", "classification": "top1"}
+PRIMARY = {"vqa": "vqa_accuracy", "captioning": "CIDEr", "textgen": "Bleu_4", "classification": "top1",
+           "vqa_llava": "vqa_accuracy"}
+# benchmark name -> (recipe script, config; None: the recipe's default)
+RECIPES = {name: (name, None) for name in PRIMARY} | {"vqa_llava": ("vqa", "recipes/configs/vqa_llava_embedded.yaml")}
 
 
 def run(recipe: str, method: str, output: Path) -> dict:
-    command = [sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), "--method", method, f"output_dir={output}"]
+    script, config = RECIPES[recipe]
+    command = [sys.executable, str(ROOT / "recipes" / f"{script}.py"), "--method", method,
+               *(["--config", str(ROOT / config)] if config else []), f"output_dir={output}"]
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(output / "run.log", "w") as log:
@@ -40,7 +46,7 @@ def run(recipe: str, method: str, output: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="+", default=list(PRIMARY), choices=list(PRIMARY))
+    parser.add_argument("--recipes", nargs="+", default=[r for r in PRIMARY if r != "vqa_llava"], choices=list(PRIMARY))
     parser.add_argument("--methods", nargs="+", default=["prefix", "prompt", "lora", "full"])
     parser.add_argument("--output-dir", type=Path, default=Path("out/methods"))
     args = parser.parse_args()

@@ -1,10 +1,11 @@
-"""Per-architecture knowledge, as tables: which attention modules exist, in which tower, of which kind.
+"""Per-architecture knowledge the mechanism needs: which attention modules exist, in which tower, of which kind.
 
-Everything model-specific that the mechanism needs is here. Attention modules that go through transformers'
-attention interface are found generically (their ``forward`` asks ``ALL_ATTENTION_FUNCTIONS`` for the
-implementation); the hand-written ones are named in ``HANDWRITTEN``. Towers come from module-name prefixes in
-``TOWERS`` (by ``config.model_type`` for transformers models, by class for open_clip ones), self/cross from
-``CROSS_ATTENTION_NAMES``, layers from the first index in the module name.
+Attention modules that go through transformers' attention interface are found generically (their ``forward``
+asks ``ALL_ATTENTION_FUNCTIONS`` for the implementation); the hand-written ones are named in ``HANDWRITTEN``.
+Towers come from the family records of ``families.py`` (module-name prefixes, found under the model's
+``base_model_prefix`` or not), or, for a composite model with no record, from its own sub-models
+(``fallback_towers``); self/cross from ``CROSS_ATTENTION_NAMES`` and the record's patterns; layers from the first
+index in the module name.
 """
 
 from __future__ import annotations
@@ -12,39 +13,30 @@ from __future__ import annotations
 import inspect
 import re
 from fnmatch import fnmatchcase
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from torch import nn
 
+from .families import (
+    BY_KEY,
+    CAUSAL_LM,
+    DECODER_ONLY_LM,
+    ENCODER_DECODER_LM,
+    FAMILIES,
+    LANGUAGE_MODEL,
+    SEQ2SEQ_LM,
+    Family,
+)
+
 # Hand-written attention (never reaches the attention interface): class -> route with a replacement forward
-# (mmprefix.blip, mmprefix.openclip).
+# (attention/blip.py, attention/git.py, attention/open_clip.py).
 HANDWRITTEN = {
     "transformers.models.blip.modeling_blip.BlipAttention": "blip_vision",
     "transformers.models.blip.modeling_blip_text.BlipTextSelfAttention": "blip_text",
+    "transformers.models.git.modeling_git.GitSelfAttention": "git_text",
     "torch.nn.modules.activation.MultiheadAttention": "torch_mha",
     "open_clip.transformer.Attention": "open_clip",
-}
-
-# Language models nested in a VLM, or standing alone, use one of these two layouts.
-DECODER_ONLY_LM = (("", "lm"),)
-ENCODER_DECODER_LM = (("encoder.", "lm_encoder"), ("decoder.", "lm_decoder"))
-LANGUAGE_MODEL = "language_model"  # placeholder: the nested LM's own layout, chosen from its config
-
-# model_type -> ((module-name prefix, tower), ...); the first matching prefix wins.
-TOWERS: dict[str, tuple[tuple[str, str], ...]] = {
-    "clip": (("vision_model.", "vision"), ("text_model.", "text")),
-    "clip_vision_model": (("vision_model.", "vision"), ("", "vision")),
-    "clip_text_model": (("text_model.", "text"), ("", "text")),
-    "siglip": (("vision_model.", "vision"), ("text_model.", "text")),
-    "siglip_vision_model": (("vision_model.", "vision"), ("", "vision")),
-    "siglip_text_model": (("text_model.", "text"), ("", "text")),
-    "blip": (("vision_model.", "vision"), ("text_encoder.", "text_encoder"), ("text_decoder.", "text_decoder")),
-    "blip-2": (("vision_model.", "vision"), ("qformer.", "qformer"), ("language_model.", LANGUAGE_MODEL)),
-    "instructblip": (("vision_model.", "vision"), ("qformer.", "qformer"), ("language_model.", LANGUAGE_MODEL)),
-    "open_clip.model.CLIP": (("visual.", "vision"), ("transformer.", "text")),
-    "open_clip.model.CustomTextCLIP": (("visual.", "vision"), ("text.", "text")),
-    "open_clip.coca_model.CoCa": (("visual.", "vision"), ("text.", "text"), ("text_decoder.", "text_decoder")),
 }
 
 # A module whose name contains one of these components is a cross-attention site.
@@ -139,10 +131,6 @@ def head_geometry(module: nn.Module) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
-def _lm_layout(config) -> tuple[tuple[str, str], ...]:
-    return ENCODER_DECODER_LM if getattr(config, "is_encoder_decoder", False) else DECODER_ONLY_LM
-
-
 def _is_language_model(config) -> bool:
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -153,22 +141,91 @@ def _is_language_model(config) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
 
-def tower_layout(model: nn.Module) -> tuple[tuple[str, str], ...] | None:
-    """((module-name prefix, tower), ...) for a supported model, None for an unknown family."""
+# Sub-models of a family standing alone (CLIPVisionModel, SiglipTextModel, ...): model_type suffix -> tower.
+SUB_MODELS = (("_vision_model", "vision"), ("_text_model", "text"))
+# Generic fallback: sub-config attribute -> tower of the sub-model built from it (others: the attribute's stem).
+SUB_CONFIG_TOWERS = {"vision_config": "vision", "text_config": LANGUAGE_MODEL, "audio_config": "audio",
+                     "qformer_config": "qformer", "perceiver_config": "resampler"}
+
+
+def family_of(model: nn.Module) -> Family | None:
+    """The record that covers ``model`` (a sub-model standing alone gets its tower at the root), or None."""
     config = getattr(model, "config", None)
-    family = getattr(config, "model_type", None) or qualified_name(type(model))
-    if family in TOWERS:
-        layout = []
-        for prefix, tower in TOWERS[family]:
-            if tower == LANGUAGE_MODEL:
-                text_config = config.get_text_config()
-                layout += [(prefix + sub, sub_tower) for sub, sub_tower in _lm_layout(text_config)]
-            else:
-                layout.append((prefix, tower))
-        return tuple(layout)
-    if config is not None and _is_language_model(config):
-        return _lm_layout(config)
+    model_type = getattr(config, "model_type", None)
+    family = BY_KEY.get(model_type) or BY_KEY.get(qualified_name(type(model)))
+    if family is not None:
+        return family
+    for suffix, tower in SUB_MODELS:
+        parent = BY_KEY.get((model_type or "").removesuffix(suffix)) if (model_type or "").endswith(suffix) else None
+        if parent is not None:
+            return replace(parent, towers=((f"{tower}_model.", tower), ("", tower)), unused=(), refused=())
+    if config is not None and not fallback_towers(model) and _is_language_model(config):
+        return SEQ2SEQ_LM if getattr(config, "is_encoder_decoder", False) else CAUSAL_LM
     return None
+
+
+def _base(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
+    """The model's base module (``LlavaModel`` inside ``LlavaForConditionalGeneration``) and the name prefixes its
+    modules have: towers are named relative to it, and found with or without the prefix."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    base = getattr(model, prefix, None) if prefix else None
+    if isinstance(base, nn.Module) and base is not model:
+        return base, ("", f"{prefix}.")
+    return model, ("",)
+
+
+def fallback_towers(model: nn.Module) -> tuple[tuple[str, str], ...] | None:
+    """Towers of a composite model with no record, from its own sub-models: each child of its base module is a
+    tower named after the sub-config it was built from (``vision_config`` -> ``vision``, ``text_config`` -> the
+    language model's layout), or after its attribute (a projector or resampler). None if it has no sub-configs."""
+    config = getattr(model, "config", None)
+    sub_configs = getattr(config, "sub_configs", None) or {}
+    if not sub_configs:
+        return None
+    types = {getattr(getattr(config, key, None), "model_type", None): key for key in sub_configs}
+    base, _ = _base(model)
+    towers = []
+    for name, child in base.named_children():
+        key = types.get(getattr(getattr(child, "config", None), "model_type", None))
+        towers.append((f"{name}.", SUB_CONFIG_TOWERS.get(key, key.removesuffix("_config")) if key else name))
+    return tuple(towers)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the towers of one model are: full module-name prefixes, the first match wins."""
+
+    family: Family
+    towers: tuple[tuple[str, str], ...]
+    fallback: bool  # towers from the model's sub-models: no tested record covers it
+
+
+def tower_layout(model: nn.Module) -> Layout | None:
+    """The towers of a supported model (or of a composite one, by the generic fallback); None otherwise."""
+    family = family_of(model)
+    fallback = family is None
+    if fallback:
+        towers = fallback_towers(model)
+        if towers is None:
+            return None
+        family = Family("generic fallback", (), towers)
+    return Layout(family, _expand(model, family.towers), fallback)
+
+
+def _expand(model: nn.Module, towers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    layout = []
+    for base in _base(model)[1]:
+        for prefix, tower in towers:
+            if tower != LANGUAGE_MODEL:
+                layout.append((base + prefix, tower))
+                continue
+            try:
+                language_model = model.get_submodule((base + prefix).rstrip("."))
+            except AttributeError:
+                continue
+            nested = ENCODER_DECODER_LM if getattr(language_model.config, "is_encoder_decoder", False) else DECODER_ONLY_LM
+            layout += [(base + prefix + p, t) for p, t in _expand(language_model, nested)]
+    return tuple(layout)
 
 
 @dataclass(frozen=True)
@@ -180,41 +237,30 @@ class PromptInput:
     labels_follow_input: bool  # ``labels`` are aligned with ``input_ids`` (they get -100 at the prompt)
     positions: str  # "mask": from the attention mask; "ids": forward takes position_ids; "fixed": by index only
     filler_id: int  # placeholder token id (the pad token: never an image placeholder)
-
-
-# Vision-language models: (token-embedding path, or None for get_input_embeddings(); column; labels follow input).
-# CLIP and BLIP keep their first token (BOS / [CLS], which they pool or read) in front of the prompt.
-PROMPT_INPUTS = {
-    "CLIPModel": ("text_model.embeddings.token_embedding", 1, False),
-    "CLIPTextModel": (None, 1, False),
-    "CLIPTextModelWithProjection": (None, 1, False),
-    "BlipForConditionalGeneration": (None, 1, True),
-    "BlipForQuestionAnswering": (None, 1, False),
-    "BlipForImageTextRetrieval": (None, 1, False),
-    "Blip2ForConditionalGeneration": (None, 0, True),
-    "Blip2Model": (None, 0, False),
-    "InstructBlipForConditionalGeneration": (None, 0, True),
-}
+    aligned: tuple[str, ...] = ()  # other inputs aligned with input_ids (zeros at the prompt)
 
 
 def prompt_input(model: nn.Module) -> PromptInput:
     """Where a soft prompt goes in ``model``; a ValueError for models without a supported text input."""
     config = getattr(model, "config", None)
     name = type(model).__name__
-    if name in PROMPT_INPUTS:
-        path, column, labels_follow = PROMPT_INPUTS[name]
+    family = family_of(model)
+    inputs = family.prompt_inputs if family is not None else {}
+    if name in inputs:
+        path, column, labels_follow = inputs[name]
         embedding = model.get_submodule(path) if path else model.get_input_embeddings()
         language = config.get_text_config() if hasattr(config, "get_text_config") else config
         if getattr(language, "is_encoder_decoder", False):
             labels_follow = False  # a T5 inside BLIP-2: labels are the decoder's
-    elif config is not None and _is_language_model(config):
+    elif family in (CAUSAL_LM, SEQ2SEQ_LM):
         encoder_decoder = getattr(config, "is_encoder_decoder", False)
         embedding = (model.get_encoder() if encoder_decoder else model).get_input_embeddings()
         column, labels_follow, language = 0, not encoder_decoder, config
     else:
+        known = sorted(c for f in FAMILIES for c in f.prompt_inputs)
         raise ValueError(
             f'method="prompt" needs a text input mmprefix knows; {name} has none. Supported: '
-            f"{', '.join(sorted(PROMPT_INPUTS))}, and causal or seq2seq language models"
+            f"{', '.join(known)}, and causal or seq2seq language models"
         )
     if getattr(language, "model_type", None) in POSITIONS_FROM_MASK:
         positions = "mask"
@@ -224,15 +270,14 @@ def prompt_input(model: nn.Module) -> PromptInput:
         positions = "ids"
     else:
         positions = "fixed"
-    return PromptInput(embedding, column, labels_follow, positions, getattr(language, "pad_token_id", None) or 0)
+    filler = getattr(language, family.prompt_filler if family else "pad_token_id", None) or 0
+    return PromptInput(embedding, column, labels_follow, positions, filler, family.aligned_inputs)
 
 
 def supported_families() -> str:
     return (
-        "CLIP and SigLIP (vision/text), BLIP, BLIP-2 and InstructBLIP (with OPT, T5 or another supported LM), "
-        "open_clip CLIP, CustomTextCLIP and CoCa, and "
-        "causal or seq2seq language models whose attention uses transformers' attention interface "
-        "(e.g. Llama, Mistral, Qwen2, GPT-2, OPT, T5, BART)"
+        f"{', '.join(f.name for f in FAMILIES)}, and causal or seq2seq language models whose attention uses "
+        "transformers' attention interface (e.g. Llama, Mistral, Qwen2, GPT-2, OPT, T5, BART)"
     )
 
 
@@ -241,18 +286,38 @@ def _layer_index(relative_name: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _kind(name: str) -> str:
+def _kind(name: str, family: Family) -> str:
     parts = name.split(".")
-    return "cross" if any(part in CROSS_ATTENTION_NAMES for part in parts) else "self"
+    cross = any(part in CROSS_ATTENTION_NAMES for part in parts) or any(fnmatchcase(name, p) for p in family.cross)
+    return "cross" if cross else "self"
 
 
-def find_sites(model: nn.Module, target_modules: list[str] | None = None) -> list[Site]:
-    """All attention modules of ``model`` that can carry a prefix.
+def _feature_layer_cutoff(config) -> int | None:
+    """VLMs that read the vision tower's hidden states at ``vision_feature_layer`` (LLaVA: -2) never use the
+    layers after it: the first unused vision layer, or None."""
+    chosen = getattr(config, "vision_feature_layer", None)
+    layers = getattr(getattr(config, "vision_config", None), "num_hidden_layers", None)
+    if chosen is None or layers is None:
+        return None
+    states = [c if c >= 0 else layers + 1 + c for c in (chosen if isinstance(chosen, (list, tuple)) else [chosen])]
+    return max(states) if max(states) < layers else None
 
-    For a supported family, every supported attention module inside a known tower. With ``target_modules``,
-    only modules whose names match one of the regular expressions (and, for unknown families, any module whose
-    attention goes through transformers' attention interface, in a tower called ``"model"``).
-    """
+
+def _unused(name: str, tower: str, layer: int, layout: Layout, config) -> str | None:
+    """Why the model never reads this attention module's output (no gradient could reach a prefix), or None."""
+    for prefix, why in layout.family.unused:
+        if any(name.startswith(base + prefix) for base in ("", "model.")):
+            return why
+    cutoff = _feature_layer_cutoff(config)
+    if tower == "vision" and cutoff is not None and layer >= cutoff:
+        return (f"the model reads the vision tower's hidden states after layer {cutoff - 1} "
+                f"(vision_feature_layer={config.vision_feature_layer})")
+    return None
+
+
+def scan(model: nn.Module, target_modules: list[str] | None = None) -> tuple[list[Site], dict[str, str]]:
+    """Every supported attention module in a known tower (or matching ``target_modules``) as a `Site`, and the
+    attention modules left out because the model never reads their output (name -> why)."""
     layout = tower_layout(model)
     if layout is None and not target_modules:
         raise ValueError(
@@ -262,7 +327,9 @@ def find_sites(model: nn.Module, target_modules: list[str] | None = None) -> lis
             "interface, target its attention modules by name: PrefixConfig(target_modules=[r'.*\\.self_attn'])."
         )
     patterns = [re.compile(p) for p in target_modules or []]
-    sites = []
+    family = layout.family if layout else Family("target_modules", (), ())
+    refused = {tower for tower, _ in family.refused}
+    sites, unused = [], {}
     for name, module in model.named_modules():
         route = attention_route(module)
         if route is None or (patterns and not any(p.fullmatch(name) for p in patterns)):
@@ -270,45 +337,58 @@ def find_sites(model: nn.Module, target_modules: list[str] | None = None) -> lis
         if layout is None:
             prefix, tower = "", "model"
         else:
-            match = next(((p, t) for p, t in layout if name.startswith(p)), None)
-            if match is None:
+            match = next(((p, t) for p, t in layout.towers if name.startswith(p)), None)
+            if match is None or match[1] in refused:
                 continue
             prefix, tower = match
+        layer = _layer_index(name[len(prefix) :])
+        why = _unused(name, tower, layer, layout, getattr(model, "config", None)) if layout else None
+        if why is not None:
+            unused[name] = why
+            continue
         heads, kv_heads, head_dim = head_geometry(module)
-        sites.append(
-            Site(
-                name=name,
-                tower=tower,
-                kind=_kind(name),
-                layer=_layer_index(name[len(prefix) :]),
-                heads=heads,
-                kv_heads=kv_heads,
-                head_dim=head_dim,
-                route=route,
-            )
-        )
+        sites.append(Site(name, tower, _kind(name, family), layer, heads, kv_heads, head_dim, route))
     if not sites:
         where = f"matching target_modules={target_modules}" if target_modules else "in any known tower"
         raise ValueError(
             f"{type(model).__name__} has no supported attention module {where}. Supported: {supported_families()}."
         )
-    return sites
+    return sites, unused
+
+
+def find_sites(model: nn.Module, target_modules: list[str] | None = None) -> list[Site]:
+    """All attention modules of ``model`` that can carry a prefix.
+
+    For a supported family (or a composite model, by the generic fallback), every supported attention module
+    inside a known tower whose output the model reads. With ``target_modules``, only modules whose names match
+    one of the regular expressions (and, for unknown families, any module whose attention goes through
+    transformers' attention interface, in a tower called ``"model"``).
+    """
+    return scan(model, target_modules)[0]
 
 
 def unreachable_towers(model: nn.Module, sites: list[Site]) -> dict[str, str]:
-    """Towers of a supported family that exist but hold no attention mmprefix can reach (e.g. an open_clip
-    vision tower taken from timm): tower -> class of the tower's module."""
+    """Towers of a supported family that hold attention mmprefix cannot reach (a record's refused tower, or an
+    open_clip vision tower taken from timm): tower -> why."""
+    layout = tower_layout(model)
+    if layout is None:
+        return {}
     found = {site.tower for site in sites}
+    refused = dict(layout.family.refused)
     missing = {}
-    for prefix, tower in tower_layout(model) or ():
-        if not prefix or tower in found:
+    for prefix, tower in layout.towers:
+        if not prefix or tower in found or tower in missing:
             continue
         try:
             module = model.get_submodule(prefix.rstrip("."))
         except AttributeError:
             continue
-        missing.setdefault(tower, type(module).__name__)
+        if tower in refused:
+            missing[tower] = f"{type(module).__name__}: {refused[tower]}"
+        elif any("Attention" in type(m).__name__ for m in module.modules()):  # a projector without attention is fine
+            missing[tower] = type(module).__name__
     return missing
+
 
 def check_reachable(model: nn.Module, sites: list[Site], targets: list[str] | None) -> None:
     """A tower mmprefix cannot reach is an error when the prefix asks for it (or for everything)."""

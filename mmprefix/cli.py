@@ -109,16 +109,35 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
-    from .architectures import find_sites, select_sites  # torch loads from here on
+    from .architectures import scan, select_sites  # torch loads from here on
 
     try:
         model = build_skeleton(args.model)
-        selected = select_sites(find_sites(model, args.target_modules), args.targets)
+        available, unused = scan(model, args.target_modules)
+        selected = select_sites(available, args.targets)
     except (CommandError, ValueError) as err:
         print(f"mmprefix: {err}", file=sys.stderr)
         return 2
     print(format_sites(selected, args.num_virtual_tokens, sum(p.numel() for p in model.parameters())))
+    for line in coverage_notes(model, available, unused):
+        print(line)
     return 0
+
+
+def coverage_notes(model: Any, sites: list, unused: dict[str, str]) -> list[str]:
+    """Which record covers the model (or that the generic fallback named its towers), and what was left out."""
+    from .architectures import tower_layout, unreachable_towers
+
+    layout = tower_layout(model)
+    if layout is None:
+        notes = ["towers: none known (sites chosen by target_modules, in one tower called 'model')"]
+    elif layout.fallback:
+        notes = ["towers: generic fallback (no tested record for this family; towers named after its sub-models)"]
+    else:
+        notes = [f"towers: the tested record of family {layout.family.name!r}"]
+    notes += [f"left out: {name}: {why}" for name, why in unused.items()]
+    notes += [f"unreachable: the {tower!r} tower ({why})" for tower, why in unreachable_towers(model, sites).items()]
+    return notes
 
 
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:

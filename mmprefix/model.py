@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import routing, saving, text_init
-from .architectures import Site, check_reachable, find_sites, is_open_clip, select_sites
+from .architectures import Site, check_reachable, family_of, find_sites, is_open_clip, select_sites
 from .attention import Prefix, install, uninstall
 from .config import PrefixConfig
 from .peft_compat import shifted_positions
@@ -57,6 +57,8 @@ class PrefixModel(nn.Module):
         self._position_hook = None
         self._soft_prompts: SoftPrompts | None = None
         self._checkpoint_wired = False
+        self._family = family_of(model) if hasattr(model, "config") else None
+        self._chunk_hooks: dict[str, Any] = {}
         self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -138,8 +140,13 @@ class PrefixModel(nn.Module):
             store = PrefixStore(config, sites, self._devices(sites))
         for site in sites:
             if site.name not in self._installed:
-                install(self.base_model.get_submodule(site.name), site, self)
+                module = self.base_model.get_submodule(site.name)
+                install(module, site, self)
                 self._installed[site.name] = site
+                if self._family is not None and site.tower in self._family.packed:
+                    self._chunk_hooks[site.name] = module.register_forward_pre_hook(
+                        functools.partial(routing.record_chunks, self, site.name), with_kwargs=True
+                    )
         self.prefixes[name] = store
         if config.position_offset and self._position_hook is None:
             self._position_hook = self.base_model.register_forward_pre_hook(self._shift_positions, with_kwargs=True)
@@ -155,6 +162,8 @@ class PrefixModel(nn.Module):
         for site_name in [n for n in self._installed if n not in used]:
             uninstall(self.base_model.get_submodule(site_name))
             del self._installed[site_name]
+            if site_name in self._chunk_hooks:
+                self._chunk_hooks.pop(site_name).remove()
         if self._position_hook is not None and not any(s.config.position_offset for s in self.prefixes.values()):
             self._position_hook.remove()
             self._position_hook = None
@@ -198,10 +207,14 @@ class PrefixModel(nn.Module):
         if prefix is not ACTIVE:
             call.route = routing.resolve(prefix, self.prefixes, args, kwargs)
             self._check_checkpointing()
+            routing.check_routable(call.route, self._family, self.base_model)
         if generating:
             call.expansion = routing.expansion(self.base_model, kwargs)
         call.route = route = self._route(call)  # the active prefix when the call starts
         call.store = self.prefixes[route] if isinstance(route, str) else None
+        images = self._family.images if self._family is not None else None
+        if images is not None and isinstance(route, Routing):
+            call.images = routing.image_rows(images.kind, kwargs, self.base_model.config, images.grid, images.token)
         if self._soft_prompts is not None and not call.disabled and route is not None:
             kwargs, call.insertion = self._soft_prompts.insert(kwargs, route, self.prefixes, generating)
         with routing.inside(self, call):
@@ -213,6 +226,7 @@ class PrefixModel(nn.Module):
         are not ``forward``/``generate``: ``with model.using(["a", "b"]): model.encode_image(images)``."""
         route = routing.resolve(prefix, self.prefixes, (), {})
         self._check_checkpointing()
+        routing.check_routable(route, self._family, self.base_model)
         with routing.inside(self, dataclasses.replace(routing.current(self), route=route, cache=None)):
             yield
 
@@ -234,7 +248,8 @@ class PrefixModel(nn.Module):
         if route is None:
             return None
         if isinstance(route, Routing):
-            return route.prefix(site_name, batch_size, call)
+            chunks = call.cache.get(("chunks", site_name)) if call.cache is not None else None
+            return route.prefix(site_name, batch_size, call, next(chunks) if chunks is not None else None)
         return self.prefixes[route].prefix(site_name, call.cache)
 
     @property

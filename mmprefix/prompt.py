@@ -134,6 +134,10 @@ def insert_prompts(
     mask = kwargs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
     out["attention_mask"] = insert(mask, slots.to(mask.dtype))
+    for name in where.aligned:  # e.g. token_type_ids, Mllama's cross_attention_mask: the prompt gets zeros
+        aligned = kwargs.get(name)
+        if torch.is_tensor(aligned) and aligned.shape[:2] == ids.shape:
+            out[name] = insert(aligned, aligned.new_zeros(batch, width, *aligned.shape[2:]))
     labels = kwargs.get("labels")
     if where.labels_follow_input and labels is not None:
         out["labels"] = insert(labels, labels.new_full((batch, width), -100))

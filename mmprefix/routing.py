@@ -47,6 +47,7 @@ class Call:
     expansion: int = 1  # generation repeats each row this many times (beams x returned sequences)
     cache: dict | None = None  # built routed prefixes and widened masks; None outside a call
     captured: dict | None = None  # keys and values recorded for a text initialisation
+    images: ImageRows | None = None  # a routed call's images, for vision towers that see several per row
 
     def open(self, **changes: Any) -> Call:
         """A call inside this scope: the scope's routing, the changes, and a fresh cache."""
@@ -112,6 +113,80 @@ def expansion(model: Any, kwargs: dict) -> int:
     return beams * returned
 
 
+@dataclasses.dataclass
+class ImageRows:
+    """The images (or tiles) of a routed call, for a vision tower that does not see one image per text row:
+    how many each row has, in the order the tower sees them, and for a tower that packs them into one sequence
+    (Qwen-VL), how many tokens each image takes there."""
+
+    counts: torch.Tensor  # [rows]
+    tokens: torch.Tensor | None = None  # [images]
+
+    def rows(self, size: int, expansion: int) -> list[int] | None:
+        """The text row of each of ``size`` images, None if they do not add up. Generation may run the tower on
+        the expanded batch, where each row's images come ``expansion`` times in a row."""
+        for repeat in dict.fromkeys((1, expansion)):
+            if int(self.counts.sum()) * repeat == size:
+                return torch.arange(len(self.counts)).repeat_interleave(self.counts * repeat).tolist()
+        return None
+
+    def chunk_rows(self, cu_seqlens: torch.Tensor, expansion: int) -> list[int]:
+        """The text row of each chunk of a packed sequence cut at ``cu_seqlens`` (an image, a frame, a window)."""
+        starts = self.counts.cumsum(0) - self.counts
+        per_row = [self.tokens[s : s + c] for s, c in zip(starts.tolist(), self.counts.tolist())]
+        for repeat in dict.fromkeys((1, expansion)):
+            tokens = torch.cat([t.repeat(repeat) for t in per_row])
+            if int(tokens.sum()) == int(cu_seqlens[-1]):
+                rows = torch.arange(len(self.counts)).repeat_interleave(self.counts * repeat)
+                image = torch.searchsorted(tokens.cumsum(0), cu_seqlens[:-1].cpu(), right=True)
+                return rows[image].tolist()
+        raise ValueError(
+            f"the packed vision sequence has {int(cu_seqlens[-1])} tokens, but the call's images take "
+            f"{int(self.tokens.sum())}: cannot tell which row each image belongs to"
+        )
+
+
+def image_rows(kind: str, kwargs: dict, config: Any, grid: str, token: str) -> ImageRows | None:
+    """How a routed call's images reach the vision tower (see `families.Images`), from the call's inputs."""
+    pixels = kwargs.get("pixel_values")
+    if kind == "tiles" and torch.is_tensor(pixels) and pixels.dim() == 5:
+        return ImageRows(pixels.flatten(2).ne(0).any(-1).sum(1).cpu())
+    if kind == "grid" and kwargs.get(grid) is not None and kwargs.get("input_ids") is not None:
+        ids = kwargs["input_ids"] == getattr(config, token)
+        runs = ids & ~torch.nn.functional.pad(ids, (1, 0))[:, :-1]  # the first token of each image's run
+        return ImageRows(runs.sum(1).cpu(), kwargs[grid].prod(-1).cpu())
+    return None
+
+
+def check_routable(route: Any, family: Any, model: Any) -> None:
+    """Towers where one call cannot give its rows different prefixes (``Family.unroutable``) are an error
+    before any compute."""
+    if not isinstance(route, Routing) or family is None:
+        return
+    towers = {site.tower for store in route.stores for site in store.sites}
+    for tower, why in family.unroutable:
+        if tower in towers:
+            raise ValueError(
+                f"per-row routing cannot reach the {tower!r} tower of {type(model).__name__} ({why}); give that "
+                "tower one prefix per call, or route prefixes that target the other towers"
+            )
+
+
+def record_chunks(owner: Any, site_name: str, module: Any, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a packed tower's attention (``owner``: its `PrefixModel`): the module attends once
+    per chunk of ``cu_seqlens`` (an image, a frame, a window), in order; a routed call gives each chunk its row's
+    prefix (``PrefixModel.prefix_for`` takes them one by one)."""
+    call = current(owner)
+    route = owner.active_prefix if call.route is ACTIVE else call.route
+    if call.cache is None or call.disabled or not isinstance(route, Routing):
+        return
+    if call.images is None:
+        raise ValueError(f"{site_name} packs the images of a batch into one sequence; a routed call needs the "
+                         "images' grid and placeholder tokens (image_grid_thw and input_ids) to route it")
+    cu_seqlens = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+    call.cache[("chunks", site_name)] = iter(call.images.chunk_rows(cu_seqlens, call.expansion))
+
+
 class Routing:
     """The prefix names of the rows of one batch."""
 
@@ -128,23 +203,31 @@ class Routing:
         # Rows without a prefix point one past the used prefixes, at an all-masked entry.
         self.rows = [self.used.index(n) if n is not None else len(self.used) for n in self.names]
 
-    def prefix(self, site_name: str, batch_size: int, call: Call) -> Prefix | None:
-        """Each row's prefix at one site. Without autograd (generation) it is built once per site and batch
-        size for the whole call: the decoding steps reuse it."""
+    def prefix(self, site_name: str, batch_size: int, call: Call, chunk_row: int | None = None) -> Prefix | None:
+        """Each row's prefix at one site; ``chunk_row``: the text row of a packed tower's current chunk. Without
+        autograd (generation) it is built once per site and batch for the whole call: the decoding steps reuse
+        it."""
         rows = len(self.names)
-        if batch_size not in (rows, rows * call.expansion):
-            raise ValueError(
-                f"a routing list of {rows} prefixes does not fit a batch of {batch_size} rows at {site_name}"
-                + (f" (generation repeats each row {call.expansion} times)" if call.expansion > 1 else "")
-            )
+        if chunk_row is not None:
+            batch_rows = [chunk_row]
+        elif batch_size in (rows, rows * call.expansion):
+            batch_rows = [row for row in range(rows) for _ in range(batch_size // rows)]
+        else:
+            batch_rows = call.images.rows(batch_size, call.expansion) if call.images is not None else None
+            if batch_rows is None:
+                raise ValueError(
+                    f"a routing list of {rows} prefixes does not fit a batch of {batch_size} rows at {site_name}"
+                    + (f" (generation repeats each row {call.expansion} times)" if call.expansion > 1 else "")
+                )
+        shape = (batch_size, chunk_row)  # determines batch_rows within a call
         if call.cache is None or torch.is_grad_enabled():
-            return self._build(site_name, batch_size, call.cache)
-        key = ("routed", site_name, batch_size)
+            return self._build(site_name, batch_rows, shape, call.cache)
+        key = ("routed", site_name, shape)
         if key not in call.cache:
-            call.cache[key] = self._build(site_name, batch_size, call.cache)
+            call.cache[key] = self._build(site_name, batch_rows, shape, call.cache)
         return call.cache[key]
 
-    def _build(self, site_name: str, batch_size: int, cache: dict | None) -> Prefix | None:
+    def _build(self, site_name: str, batch_rows: list[int], shape: tuple, cache: dict | None) -> Prefix | None:
         # Each table is one stack of the rows' own tensors: few small ops per site, because on a busy CPU every
         # op costs far more than its arithmetic (advanced indexing, table[rows], took milliseconds per site).
         here = [s.has_site(site_name) and s.num_virtual_tokens > 0 for s in self.stores]
@@ -153,7 +236,7 @@ class Routing:
         kvs = [store.kv(site_name) if present else None for store, present in zip(self.stores, here)]
         slots = max(kv[0].shape[1] for kv in kvs if kv is not None)
         reference = next(kv[0] for kv in kvs if kv is not None)
-        rows = [row for row in self.rows for _ in range(batch_size // len(self.names))]
+        rows = [self.rows[row] for row in batch_rows]
         blank = any(row == len(kvs) or kvs[row] is None for row in rows)  # a row that sees no prefix here
         empty = reference.new_zeros(reference.shape[0], slots, reference.shape[2]) if blank else None
 
@@ -162,7 +245,7 @@ class Routing:
             return torch.stack([entries[row] for row in rows])
 
         lengths = tuple(kv[0].shape[1] if kv else 0 for kv in kvs) + (0,)
-        visible = self._visible(lengths, slots, rows, reference.device, cache)
+        visible = self._visible(lengths, slots, rows, shape, reference.device, cache)
         gates = None
         if self.gated:
             heads = max(store.gate(site_name).shape[0] for store, present in zip(self.stores, here) if present)
@@ -174,11 +257,12 @@ class Routing:
         return Prefix(keys, values, visible, gates, cache)
 
     def _visible(
-        self, lengths: tuple[int, ...], slots: int, rows: list[int], device: torch.device, cache: dict | None
+        self, lengths: tuple[int, ...], slots: int, rows: list[int], shape: tuple, device: torch.device,
+        cache: dict | None,
     ) -> torch.Tensor | None:
         """Which slots each row sees (None: all of them). Sites with the same prefix lengths share one tensor
         per call, so that their widened masks are built once."""
-        key = ("visible", id(self), lengths, len(rows), device)
+        key = ("visible", id(self), lengths, shape, device)
         if cache is not None and key in cache:
             return cache[key]
         seen = [[slot < lengths[row] for slot in range(slots)] for row in rows]

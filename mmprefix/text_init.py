@@ -11,13 +11,15 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import routing
-from .architectures import is_open_clip
+from .architectures import family_of, is_open_clip
 from .config import PrefixConfig
 from .data.images import BadImageError
+from .data.formatting import chat_prompt
 from .data.images import load_image as read_image
 
 GREY = (128, 128, 128)
@@ -47,16 +49,21 @@ def activation_inputs(model: nn.Module, processor: Any, text: str, image_path: s
                 "(open_clip.get_tokenizer(name), the preprocess of open_clip.create_model_and_transforms(name))"
             ) from None
         return {"image": transform(load_image(image_path)).unsqueeze(0), "text": tokenizer([text])}
-    wants_text, wants_image = "input_ids" in accepted, "pixel_values" in accepted
+    # A decoder that reads only targets (VisionEncoderDecoder, Whisper) gets the text as labels from the processor.
+    wants_text = "input_ids" in accepted or "labels" in accepted
+    wants_image, wants_audio = "pixel_values" in accepted, "input_features" in accepted
     kwargs: dict[str, Any] = {"return_tensors": "pt"}
     if wants_text:
-        kwargs["text"] = text
+        chat = wants_image and "input_ids" in accepted and getattr(processor, "chat_template", None)
+        kwargs["text"] = chat_prompt(processor, text) if chat else text
     if wants_image:
         kwargs["images"] = load_image(image_path)
+    if wants_audio:  # one second of silence
+        kwargs["audio"] = np.zeros(processor.feature_extractor.sampling_rate, dtype=np.float32)
     try:
         inputs = dict(processor(**kwargs))
     except TypeError as err:
-        what = "images and text" if wants_image and wants_text else "images" if wants_image else "text"
+        what = " and ".join(w for w, wanted in (("images", wants_image), ("audio", wants_audio), ("text", wants_text)) if wanted)
         raise ValueError(
             f'init="text" on {type(model).__name__} needs a processor that takes {what} '
             f"(got {type(processor).__name__}: {err})"
@@ -79,12 +86,40 @@ def captured_keys_values(model: Any, store: Any, processor: Any) -> dict[str, tu
     missing = [s.name for s in store.sites if s.name not in call.captured]
     if missing:
         raise ValueError(f'init="text" reached no activations at {len(missing)} sites (e.g. {missing[0]})')
-    slots = torch.arange(config.num_virtual_tokens)
-    return {
-        name: (keys[:, slots % keys.shape[1]], values[:, slots % values.shape[1]])
-        for name, (keys, values) in call.captured.items()
-        if store.has_site(name)
-    }
+    text = text_positions(processor, config.init_text, inputs.get("input_ids"))
+    family = family_of(model.base_model) if hasattr(model.base_model, "config") else None
+    captured = {}
+    for site in store.sites:
+        keys, values = call.captured[site.name]
+        # Sites take the keys of their first positions. A site that sees the whole text input behind image
+        # tokens or a chat template (for GIT also behind the image's own tokens) takes those of the text's own
+        # tokens instead: its first positions would be the same for every text.
+        offset = keys.shape[1] - inputs["input_ids"].shape[1] if text is not None else -1
+        sees_text = offset == 0 or (offset > 0 and family is not None and site.tower in family.image_first)
+        if sees_text and int(text[0]) + offset > 1:  # more than a bos or [CLS] token in front
+            positions = text + offset
+        else:
+            positions = torch.arange(keys.shape[1])
+        slots = positions[torch.arange(config.num_virtual_tokens) % len(positions)].to(keys.device)
+        captured[site.name] = (keys[:, slots], values[:, slots])
+    return captured
+
+
+def text_positions(processor: Any, text: str, input_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """Where ``text``'s tokens are in the first row of ``input_ids`` (None if they are not there in one piece)."""
+    if input_ids is None or is_open_clip_processor(processor):
+        return None
+    tokenizer = getattr(processor, "tokenizer", processor)
+    words = torch.as_tensor(tokenizer(text, add_special_tokens=False)["input_ids"]).flatten().tolist()
+    row = input_ids[0].tolist()
+    for start in range(len(row) - len(words) + 1):
+        if words and row[start : start + len(words)] == words:
+            return torch.arange(start, start + len(words))
+    return None
+
+
+def is_open_clip_processor(processor: Any) -> bool:
+    return isinstance(processor, (tuple, list))
 
 
 def text_embeddings(embedding: nn.Module, config: PrefixConfig, processor: Any) -> torch.Tensor:

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{config.method}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
 
     # 4. Train on (image, question, answer) rows; score the validation questions as training goes.
-    prompt = evaluate.generation.get("prompt", formatting.VQA_PROMPT)  # BLIP-2's question template
+    prompt = evaluate.generation.get("prompt")  # None: the family's question template
 
     def collate(rows):
         return formatting.vqa_batch(model, processor, [image for _, image in rows], [s.question for s, _ in rows],

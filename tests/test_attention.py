@@ -249,3 +249,23 @@ def test_llama_through_its_own_forward_with_left_padding(implementation):
         expected = module.o_proj(reference(q, k, heads(module.v_proj(states), 8), pk, pv, allowed))
     real = mask.bool()  # padded query rows attend to nothing real; the model leaves them undefined
     torch.testing.assert_close(seen["output"][real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+def test_git_text_attention_in_the_models_own_forward_against_a_hand_computed_reference():
+    """GIT's hand-written text attention (image tokens and text in one sequence, GIT's own mask), reached through
+    a real call: the module's output equals softmax over [prefix; keys] with the mask GIT built."""
+    import tiny_families
+
+    name = "git.encoder.layer.0.attention.self"
+    pm, module, pk, pv = prefixed(tiny_families.git().eval(), name)
+    seen = {}
+    module.register_forward_pre_hook(lambda m, args: seen.update(hidden=args[0], mask=args[1]))
+    module.register_forward_hook(lambda m, args, out: seen.update(out=out[0]))
+    batch = tiny_families.git_processor()(images=tiny_families.images(1), text=["what color is the shape"],
+                                          return_tensors="pt")
+    with torch.no_grad():
+        pm(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+        q, k, v = (heads(projection(seen["hidden"]), 8) for projection in (module.query, module.key, module.value))
+        expected = reference(q, k, v, pk, pv, allowed=seen["mask"] == 0)
+    assert seen["mask"].shape[-1] == q.shape[2] and not bool((seen["mask"] == 0).all()), "GIT's mask is causal on text"
+    torch.testing.assert_close(seen["out"], expected, rtol=1e-5, atol=1e-5)

@@ -84,7 +84,9 @@ def test_prefix_for_another_architecture_is_refused(tmp_path):
     trained("blip_vqa").save_prefix(tmp_path)
     with pytest.raises(ValueError, match=r"saved for BlipForQuestionAnswering.*this model has no 'text_encoder' tower"):
         load_prefix(tiny.clip(), tmp_path)
-    with pytest.raises(ValueError, match="saved for BlipForQuestionAnswering.*cannot go on ViTModel"):
+    with pytest.raises(ValueError, match="saved for BlipForQuestionAnswering.*cannot go on Dinov2Model"):
+        load_prefix(tf.Dinov2Model(tf.Dinov2Config(**tiny.VISION)), tmp_path)  # no family record: no towers
+    with pytest.raises(ValueError, match="saved for BlipForQuestionAnswering.*this model has no 'text_decoder' tower"):
         load_prefix(tf.ViTModel(tf.ViTConfig(**tiny.VISION)), tmp_path)
 
 

@@ -22,7 +22,9 @@ HEADLINE = {
     "blip2": ("vqa_accuracy", 37.7 + 30, "VQA accuracy {:.1f}%"),
     "clip": ("caption_retrieval_top1", 50.0, "top-1 {:.1f}%"),  # chance: 0.45%
     "lm": ("record_exact_match", 90.0, "exact match {:.0f}%"),
+    "llava": ("vqa_accuracy", 37.7 + 15, "VQA accuracy {:.1f}%"),
 }
+SLOW = {"llava"}  # 64 image tokens per question through the language model: a minute or two to score here
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def world():
     return synthetic.build_world()
 
 
-@pytest.mark.parametrize("name", list(HEADLINE))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in HEADLINE])
 def test_shipped_scores_are_reproduced_and_far_above_the_baseline(name, world):
     folder = embedded.backbone_dir(name)
     shipped = json.loads((folder / "metrics.json").read_text())
@@ -72,3 +74,21 @@ def test_clip_loss_is_clips_own_loss_without_negatives():
     truth = torch.arange(3)
     expected = (torch.nn.functional.cross_entropy(logits, truth) + torch.nn.functional.cross_entropy(logits[:, :3].T, truth)) / 2
     assert pretrain.clip_loss(model, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_llava_backbone_starts_from_the_shipped_clip_vision_tower_and_language_model():
+    """Before pretraining, the LLaVA-style backbone is the shipped CLIP vision tower and LM, bit for bit, with a
+    new projector; its processor turns each image into one <image> token per patch."""
+    import transformers as tf
+
+    model = pretrain.llava_model()
+    clip = tf.CLIPModel.from_pretrained(embedded.backbone_dir("clip"))
+    lm = tf.LlamaForCausalLM.from_pretrained(embedded.backbone_dir("lm"))
+    for ours, shipped in ((model.model.vision_tower, clip.vision_model), (model.model.language_model, lm.model),
+                          (model.lm_head, lm.lm_head)):
+        theirs = shipped.state_dict()
+        assert all(torch.equal(value, theirs[key]) for key, value in ours.state_dict().items())
+    processor = embedded.llava_processor()
+    batch = processor(images=[Image.new("RGB", (64, 64), "red")], text=["question : <image> what color ?"],
+                      return_tensors="pt")
+    assert (batch["input_ids"] == model.config.image_token_id).sum() == (64 // 8) ** 2

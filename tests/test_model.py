@@ -135,10 +135,10 @@ def test_calling_the_wrapped_model_directly_also_uses_the_prefix():
 
 
 def test_unsupported_architecture_names_families_and_target_modules():
-    vit = tf.ViTModel(tf.ViTConfig(**tiny.VISION))
-    with pytest.raises(ValueError, match=r"(?s)Supported: CLIP.*BLIP.*target_modules"):
-        add_prefix(vit, PrefixConfig())
-    pm = add_prefix(vit, PrefixConfig(num_virtual_tokens=2, target_modules=[r"layers\.\d+\.attention"]))
+    dinov2 = tf.Dinov2Model(tf.Dinov2Config(**tiny.VISION))  # no record, no sub-models
+    with pytest.raises(ValueError, match=r"(?s)Supported: clip.*blip.*target_modules"):
+        add_prefix(dinov2, PrefixConfig())
+    pm = add_prefix(dinov2, PrefixConfig(num_virtual_tokens=2, target_modules=[r"encoder\.layer\.\d+\.attention"]))
     assert len(pm.sites) == 2 and {s.tower for s in pm.sites} == {"model"}
     pixels = tiny.pixels()
     with torch.no_grad():

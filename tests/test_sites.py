@@ -87,7 +87,8 @@ def test_sites_command_prints_the_table_with_prefix_sizes(tmp_path, capsys):
     assert out[0].split() == ["name", "tower", "kind", "layer", "heads", "kv_heads", "head_dim", "prefix_params"]
     assert out[1].split() == ["language_model.decoder.block.0.layer.1.EncDecAttention", "lm_decoder", "cross", "0", "4",
                               "4", "8", "640"]
-    assert out[-1].startswith("2 sites, 1,280 prefix parameters with P=10")
+    assert out[-2].startswith("2 sites, 1,280 prefix parameters with P=10")
+    assert out[-1] == "towers: the tested record of family 'blip-2'"
 
 
 def test_sites_command_reports_bad_targets_and_missing_models(tmp_path, capsys):
@@ -106,7 +107,9 @@ def test_sites_command_reports_bad_targets_and_missing_models(tmp_path, capsys):
 
 def test_sites_command_accepts_what_the_recipes_accept(capsys):
     assert cli(["sites", "embedded:blip", "-p", "2", "--targets", "vision"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith("4 sites, ")  # the tiny BLIP's 4 vision layers
+    out = capsys.readouterr().out.splitlines()
+    assert "4 sites, " in "\n".join(line[:9] for line in out)  # the tiny BLIP's 4 vision layers
+    assert out[-1] == "towers: the tested record of family 'blip'"
     assert cli(["sites", "embedded:blip:caption", "--targets", "text_decoder.cross"]) == 0
     assert "text_decoder.bert.encoder.layer.0.crossattention.self" in capsys.readouterr().out
     assert cli(["sites", "embedded:nope"]) == 2
@@ -123,4 +126,58 @@ def test_sites_command_refuses_a_prefix_without_tokens(p, capsys):
 def test_sites_command_needs_no_weights(tmp_path, capsys):
     tiny.llama().config.save_pretrained(tmp_path)  # config.json only
     assert cli(["sites", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].startswith("2 sites, 1,024 prefix parameters with P=16")
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].startswith("2 sites, 1,024 prefix parameters with P=16")
+    assert out[-1] == "towers: the tested record of family 'causal LM'"
+
+
+# -- family records and the generic fallback ----------------------------------------------------------------------
+def test_a_refused_tower_is_named_with_its_reason_and_the_rest_still_works():
+    import tiny_families
+
+    with pytest.raises(ValueError, match=r"'vision' tower \(Florence2VisionBackbone: its DaViT channel attention .*"
+                                         r"targets=\['lm_decoder', 'lm_encoder'\]"):
+        add_prefix(tiny_families.florence2(), PrefixConfig())
+    pm = add_prefix(tiny_families.florence2(), PrefixConfig(targets=["lm_encoder", "lm_decoder"]))
+    assert {s.tower for s in pm.sites} == {"lm_encoder", "lm_decoder"}
+
+
+def test_a_composite_model_without_a_record_gets_towers_from_its_sub_models(tmp_path, capsys):
+    """VipLlava has no record: its towers come from its sub-configs (vision_config -> vision, text_config -> the
+    language model's layout); `mmprefix sites` says so. Dropping LLaVA's record gives LLaVA the same towers."""
+    import tiny_families
+    import transformers as tf
+    from mmprefix import families
+    from mmprefix.architectures import tower_layout
+
+    tokenizer = tiny_families.word_tokenizer(image_token="<image>")
+    config = tf.VipLlavaConfig(vision_config=dict(tiny_families.VISION, model_type="clip_vision_model"),
+                               text_config=tiny_families.lm_config(tokenizer, model_type="llama"),
+                               image_token_id=tokenizer.image_token_id, vision_feature_layers=[-2, -1])
+    vipllava = tf.VipLlavaForConditionalGeneration(config)
+    assert tower_layout(vipllava).fallback
+    pm = add_prefix(vipllava, PrefixConfig(num_virtual_tokens=2, targets=["vision", "lm.self[-1:]"]))
+    assert {(s.tower, s.kind) for s in pm.sites} == {("vision", "self"), ("lm", "self")}
+    vipllava.config.save_pretrained(tmp_path)
+    assert cli(["sites", str(tmp_path)]) == 0
+    assert "towers: generic fallback" in capsys.readouterr().out
+
+    llava = tiny_families.llava()
+    recorded = {(s.name, s.tower, s.kind, s.layer) for s in add_prefix(llava, PrefixConfig()).sites}
+    records = {k: v for k, v in families.BY_KEY.items() if k != "llava"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("mmprefix.architectures.BY_KEY", records)
+        generic = add_prefix(tiny_families.llava(), PrefixConfig())
+        assert tower_layout(generic.base_model).fallback
+    assert {(s.name, s.tower, s.kind, s.layer) for s in generic.sites} == recorded
+
+
+def test_sites_command_names_the_record_and_what_it_leaves_out(tmp_path, capsys):
+    import tiny_families
+
+    tiny_families.llava().config.save_pretrained(tmp_path)
+    assert cli(["sites", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "towers: the tested record of family 'llava'" in out
+    assert ("left out: vision_tower.encoder.layers.1.self_attn: the model reads the vision tower's hidden "
+            "states after layer 0 (vision_feature_layer=-2)") in out  # LlavaModel: the config names no head

@@ -185,11 +185,11 @@ class TinyProcessor:
     def __init__(self, image_tokens: int = 0, qformer: bool = False) -> None:
         self.image_tokens, self.qformer = image_tokens, qformer
 
-    def __call__(self, text=None, images=None, return_tensors="pt"):
+    def __call__(self, text=None, images=None, return_tensors="pt", add_special_tokens=True):
         out = {}
         if text is not None:
             words = [4 + sum(map(ord, w)) % 86 for w in text.split()]
-            ids = torch.tensor([[IMAGE_TOKEN] * self.image_tokens + words])
+            ids = torch.tensor([[IMAGE_TOKEN] * (self.image_tokens if add_special_tokens else 0) + words])
             out.update(input_ids=ids, attention_mask=torch.ones_like(ids))
             if self.qformer:
                 out.update(qformer_input_ids=torch.tensor([words]), qformer_attention_mask=torch.ones(1, len(words)))

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 from torch import nn
 
 from ..architectures import Site
-from . import blip, open_clip
+from . import blip, git, open_clip
 from .mechanism import SUPPORTED_IMPLEMENTATIONS, Prefix, PrefixedConfig, PrefixSource, SiteHook, unsupported_implementation
 
 __all__ = ["ROUTES", "Prefix", "PrefixSource", "Route", "install", "uninstall"]
@@ -42,6 +42,7 @@ ROUTES: dict[str, Route] = {
     "interface": Route(None, _check_implementation),
     "blip_vision": Route(blip.vision_attention, _anything),
     "blip_text": Route(blip.text_attention, _anything),
+    "git_text": Route(git.text_attention, _anything),
     "torch_mha": Route(open_clip.mha_attention, open_clip.check_mha),
     "open_clip": Route(open_clip.open_clip_attention, open_clip.check_attention),
 }

@@ -1,8 +1,9 @@
 """The embedded default: tiny backbones pretrained on the synthetic world, shipped with the package.
 
 ``load_backbone(name)`` returns ``(model, processor)`` for ``"blip"`` (heads ``"vqa"`` and ``"caption"``, one
-shared vision tower and text decoder), ``"blip2"`` (OPT language model), ``"clip"`` and ``"lm"`` (a Llama-style
-causal LM with grouped-query attention). The weights (a few MB each, safetensors) were made by
+shared vision tower and text decoder), ``"blip2"`` (OPT language model), ``"clip"``, ``"lm"`` (a Llama-style
+causal LM with grouped-query attention) and ``"llava"`` (the ``clip`` vision tower, a projector and the ``lm``
+language model, LLaVA-style). The weights (a few MB each, safetensors) were made by
 ``python -m mmprefix.embedded.pretrain NAME`` and are shipped rather than built on first use because
 pretraining takes minutes of CPU per backbone; the script stays in the package so anyone can rebuild them.
 """
@@ -40,12 +41,32 @@ def clip_processor() -> tf.CLIPProcessor:
     return tf.CLIPProcessor(image_processor=images, tokenizer=tokenizer)
 
 
+# The embedded LLaVA's chat template, in the world's words: one user turn, the image, the text, then "answer :".
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}question : {% else %}answer : {% endif %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}answer :{% endif %}"
+)
+
+
+def llava_processor() -> tf.LlavaProcessor:
+    """CLIP's image processor (64 px) and the language models' tokenizer; each image becomes 64 ``<image>`` tokens
+    (one per patch; the CLS token is dropped, as LLaVA does)."""
+    images = tf.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size=IMAGE_SIZE)
+    tokenizer = text.lm_tokenizer()
+    tokenizer.add_tokens(["<image>"], special_tokens=True)  # in the vocabulary already: now never split
+    return tf.LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8,
+                             vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                             chat_template=CHAT_TEMPLATE)
+
+
 # name -> {head: model class}, processor loader class
 MODELS = {
     "blip": ({"vqa": tf.BlipForQuestionAnswering, "caption": tf.BlipForConditionalGeneration}, tf.BlipProcessor),
     "blip2": ({"default": tf.Blip2ForConditionalGeneration}, tf.Blip2Processor),
     "clip": ({"default": tf.CLIPModel}, tf.CLIPProcessor),
     "lm": ({"default": tf.LlamaForCausalLM}, tf.AutoTokenizer),
+    "llava": ({"default": tf.LlavaForConditionalGeneration}, tf.LlavaProcessor),
 }
 
 

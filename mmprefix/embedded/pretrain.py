@@ -1,6 +1,6 @@
 """Pretrain the embedded default's tiny backbones on the synthetic world's pretraining formatting.
 
-    python -m mmprefix.embedded.pretrain blip|blip2|clip|lm [--steps N] [--out DIR]
+    python -m mmprefix.embedded.pretrain blip|blip2|clip|lm|llava [--steps N] [--out DIR]
 
 This is how the weights shipped in ``mmprefix/embedded/assets/`` were made (CPU, deterministic seeds). Each
 backbone learns only the pretraining half of the world (style-A captions; colour, shape and existence
@@ -26,7 +26,7 @@ from ..data import formatting
 from ..evaluation import decode
 from ..data import load_image, read_samples, synthetic
 from ..training import TrainConfig, train
-from . import ASSETS, blip2_processor, blip_processor, clip_processor, text
+from . import ASSETS, blip2_processor, blip_processor, clip_processor, llava_processor, text
 
 WIDTH = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4)
 VISION = dict(WIDTH, num_hidden_layers=4, image_size=synthetic.IMAGE_SIZE, patch_size=8, initializer_range=0.02)
@@ -72,6 +72,23 @@ def lm_model() -> tf.LlamaForCausalLM:
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
     return tf.LlamaForCausalLM(config)
+
+
+def llava_model() -> tf.LlavaForConditionalGeneration:
+    """The shipped ``clip`` vision tower and ``lm`` language model (weights loaded from the assets), joined by a
+    new two-layer projector; like LLaVA-1.5 it reads the vision tower's second-to-last layer."""
+    clip = tf.CLIPModel.from_pretrained(ASSETS / "clip")
+    lm = tf.LlamaForCausalLM.from_pretrained(ASSETS / "lm")
+    tokenizer = text.lm_tokenizer()
+    config = tf.LlavaConfig(vision_config=clip.config.vision_config.to_dict(),
+                            text_config=dict(lm.config.to_dict(), max_position_embeddings=128),
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                            vision_feature_select_strategy="default", tie_word_embeddings=True)
+    model = tf.LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    return model
 
 
 class Rows(torch.utils.data.Dataset):
@@ -168,6 +185,29 @@ def pretrain_blip2(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, d
           save=_no_save)
     model.eval()
     return model, processor, evaluate_vision_language(model, model, processor, root)
+
+
+def pretrain_llava(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, dict[str, float]]:
+    """The vision tower stays as CLIP learned it; the projector and the language model learn the first half of
+    the world through the chat template: captions, colour/shape/existence questions and the yes/no checks."""
+    processor = llava_processor()
+    model = llava_model()
+    model.model.vision_tower.requires_grad_(False)
+    data = world_samples(root, "train")
+    images = images_of(data["captions"])
+    caption_of = {s.image: s.captions[0] for s in data["captions"]}
+
+    def collate(rows: list) -> list[dict]:
+        pictures = [images[r.image] for r in rows]
+        return [
+            formatting.vqa_batch(model, processor, pictures, [r.question for r in rows], [r.answers[0] for r in rows]),
+            formatting.caption_batch(model, processor, pictures, [caption_of[r.image] for r in rows]),
+        ]
+
+    train(PromptedLoss(model), Rows(data["vqa"] + data["verify"]), collate, _config(out, steps, 1e-3, batch_size=32),
+          loss_fn=lambda m, b: m(b), save=_no_save)
+    model.eval()
+    return model, processor, evaluate_vision_language(model, model, processor, root, verify=True)
 
 
 def hard_negative(caption: str, rng: random.Random) -> str:
@@ -292,8 +332,8 @@ def evaluate_clip(model, processor, root: Path) -> dict[str, float]:
 RESUME = False  # set by --resume: continue a killed pretraining run (same code and settings only)
 
 
-def _config(out: Path, steps: int, lr: float) -> TrainConfig:
-    return TrainConfig(output_dir=str(out / "run"), max_steps=steps, batch_size=64, learning_rate=lr,
+def _config(out: Path, steps: int, lr: float, batch_size: int = 64) -> TrainConfig:
+    return TrainConfig(output_dir=str(out / "run"), max_steps=steps, batch_size=batch_size, learning_rate=lr,
                        warmup_steps=min(200, steps // 10), weight_decay=0.01, log_every=50, save_every=500,
                        resume=RESUME)
 
@@ -322,14 +362,20 @@ def _evaluate_saved_lm(folder: Path, root: Path) -> dict[str, float]:
     return evaluate_lm(tf.LlamaForCausalLM.from_pretrained(folder).eval(), tf.AutoTokenizer.from_pretrained(folder), root)
 
 
+def _evaluate_saved_llava(folder: Path, root: Path) -> dict[str, float]:
+    model = tf.LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    return evaluate_vision_language(model, model, tf.LlavaProcessor.from_pretrained(folder), root, verify=True)
+
+
 EVALUATE = {"blip": _evaluate_saved_blip, "blip2": _evaluate_saved_blip2, "clip": _evaluate_saved_clip,
-            "lm": _evaluate_saved_lm}
+            "lm": _evaluate_saved_lm, "llava": _evaluate_saved_llava}
 
 BACKBONES = {
     "blip": (pretrain_blip, 3000),
     "blip2": (pretrain_blip2, 3000),
     "clip": (pretrain_clip, 1500),
     "lm": (pretrain_lm, 6000),
+    "llava": (pretrain_llava, 800),  # after clip and lm: it starts from their shipped weights
 }
 
 

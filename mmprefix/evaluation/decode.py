@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..data.formatting import VQA_PROMPT, _image_prompts, _pad, _tokenizer, family
+from ..data.formatting import _image_prompts, _pad, _tokenizer, family, image_prompt_inputs, prompts
 
 def _on_device(inputs: Any, model: Any) -> dict[str, Any]:
     """Generation inputs moved to where the model's weights are."""
@@ -26,16 +26,16 @@ def _decode(tokenizer: Any, rows: torch.Tensor) -> list[str]:
 
 @torch.no_grad()
 def answer_questions(model: Any, processor: Any, images: Sequence[Any], questions: Sequence[str],
-                     prompt: str = VQA_PROMPT, **generate: Any) -> list[str]:
-    """Generated answers, decoded without special tokens (``prompt``: BLIP-2's question template)."""
+                     prompt: str | None = None, **generate: Any) -> list[str]:
+    """Generated answers, decoded without special tokens (``prompt``: instead of the family's question
+    template)."""
     kind = family(model)
     tokenizer = _tokenizer(processor)
     settings = {"max_new_tokens": 8, "num_beams": 1, **generate}
     if kind == "blip":
         inputs = processor(images=list(images), text=list(questions), return_tensors="pt", padding=True)
         return _decode(tokenizer, model.generate(**_on_device(inputs, model), **settings))
-    prompts = [prompt.format(question=q) for q in questions]
-    return _generate_after_prompt(model, processor, images, prompts, settings)
+    return _generate_after_prompt(model, processor, images, prompts(model, processor, "vqa", questions, prompt), settings)
 
 
 @torch.no_grad()
@@ -50,15 +50,20 @@ def caption_images(model: Any, processor: Any, images: Sequence[Any], **generate
         inputs["input_ids"] = torch.tensor([[text.bos_token_id, text.eos_token_id]]).repeat(len(images), 1)
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         return _decode(_tokenizer(processor), model.generate(**_on_device(inputs, model), **settings))
-    return _generate_after_prompt(model, processor, images, [""] * len(images), settings)
+    texts = prompts(model, processor, "caption", [""] * len(images))
+    return _generate_after_prompt(model, processor, images, texts, settings)
 
 
-def _generate_after_prompt(model: Any, processor: Any, images, prompts, settings) -> list[str]:
+def _generate_after_prompt(model: Any, processor: Any, images, texts, settings) -> list[str]:
+    """Generation after each row's image and prompt; the text generated after the prompt, decoded."""
     tokenizer = _tokenizer(processor)
-    pixel_values, rows = _image_prompts(processor, images, prompts)
-    ids = _pad(rows, tokenizer.pad_token_id, left=True)
-    mask = _pad([[1] * len(r) for r in rows], 0, left=True)
-    inputs = _on_device({"pixel_values": pixel_values, "input_ids": ids, "attention_mask": mask}, model)
+    if family(model) == "blip2":  # the processor's image tokens and prompt without padding, re-padded on the left
+        pixel_values, rows = _image_prompts(processor, images, texts)
+        inputs = {"pixel_values": pixel_values, "input_ids": _pad(rows, tokenizer.pad_token_id, left=True),
+                  "attention_mask": _pad([[1] * len(r) for r in rows], 0, left=True)}
+    else:
+        inputs = image_prompt_inputs(processor, images, texts)
+    inputs = _on_device(inputs, model)
     out = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
     ids = inputs["input_ids"]
     if out.shape[1] > ids.shape[1] and torch.equal(out[:, : ids.shape[1]], ids):

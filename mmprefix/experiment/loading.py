@@ -13,15 +13,6 @@ class LoadError(ValueError):
     """A model or data path that cannot be loaded; the message says what to fix."""
 
 
-# transformers classes per (task, model_type); the config's own architecture is used when it is one of them
-HF_CLASSES = {
-    "vqa": {"blip": ["BlipForQuestionAnswering"], "blip-2": ["Blip2ForConditionalGeneration"],
-            "instructblip": ["InstructBlipForConditionalGeneration"]},
-    "caption": {"blip": ["BlipForConditionalGeneration"], "blip-2": ["Blip2ForConditionalGeneration"],
-                "instructblip": ["InstructBlipForConditionalGeneration"]},
-    "classification": {"clip": ["CLIPModel"], "siglip": ["SiglipModel"]},
-    "retrieval": {"clip": ["CLIPModel"], "siglip": ["SiglipModel"]},
-}
 EMBEDDED_HEADS = {"vqa": "vqa", "caption": "caption"}  # the BLIP backbone's head per task
 
 
@@ -124,16 +115,23 @@ def first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+def task_classes(task: str) -> dict[str, list[str]]:
+    """``{model_type: [transformers class names]}`` that evaluate ``task``, from the family records."""
+    from mmprefix.families import FAMILIES
+
+    return {key: f.tasks[task] for f in FAMILIES if task in f.tasks for key in f.keys}
+
+
 def pick_class(task: str, config: Any) -> type:
     """The transformers class that evaluates ``task`` for this config: its own architecture when that fits."""
     import transformers
 
     if task == "text":
         return transformers.AutoModelForCausalLM
-    choices = HF_CLASSES[task].get(config.model_type)
+    supported = task_classes(task)
+    choices = supported.get(config.model_type)
     if not choices:
-        raise LoadError(f"no {task} evaluation for model_type {config.model_type!r}; "
-                         f"supported: {sorted(HF_CLASSES[task])}")
+        raise LoadError(f"no {task} evaluation for model_type {config.model_type!r}; supported: {sorted(supported)}")
     architecture = next((a for a in (config.architectures or []) if a in choices), choices[0])
     return getattr(transformers, architecture)
 

@@ -4,7 +4,7 @@
 
 * ``prefix``: mmprefix prefixes (``options`` are `PrefixConfig` fields);
 * ``prompt``: a soft prompt in the text input (`PrefixConfig(method="prompt")`);
-* ``lora``: LoRA from PEFT on the attention projections named in ``LORA_TARGETS``;
+* ``lora``: LoRA from PEFT on the attention projections the model's family record names;
 * ``full``: every weight (full fine-tuning, the reference the others are measured against).
 """
 
@@ -14,21 +14,12 @@ from typing import Any
 
 from torch import nn
 
+from ..architectures import family_of
 from ..config import PrefixConfig
+from ..families import CAUSAL_LM, DEFAULT_LORA, LORA_BY_LM, SEQ2SEQ_LM
 from ..model import add_prefix
 
 METHODS = ("prefix", "prompt", "lora", "full")
-
-# model_type -> regular expression on module names: the attention projections LoRA adapts (queries and values).
-LORA_TARGETS = {
-    "blip": r".*\.(query|value|qkv)$",
-    "blip-2": r".*\.(query|value|qkv|q_proj|v_proj)$",
-    "instructblip": r".*\.(query|value|qkv|q_proj|v_proj)$",
-    "clip": r".*\.(q_proj|v_proj)$",
-    "gpt2": r".*\.c_attn$",
-    "t5": r".*\.(q|v)$",
-}
-DEFAULT_LORA_TARGET = r".*\.(q_proj|v_proj)$"  # Llama, Mistral, Qwen2, OPT, ...
 
 
 def prepare(model: nn.Module, method: str, options: PrefixConfig | dict[str, Any] | None = None,
@@ -46,7 +37,7 @@ def prepare(model: nn.Module, method: str, options: PrefixConfig | dict[str, Any
         from peft import LoraConfig, get_peft_model
 
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        options.setdefault("target_modules", LORA_TARGETS.get(model_type, DEFAULT_LORA_TARGET))
+        options.setdefault("target_modules", lora_targets(model))
         options.setdefault("fan_in_fan_out", model_type == "gpt2")  # GPT-2's Conv1D stores weights transposed
         return get_peft_model(model, LoraConfig(**options))
     if method == "full":
@@ -54,6 +45,15 @@ def prepare(model: nn.Module, method: str, options: PrefixConfig | dict[str, Any
             raise ValueError(f"method 'full' takes no options, got {sorted(options)}")
         return model.requires_grad_(True)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def lora_targets(model: nn.Module) -> str:
+    """The attention projections LoRA adapts (queries and values), as a regular expression on module names."""
+    family = family_of(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if family is None or family in (CAUSAL_LM, SEQ2SEQ_LM):
+        return LORA_BY_LM.get(model_type, DEFAULT_LORA)
+    return family.lora
 
 
 def for_generation(model: nn.Module) -> nn.Module:

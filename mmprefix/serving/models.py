@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ..experiment.loading import HF_CLASSES, load_model, offline, transformers_config
+from ..experiment.loading import load_model, offline, task_classes, transformers_config
 from ..model import PrefixModel
 from .engine import Engine
 
@@ -44,11 +44,11 @@ def load_engines(spec: str = DEFAULT_MODEL, **limits: Any) -> list[Engine]:
 
 
 def _load(spec: str) -> tuple[Any, Any]:
-    """A model for the first task its kind is evaluated on (``loading.HF_CLASSES``), a causal LM otherwise."""
+    """A model for the first task its kind is evaluated on (``loading.task_classes``), a causal LM otherwise."""
     if spec.startswith("embedded:"):
         return load_model(spec, EMBEDDED_TASKS.get(spec.split(":")[1], "vqa"))
     if spec.startswith("open_clip:"):
         return load_model(spec, "classification")
     config = transformers_config(spec, os.path.isdir(spec) or offline())
-    task = next((t for t in SPEC_TASKS if config.model_type in HF_CLASSES.get(t, {})), "text")
+    task = next((t for t in SPEC_TASKS if config.model_type in task_classes(t)), "text")
     return load_model(spec, task)

@@ -1,0 +1,57 @@
+"""Replacement ``forward`` for GIT's hand-written text attention (``GitSelfAttention``), which never reaches the
+attention interface.
+
+GIT runs one transformer over ``[image tokens; text]``: image tokens attend to each other, text causally to the
+image and the text before it, all through one additive mask that ``GitModel`` builds. Like ``attention/blip.py``,
+the replacement computes queries, keys and values as GIT does (including the cache update) and attends through
+``mechanism.attend`` with SDPA; without a prefix it runs GIT's own code, so a disabled prefix is bit-exact, and
+a gated prefix adds its gated attention to that code's output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .mechanism import attend, gated_prefix_attention, heads
+
+
+def text_attention(
+    self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Any = None, **kwargs: Any
+) -> tuple[torch.Tensor, Any]:
+    """``GitSelfAttention.forward`` with a prefix."""
+    hook = self._mmprefix
+    prefix = hook.prefix(hidden_states.shape[0])
+
+    def original() -> tuple[torch.Tensor, Any]:
+        return type(self).forward(self, hidden_states, attention_mask, cache, **kwargs)
+
+    if prefix is None and not hook.capturing:
+        return original()
+    head_dim = self.attention_head_size
+    query = heads(self.query(hidden_states), head_dim)
+    key, value = heads(self.key(hidden_states), head_dim), heads(self.value(hidden_states), head_dim)
+    if hook.capturing:
+        hook.observe(key, value)
+    if prefix is None:
+        return original()
+    if prefix.gate is not None:
+        context, probs = original()
+        return context + gated_prefix_attention(query, prefix, head_dim**-0.5).flatten(2), probs
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+    output, _ = attend(
+        self,
+        sdpa_attention_forward,
+        prefix,
+        query,
+        key,
+        value,
+        None if attention_mask is None else attention_mask.to(query.dtype),
+        scaling=head_dim**-0.5,
+        dropout=self.dropout.p if self.training else 0.0,
+        is_causal=False,
+    )
+    return output.flatten(2), None
