@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. The tuned model's captions of the test images, next to the zero-shot ones.
     if not main_process:
         return {}
-    results["tuned"] = recipe.score_on_test(TASK, model, processor, data["test"], out, evaluate, "tuned")
+    tuned = recipe.tuned_model(model, config, TASK)  # an FSDP-sharded base is loaded again whole
+    results["tuned"] = recipe.score_on_test(TASK, tuned, processor, data["test"], out, evaluate, "tuned")
     return recipe.report(out, TASK, data["test"], results, trainable, total, seconds)
 
 

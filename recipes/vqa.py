@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. The tuned model on the test questions, next to the zero-shot one.
     if not main_process:
         return {}
-    results["tuned"] = recipe.score_on_test(TASK, model, processor, data["test"], out, evaluate, "tuned")
+    tuned = recipe.tuned_model(model, config, TASK)  # an FSDP-sharded base is loaded again whole
+    results["tuned"] = recipe.score_on_test(TASK, tuned, processor, data["test"], out, evaluate, "tuned")
     return recipe.report(out, TASK, data["test"], results, trainable, total, seconds)
 
 

@@ -24,7 +24,8 @@ from ..data import ImageLoader, read_samples
 from ..data.classification import read_classification
 from ..evaluation.contrastive import classify
 from ..evaluation.report import write_report
-from ..model import PrefixModel
+from ..model import PrefixModel, load_prefix
+from ..training import distributed
 from . import loading
 from .methods import METHODS, for_generation
 
@@ -223,6 +224,15 @@ def evaluated(model: nn.Module) -> tuple[nn.Module, str | None]:
     if isinstance(model, PrefixModel):
         return model, model.active_prefix
     return for_generation(model), None
+
+
+def tuned_model(model: nn.Module, config: dict[str, Any], task: str) -> nn.Module:
+    """The trained model for the main process to score: ``model`` itself, or for a base sharded by FSDP (whose
+    every forward needs all processes) the saved prefix on the base loaded again, whole, in this process."""
+    if not distributed.is_sharded(model):
+        return model
+    base, _ = loading.load_model(config["model"], task)
+    return load_prefix(base, Path(config["output_dir"]) / "prefix")
 
 
 def score_on_test(task: str, model: nn.Module, processor: Any, samples: list, output_dir: Path,

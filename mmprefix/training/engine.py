@@ -13,6 +13,7 @@ what makes the data position resumable.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..model import PrefixModel
-from . import checkpoints
+from . import checkpoints, distributed
 
 
 class TrainingError(RuntimeError):
@@ -55,6 +56,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"  # "no", "fp16" or "bf16"
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard the frozen base across processes (FSDP2); the prefix stays whole on each
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate once, at the end
@@ -126,7 +128,14 @@ def train(
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
     model.train()
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    sharded = distributed.wanted(config.fsdp, accelerator)
+    if sharded:  # sharded by torch's fully_shard, not wrapped by accelerate (see distributed.py)
+        distributed.shard(model, accelerator.device)
+        if accelerator.is_main_process:
+            print(f"FSDP: the frozen base is sharded across {accelerator.num_processes} processes, the prefix whole on each")
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     unwrapped = accelerator.unwrap_model(model)
     checkpoint_dir = out / "checkpoints"
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "samples": 0}
@@ -165,9 +174,12 @@ def train(
             loader = accelerator.skip_first_batches(loader, state["batch_in_epoch"])
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = loss_fn(model, batch)
+                with accelerator.autocast() if sharded else contextlib.nullcontext():
+                    loss = loss_fn(model, batch)
                 _check_finite(loss, state["step"] + 1, accelerator, checkpoint_dir)
                 accelerator.backward(loss)
+                if sharded and accelerator.sync_gradients:
+                    distributed.average_gradients(parameters)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
                 optimizer.step()
@@ -190,7 +202,7 @@ def train(
                 window, window_start = [], time.perf_counter()
             final = step == config.max_steps
             if evaluate is not None and (final or (config.eval_every and step % config.eval_every == 0)):
-                metrics = _evaluate(evaluate, unwrapped, step, state, config, accelerator, save, out)
+                metrics = _evaluate(evaluate, unwrapped, step, state, config, accelerator, save, out, sharded)
             if config.save_every and (step % config.save_every == 0 or final):
                 _save(checkpoint_dir, state, unwrapped, optimizer, scheduler, accelerator, config)
             if final:
@@ -222,12 +234,13 @@ def _check_finite(loss: torch.Tensor, step: int, accelerator: Accelerator, check
     )
 
 
-def _evaluate(evaluate, model, step, state, config, accelerator, save, out: Path) -> dict[str, float]:
+def _evaluate(evaluate, model, step, state, config, accelerator, save, out: Path, sharded: bool) -> dict[str, float]:
     metrics: dict[str, float] = {}
     model.eval()
-    if accelerator.is_main_process:
+    if sharded or accelerator.is_main_process:  # a sharded model needs every process in each forward
         with torch.no_grad():
             metrics = {k: float(v) for k, v in evaluate(model).items()}
+    if accelerator.is_main_process:
         _log(out, {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}, accelerator)
         name = config.metric or next(iter(metrics), None)
         if name is not None:
