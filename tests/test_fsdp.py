@@ -24,6 +24,9 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# README's accelerate config for FSDP
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples" / "fsdp.yaml"),
+              "--num_processes", "2"]
 # A sharded run sums the same gradients in another order (per-process means, then their average); measured
 # differences are ~2e-8 after 10 steps.
 TOLERANCE = 1e-5
@@ -66,11 +69,11 @@ def test_every_family_sharded_gives_the_unsharded_loss_gradients_and_tokens(tmp_
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two processes with the base sharded (gradient checkpointing on), and the same run in this process
-    unsharded: 10 steps of 2 micro-steps."""
+    """Two processes launched with README's accelerate config for FSDP (gradient checkpointing on), and the same
+    run in this process unsharded: 10 steps of 2 micro-steps."""
     folder = tmp_path_factory.mktemp("fsdp")
-    launch([*TORCHRUN, str(HERE / "train_tiny.py"), str(folder / "sharded"), "10", "--dropout", "0", "--accumulate",
-            "2", "--fsdp", "--checkpointing"])
+    launch([*ACCELERATE, str(HERE / "train_tiny.py"), str(folder / "sharded"), "10", "--dropout", "0",
+            "--accumulate", "2", "--checkpointing"])  # sharded because the config says FSDP
     one = build(0.0)
     train(one, Rows(), make_collate(False), tiny_config(str(folder / "one"), 10, accumulate=2))
     return folder, {n: p.detach() for n, p in one.prefixes.named_parameters()}
