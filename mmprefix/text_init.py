@@ -19,6 +19,7 @@ from .architectures import is_open_clip
 from .config import PrefixConfig
 from .data.images import BadImageError
 from .data.images import load_image as read_image
+from .devices import execution_device
 
 GREY = (128, 128, 128)
 
@@ -89,7 +90,7 @@ def captured_keys_values(model: Any, store: Any, processor: Any) -> dict[str, tu
 
 def text_embeddings(embedding: nn.Module, config: PrefixConfig, processor: Any) -> torch.Tensor:
     """Embeddings of ``init_text``'s tokens, cycled to P: a soft prompt's text initialisation."""
-    ids = processor(text=config.init_text, return_tensors="pt")["input_ids"].to(embedding.weight.device)
+    ids = processor(text=config.init_text, return_tensors="pt")["input_ids"].to(execution_device(embedding) or "cpu")
     with torch.no_grad():
         vectors = embedding(ids)[0]
     return vectors[torch.arange(config.num_virtual_tokens) % vectors.shape[0]].float()
