@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate = config["eval"]
 
     # 1. The frozen backbone and the (image, label) data; the class names are what the prompts say.
-    model, processor = loading.load_model(config["model"], TASK)
+    model, processor = loading.load_model(config["model"], TASK, config.get("quantize"))
     data = recipe.load_splits(TASK, config["data"])
     data, classnames = recipe.name_classes(data, config["data"].get("class_names"))
     print(f"{len(data['train'])} training images, {len(data['test'])} test images, {len(classnames)} classes")

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate = config["eval"]
 
     # 1. The frozen language model, its tokenizer and the (prompt, target) data.
-    model, tokenizer = loading.load_model(config["model"], TASK)
+    model, tokenizer = loading.load_model(config["model"], TASK, config.get("quantize"))
     data = recipe.load_splits(TASK, config["data"])
     print(f"{len(data['train'])} training pairs, {len(data['test'])} test prompts")
 

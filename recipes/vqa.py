@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate = config["eval"]
 
     # 1. The frozen backbone and the data.
-    model, processor = loading.load_model(config["model"], TASK)
+    model, processor = loading.load_model(config["model"], TASK, config.get("quantize"))
     data = recipe.load_splits(TASK, config["data"])
     print(f"{len(data['train'])} training questions, {len(data['test'])} test questions")
 

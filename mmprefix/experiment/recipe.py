@@ -231,7 +231,7 @@ def tuned_model(model: nn.Module, config: dict[str, Any], task: str) -> nn.Modul
     every forward needs all processes) the saved prefix on the base loaded again, whole, in this process."""
     if not distributed.is_sharded(model):
         return model
-    base, _ = loading.load_model(config["model"], task)
+    base, _ = loading.load_model(config["model"], task, config.get("quantize"))
     return load_prefix(base, Path(config["output_dir"]) / "prefix")
 
 
