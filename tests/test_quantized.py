@@ -116,3 +116,23 @@ def test_recipes_quantize_the_base_when_asked():
     assert all(is_quantized(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear))
     with pytest.raises(loading.LoadError, match="quantize must be one of"):
         loading.load_model("embedded:lm", "text", quantize="int3")
+
+
+@pytest.mark.parametrize("family", ["llama", "blip_vqa"])
+def test_gradient_checkpointing_on_an_int8_base(family):
+    build, inputs, output = tiny.FAMILIES[family]
+
+    def grads(checkpointing):
+        pm = add_prefix(quantized(build, "int8"), PrefixConfig(num_virtual_tokens=3, init_std=0.5))
+        for module in pm.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if checkpointing:
+            pm.gradient_checkpointing_enable()
+        pm.train()
+        output(pm(**inputs())).float().pow(2).mean().backward()
+        return {n: p.grad for n, p in pm.prefixes.named_parameters()}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
