@@ -74,14 +74,14 @@ def step_times(steps: int, batch_size: int) -> list[dict]:
     return [{"base": name, "weights": models[name][2], "step": statistics.median(times[name])} for name in models]
 
 
-def run_recipe(name: str, scheme: str | None, out: Path) -> dict:
+def run_recipe(name: str, scheme: str | None, out: Path, threads: int) -> dict:
     folder = out / f"{name}-{scheme or 'float32'}"
     command = ["nice", "-n", "5", sys.executable, str(ROOT / "recipes" / f"{name}.py"), "--output-dir", str(folder)]
     if scheme:
         command.append(f"quantize={scheme}")
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                   stdout=subprocess.DEVNULL)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    subprocess.run(command, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = json.loads((folder / "metrics.json").read_text())
     return {"zero_shot": metrics["zero_shot"], "tuned": metrics["tuned"], "seconds": time.perf_counter() - started}
 
@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--recipes", nargs="*", default=[], choices=sorted(RECIPES))
     parser.add_argument("--output-dir", type=Path, default=ROOT / "out" / "bench-quantized")
+    parser.add_argument("--threads", type=int, default=1, help="threads here and in each recipe (default 1: on a "
+                        "shared 2-core machine a second thread's OpenMP waits cost more than it computes)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
 
     rows = step_times(args.steps, args.batch_size)
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.recipes:
         task, metric, goal = RECIPES[name]
         assert metric == PRIMARY_METRIC[task]
-        float32, int8 = run_recipe(name, None, args.output_dir), run_recipe(name, "int8", args.output_dir)
+        float32 = run_recipe(name, None, args.output_dir, args.threads)
+        int8 = run_recipe(name, "int8", args.output_dir, args.threads)
         difference = int8["tuned"][metric] - float32["tuned"][metric]
         print(f"| {name} | {metric} | {float32['zero_shot'][metric]:.2f} / {int8['zero_shot'][metric]:.2f} | "
               f"{float32['tuned'][metric]:.2f} | {int8['tuned'][metric]:.2f} | {difference:+.2f} | within {goal} | "

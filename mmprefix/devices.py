@@ -19,3 +19,9 @@ def execution_device(module: nn.Module) -> torch.device | None:
             if device is not None:
                 return torch.device(device)
     return next((p.device for p in module.parameters() if p.device.type != "meta"), None)
+
+
+def placed_by_hooks(model: nn.Module) -> bool:
+    """Whether accelerate's hooks place ``model``'s weights (dispatched or offloaded): moving it whole with
+    ``.to()`` would fail on its "meta" weights or undo its device map."""
+    return any(hasattr(module, "_hf_hook") for module in model.modules())

@@ -41,3 +41,27 @@ def test_the_gpu_benchmark_runs_at_reduced_size_on_the_cpu():
     assert [r[0] for r in routing] == models
     assert all(float(cell) > 0 for r in routing for cell in r[2:])
     assert re.search(r"\((\d+) s in all\)", output)
+
+
+@pytest.mark.slow
+def test_the_memory_benchmark_runs_at_reduced_size():
+    output = run(ROOT / "benchmarks" / "memory.py", "--reduced")
+    rows = table(output, "| base | weight memory |")
+    assert [r[0] for r in rows] == ["bf16", "int8"]
+    weights = [float(r[1].removesuffix(" GiB")) for r in rows]
+    assert weights[1] < weights[0], "int8 weights take less memory"
+    assert all(float(r[3].removesuffix(" GiB")) >= float(r[2].removesuffix(" GiB")) > 0 for r in rows)
+
+
+def test_quantized_weights_are_counted_as_stored():
+    import torch
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quantized import weight_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 128, bias=False))
+    assert weight_bytes(model) == 256 * 128 * 4
+    quantize_(model, Int8WeightOnlyConfig())
+    # int8 values; per output channel a float32 scale and an int8 zero point
+    assert weight_bytes(model) == 256 * 128 + 128 * (4 + 1)

@@ -149,3 +149,9 @@ def test_a_recipe_launched_as_two_nodes_on_loopback_runs_to_the_end(tmp_path):
 
     model, _ = load_model("embedded:lm", "text")
     load_prefix(model, out / "prefix")
+
+
+def test_deepspeed_is_refused_with_the_way_to_shard(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch --use_deepspeed sets
+    with pytest.raises(ValueError, match="does not train under DeepSpeed.*examples/fsdp.yaml"):
+        train(build(0.0), Rows(), make_collate(False), tiny_config(str(tmp_path), 2))

@@ -146,3 +146,23 @@ def test_a_prefix_lives_on_its_modules_execution_device_not_where_the_weights_wa
     devices = {n: p.device.type for n, p in pm.prefixes.named_parameters()}
     assert devices == {"default.keys.model-layers-0-self_attn": "cpu", "default.values.model-layers-0-self_attn": "cpu",
                        "default.keys.model-layers-1-self_attn": "meta", "default.values.model-layers-1-self_attn": "meta"}
+
+
+def test_the_training_engine_trains_a_prefix_on_a_disk_offloaded_base_like_on_the_whole_base(tmp_path):
+    from mmprefix.training import train
+    from train_tiny import Rows, build, make_collate, tiny_config
+
+    whole = build(0.0)  # tiny GPT-2 with a prefix, dropout off
+    base = tiny.gpt2()
+    for module in base.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    offload = add_prefix(disk_offload(base, tmp_path / "offload", execution_device="cpu"),
+                         PrefixConfig(num_virtual_tokens=4))
+    offload.prefixes.load_state_dict(whole.prefixes.state_dict())
+    for pm, folder in ((whole, "whole"), (offload, "offloaded")):
+        train(pm, Rows(), make_collate(False), tiny_config(str(tmp_path / folder), 6))
+    trained = dict(whole.prefixes.named_parameters())
+    for name, parameter in offload.prefixes.named_parameters():
+        torch.testing.assert_close(parameter, trained[name], rtol=0, atol=0)
+    assert (tmp_path / "offloaded" / "prefix" / "prefix.safetensors").is_file()

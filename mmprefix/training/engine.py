@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from ..devices import placed_by_hooks
 from ..model import PrefixModel
 from . import checkpoints, distributed
 
@@ -117,6 +118,7 @@ def train(
         project_dir=str(out),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    distributed.refuse_deepspeed(accelerator)
     if config.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size {config.batch_size} must divide among {accelerator.num_processes} processes")
     set_seed(config.seed)
@@ -134,8 +136,9 @@ def train(
         if accelerator.is_main_process:
             print(f"FSDP: the frozen base is sharded across {accelerator.num_processes} processes, the prefix whole on each")
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-    else:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:  # a dispatched or offloaded model stays where accelerate's hooks put it
+        placement = [not placed_by_hooks(model), True, True]
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler, device_placement=placement)
     unwrapped = accelerator.unwrap_model(model)
     checkpoint_dir = out / "checkpoints"
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "samples": 0}
