@@ -16,16 +16,6 @@ FAMILIES = ["llama", "blip_vqa", "blip2_opt", "clip"]
 MODES = ["cpu_offload", "disk_offload", "device_map"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine each op's OpenMP start costs more
-    than the op (a tiny Llama forward: 4 ms with one thread, 100 ms with two at load 6)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def offloaded(model, mode, folder):
     if mode == "cpu_offload":
         return cpu_offload(model, execution_device="cpu")

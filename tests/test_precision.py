@@ -12,14 +12,6 @@ from mmprefix.precision import keep_in_float32
 FAMILIES = ["blip2_opt", "blip_vqa", "clip"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: see test_offload.py
-    yield
-    torch.set_num_threads(threads)
-
-
 def loud(family):
     """The tiny model with vision MLP weights scaled up 3000x: its vision activations pass 1e5 (float16 ends at
     65504) while float32 and the rest of the model are unaffected."""

@@ -13,14 +13,6 @@ from mmprefix.experiment import loading
 FAMILIES = ["llama", "blip_vqa", "blip2_opt", "clip"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: see test_offload.py
-    yield
-    torch.set_num_threads(threads)
-
-
 def quantized(build, scheme):
     model = build()
     quantize_(model, loading.QUANTIZATIONS[scheme]())
