@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import peft_compat
-from .architectures import Site, find_sites, prompt_input, select_sites
+from .architectures import Site, find_sites, model_class, prompt_input, select_sites
 from .config import PrefixConfig
 from .files import atomic_write, write_text
 
@@ -104,7 +104,7 @@ def save(directory: str | os.PathLike, model: nn.Module, name: str, store: nn.Mo
         "name": name,
         "prefix_config": saved_config.to_dict(),
         "model": {
-            "architecture": type(model).__name__,
+            "architecture": model_class(model).__name__,
             "model_type": getattr(config, "model_type", None),
             "name_or_path": getattr(config, "_name_or_path", None) or None,
         },

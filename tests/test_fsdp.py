@@ -100,6 +100,8 @@ def test_sharded_training_saves_only_the_prefix(runs):
     trainable = checkpoints.read_part(latest, "trainable")
     assert sorted(trainable) == sorted(f"prefixes.{k}" for k in reference)
     assert checkpoints.read_part(latest, "state")["processes"] == 2
+    meta = json.loads((runs / "sharded" / "prefix" / "prefix_config.json").read_text())
+    assert meta["model"]["architecture"] == "GPT2LMHeadModel", "the model's own class, not FSDP's subclass"
 
 
 @pytest.mark.slow
