@@ -97,10 +97,15 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def model_class(model: nn.Module) -> type:
+    """The model's own class, not the subclass a distributed wrapper made of it (FSDP2's ``FSDP<Class>``)."""
+    return next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed"))
+
+
 def is_open_clip(model: nn.Module) -> bool:
     """Whether ``model`` (or the model inside its wrappers) is an open_clip model: ``forward(image, text)``,
     ``encode_image``/``encode_text``, a ``(tokenizer, preprocess)`` pair instead of a processor."""
-    return type(unwrap(model)).__module__.split(".")[0] == "open_clip"
+    return model_class(unwrap(model)).__module__.split(".")[0] == "open_clip"
 
 
 def attention_route(module: nn.Module) -> str | None:

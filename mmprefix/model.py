@@ -16,6 +16,7 @@ from . import routing, saving, text_init
 from .architectures import Site, check_reachable, family_of, find_sites, is_open_clip, select_sites
 from .attention import Prefix, install, uninstall
 from .config import PrefixConfig
+from .devices import execution_device
 from .peft_compat import shifted_positions
 from .prompt import PromptStore, SoftPrompts, remove_placeholders
 from .routing import ACTIVE, Call, Routing
@@ -191,8 +192,9 @@ class PrefixModel(nn.Module):
         return flat
 
     def _devices(self, sites: list[Site]) -> dict[str, torch.device | None]:
-        """Each site's parameters live where its attention module does (models spread over devices)."""
-        return {site.name: _module_device(self.base_model.get_submodule(site.name)) for site in sites}
+        """Each site's parameters live where its attention module computes (models spread over devices, or
+        offloaded: see `devices.execution_device`)."""
+        return {site.name: execution_device(self.base_model.get_submodule(site.name)) for site in sites}
 
     # -- routing ----------------------------------------------------------------------------------------
     def _route(self, call: Call) -> str | None | Routing:
@@ -356,12 +358,6 @@ class PrefixModel(nn.Module):
         store = self._new_store(name, config, sites)
         store.load_tensors(tensors)
         return store
-
-
-def _module_device(module: nn.Module) -> torch.device | None:
-    for tensor in module.parameters():
-        return tensor.device if tensor.device.type != "meta" else None
-    return None
 
 
 def add_prefix(

@@ -17,6 +17,7 @@ from torch import nn
 
 from .architectures import PromptInput, prompt_input
 from .config import PrefixConfig
+from .devices import execution_device
 from .routing import Routing
 
 
@@ -61,8 +62,7 @@ class SoftPrompts:
 
     def new_store(self, config: PrefixConfig) -> PromptStore:
         embedding = self.where.embedding
-        device = next((p.device for p in embedding.parameters() if p.device.type != "meta"), None)
-        return PromptStore(config, embedding.embedding_dim, device)
+        return PromptStore(config, embedding.embedding_dim, execution_device(embedding))
 
     def remove(self) -> None:
         self._hook.remove()

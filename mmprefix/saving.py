@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import peft_compat, typed
-from .architectures import Site, find_sites, prompt_input, select_sites
+from .architectures import Site, find_sites, model_class, prompt_input, select_sites
 from .config import PrefixConfig
 from .files import (atomic_write, load_finite, locked_folder, parse_json_object, read_json, remove_stale_temporaries,
                     safetensors_header, write_text)
@@ -251,7 +251,7 @@ def save(directory: str | os.PathLike, model: nn.Module, name: str, store: nn.Mo
         "name": name,
         "prefix_config": saved_config.to_dict(),
         "model": {
-            "architecture": type(model).__name__,
+            "architecture": model_class(model).__name__,
             "model_type": getattr(config, "model_type", None),
             "name_or_path": getattr(config, "_name_or_path", None) or None,
         },

@@ -21,6 +21,7 @@ from .config import PrefixConfig
 from .data.images import BadImageError
 from .data.formatting import chat_prompt
 from .data.images import load_image as read_image
+from .devices import execution_device
 
 GREY = (128, 128, 128)
 
@@ -124,7 +125,7 @@ def is_open_clip_processor(processor: Any) -> bool:
 
 def text_embeddings(embedding: nn.Module, config: PrefixConfig, processor: Any) -> torch.Tensor:
     """Embeddings of ``init_text``'s tokens, cycled to P: a soft prompt's text initialisation."""
-    ids = processor(text=config.init_text, return_tensors="pt")["input_ids"].to(embedding.weight.device)
+    ids = processor(text=config.init_text, return_tensors="pt")["input_ids"].to(execution_device(embedding) or "cpu")
     with torch.no_grad():
         vectors = embedding(ids)[0]
     return vectors[torch.arange(config.num_virtual_tokens) % vectors.shape[0]].float()

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate = config.eval
 
     # 1. The frozen backbone and the (image, label) data; the class names are what the prompts say.
-    model, processor = loading.load_model(config.model, TASK)
+    model, processor = loading.load_model(config.model, TASK, config.quantize)
     data = recipe.load_splits(TASK, config.data)
     data, classnames = recipe.name_classes(data, config.data.class_names)
     print(f"{len(data['train'])} training images, {len(data['test'])} test images, {len(classnames)} classes")
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. The tuned model on the test images, next to the zero-shot one.
     if not main_process:
         return {}
-    results["tuned"] = recipe.score_on_test(TASK, model, processor, data["test"], out, evaluate, "tuned",
+    tuned = recipe.tuned_model(model, config, TASK, trained["saved"])  # an FSDP-sharded base is loaded again whole
+    results["tuned"] = recipe.score_on_test(TASK, tuned, processor, data["test"], out, evaluate, "tuned",
                                             classnames=classnames)
     return recipe.report(out, TASK, config, data["test"], results, trained, dataset, trainable, total, seconds)
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate = config.eval
 
     # 1. The frozen language model, its tokenizer and the (prompt, target) data.
-    model, tokenizer = loading.load_model(config.model, TASK)
+    model, tokenizer = loading.load_model(config.model, TASK, config.quantize)
     data = recipe.load_splits(TASK, config.data)
     print(f"{len(data['train'])} training pairs, {len(data['test'])} test prompts")
 
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. The tuned model on the test prompts, next to the zero-shot one.
     if not main_process:
         return {}
-    results["tuned"] = recipe.score_on_test(TASK, model, tokenizer, data["test"], out, evaluate, "tuned")
+    tuned = recipe.tuned_model(model, config, TASK, trained["saved"])  # an FSDP-sharded base is loaded again whole
+    results["tuned"] = recipe.score_on_test(TASK, tuned, tokenizer, data["test"], out, evaluate, "tuned")
     return recipe.report(out, TASK, config, data["test"], results, trained, dataset, trainable, total, seconds)
 
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     evaluate = config.eval
 
     # 1. The frozen backbone and the data.
-    model, processor = loading.load_model(config.model, TASK)
+    model, processor = loading.load_model(config.model, TASK, config.quantize)
     data = recipe.load_splits(TASK, config.data)
     print(f"{len(data['train'])} training questions, {len(data['test'])} test questions")
 
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. The tuned model on the test questions, next to the zero-shot one.
     if not main_process:
         return {}
-    results["tuned"] = recipe.score_on_test(TASK, model, processor, data["test"], out, evaluate, "tuned")
+    tuned = recipe.tuned_model(model, config, TASK, trained["saved"])  # an FSDP-sharded base is loaded again whole
+    results["tuned"] = recipe.score_on_test(TASK, tuned, processor, data["test"], out, evaluate, "tuned")
     return recipe.report(out, TASK, config, data["test"], results, trained, dataset, trainable, total, seconds)
 
 

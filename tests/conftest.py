@@ -5,7 +5,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import the tiny-model factories as `tiny`
-torch.set_num_threads(2)
+# One thread: the tiny models gain nothing from a second one, and on this shared 2-core machine each op's OpenMP
+# start then costs more than the op (test_attention + test_generate at load 8: 144 s with two threads, 33 s with one).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,9 @@
 """A tiny training run for the engine tests, started as its own process (killed, resumed, or launched on two
-processes): python tests/train_tiny.py OUTPUT_DIR STEPS [--resume] [--slow] [--accumulate N]."""
+processes, sharded with --fsdp): python tests/train_tiny.py OUTPUT_DIR STEPS [--resume] [--slow] [--accumulate N]
+[--fsdp] [--checkpointing]."""
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -14,6 +16,7 @@ import tiny  # noqa: E402
 
 from mmprefix import PrefixConfig, add_prefix  # noqa: E402
 from mmprefix.training import TrainConfig, TrainingInterrupted, train  # noqa: E402
+from mmprefix.training.distributed import local_parameter_bytes  # noqa: E402
 
 
 class Rows(torch.utils.data.Dataset):
@@ -45,6 +48,11 @@ def build(dropout: float):
     return add_prefix(model, PrefixConfig(num_virtual_tokens=4))
 
 
+def tiny_config(output_dir: str, steps: int, accumulate: int = 1, **options) -> TrainConfig:
+    return TrainConfig(output_dir=output_dir, max_steps=steps, batch_size=4, learning_rate=1e-2, save_every=4,
+                       log_every=2, gradient_accumulation_steps=accumulate, plot=False, **options)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
@@ -53,18 +61,24 @@ def main():
     parser.add_argument("--slow", action="store_true")
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true")
     args = parser.parse_args()
     pm = build(args.dropout)
-    config = TrainConfig(output_dir=args.output_dir, max_steps=args.steps, batch_size=4, learning_rate=1e-2,
-                         save_every=4, resume=args.resume, log_every=2, gradient_accumulation_steps=args.accumulate,
-                         plot=False)
+    whole = local_parameter_bytes(pm.base_model)
+    config = tiny_config(args.output_dir, args.steps, args.accumulate, resume=args.resume, fsdp=args.fsdp,
+                         gradient_checkpointing=args.checkpointing)
     try:
         train(pm, Rows(), make_collate(args.slow), config)
     except TrainingInterrupted as stopped:  # SIGTERM / SIGINT: a checkpoint was saved
         print(stopped, file=sys.stderr)
         sys.exit(128 + stopped.signal_number)
+    rank = os.environ.get("RANK", "0")
     weights = {n: p.detach().contiguous() for n, p in pm.prefixes.named_parameters()}
-    save_file(weights, os.path.join(args.output_dir, f"final-rank{os.environ.get('RANK', '0')}.safetensors"))
+    save_file(weights, os.path.join(args.output_dir, f"final-rank{rank}.safetensors"))
+    memory = {"whole": whole, "local": local_parameter_bytes(pm.base_model)}
+    with open(os.path.join(args.output_dir, f"memory-rank{rank}.json"), "w") as f:
+        json.dump(memory, f)
 
 
 if __name__ == "__main__":

@@ -48,22 +48,37 @@ ROUTES: dict[str, Route] = {
 }
 
 
+def _forward_slot(module: nn.Module) -> str:
+    """Where a module's own forward code is called from: accelerate's hooks (``device_map``, offloading) wrap
+    ``forward`` and call the code they wrapped as ``_old_forward``, after bringing the weights in."""
+    return "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+
+
 def install(module: nn.Module, site: Site, source: PrefixSource) -> None:
     """Give ``module`` a prefix route; ``uninstall`` restores it exactly."""
     if hasattr(module, "_mmprefix"):
         raise ValueError(f"{site.name} already carries an mmprefix prefix; call remove_prefix() on its PrefixModel first")
     route = ROUTES[site.route]
     route.check(module)
+    replaced = None
     if route.forward is None:
         module.config = PrefixedConfig(module.config)
     else:
-        module.forward = MethodType(route.forward, module)
-    module._mmprefix = SiteHook(site, source, module)
+        slot = _forward_slot(module)
+        replaced = module.__dict__.get(slot)  # None: the class's forward
+        setattr(module, slot, MethodType(route.forward, module))
+    module._mmprefix = SiteHook(site, source, module, replaced)
 
 
 def uninstall(module: nn.Module) -> None:
     hook: SiteHook = module.__dict__.pop("_mmprefix")
-    if ROUTES[hook.site.route].forward is None:
+    route = ROUTES[hook.site.route]
+    if route.forward is None:
         module.config = module.config.config
-    else:
+        return
+    # accelerate may have hooked the module since install: the route then sits in _old_forward
+    slot = next(s for s in ("forward", "_old_forward") if getattr(module.__dict__.get(s), "__func__", None) is route.forward)
+    if slot == "forward" and hook.replaced is None:
         del module.forward
+    else:
+        setattr(module, slot, hook.replaced or MethodType(type(module).forward, module))

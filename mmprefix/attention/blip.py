@@ -14,11 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .mechanism import attend, gated_prefix_attention, heads
+from .mechanism import attend, gated_prefix_attention, heads, project
 
 
 def vision_attention(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
@@ -36,7 +35,7 @@ def vision_attention(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[
     if prefix.gate is not None:
         output, weights = type(self).forward(self, hidden_states, **kwargs)
         gated = gated_prefix_attention(query, prefix, self.scale).reshape(batch, length, width)
-        return output + nn.functional.linear(gated, self.projection.weight), weights
+        return output + project(self.projection, gated), weights
     output, _ = attend(
         self,
         sdpa_attention_forward,

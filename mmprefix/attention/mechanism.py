@@ -19,6 +19,7 @@ import sys
 from typing import Any, Callable, NamedTuple, Protocol
 
 import torch
+from accelerate.utils import align_module_device
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -76,9 +77,10 @@ class SiteHook:
     """What an attention module carries while it has a prefix: its site, where to find the current prefix,
     and how to reach its original attention."""
 
-    def __init__(self, site: Site, source: PrefixSource, module: nn.Module) -> None:
+    def __init__(self, site: Site, source: PrefixSource, module: nn.Module, replaced: Callable | None = None) -> None:
         self.site = site
         self.source = source
+        self.replaced = replaced  # the forward a replacement route took the place of (None: the class's own)
         # "eager" is not in the global registry: each modeling file has its own eager function.
         modeling = sys.modules.get(type(module).__module__)
         self.eager = getattr(modeling, "eager_attention_forward", sdpa_attention_forward)
@@ -260,6 +262,13 @@ def prefixed_attention(
 
 
 AttentionInterface.register(ATTENTION_NAME, prefixed_attention)
+
+
+def project(linear: nn.Linear, states: torch.Tensor) -> torch.Tensor:
+    """``states @ linear.weight.T`` without the bias, for a gated prefix's output; the weight is brought in
+    where accelerate offloads it (outside its own forward it is on the "meta" device)."""
+    with align_module_device(linear):
+        return nn.functional.linear(states, linear.weight)
 
 
 def heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:

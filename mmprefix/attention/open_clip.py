@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .mechanism import attend, gated_prefix_attention, heads
+from .mechanism import attend, gated_prefix_attention, heads, project
 
 
 def check_mha(module: nn.MultiheadAttention) -> None:
@@ -91,7 +91,7 @@ def mha_attention(
         return original()
     if prefix.gate is not None:
         output, weights = original()
-        gated = F.linear(gated_prefix_attention(q, prefix, None).flatten(2), self.out_proj.weight)
+        gated = project(self.out_proj, gated_prefix_attention(q, prefix, None).flatten(2))
         return output + (gated if self.batch_first else gated.transpose(0, 1)), weights
     mask = additive_mask(attn_mask, key_padding_mask, q.shape[0], self.num_heads, q.dtype)
     output, _ = attend(
@@ -121,7 +121,7 @@ def open_clip_attention(self, x: torch.Tensor, attn_mask: torch.Tensor | None = 
         gated = gated_prefix_attention(q, prefix, self.scale)
         if self.head_scale is not None:
             gated = gated * self.head_scale.transpose(0, 1)
-        return type(self).forward(self, x, attn_mask) + F.linear(gated.flatten(2), self.out_proj.weight)
+        return type(self).forward(self, x, attn_mask) + project(self.out_proj, gated.flatten(2))
     mask = None
     if attn_mask is not None:
         mask = _additive(attn_mask, q.dtype)

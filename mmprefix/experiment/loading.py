@@ -16,13 +16,50 @@ class LoadError(ValueError):
 EMBEDDED_HEADS = {"vqa": "vqa", "caption": "caption"}  # the BLIP backbone's head per task
 
 
-def load_model(spec: str, task: str) -> tuple[Any, Any]:
-    """``(model, processor)`` in eval mode from a model spec; a missing checkpoint is a LoadError."""
+def load_model(spec: str, task: str, quantize: str | None = None) -> tuple[Any, Any]:
+    """``(model, processor)`` in eval mode from a model spec, its linear weights quantized if asked (see
+    `quantize_weights`); a missing checkpoint is a LoadError."""
     if spec.startswith("embedded:"):
-        return load_embedded(spec, task)
-    if spec.startswith("open_clip:"):
-        return load_open_clip(spec)
-    return load_transformers(spec, task)
+        model, processor = load_embedded(spec, task)
+    elif spec.startswith("open_clip:"):
+        model, processor = load_open_clip(spec)
+    else:
+        model, processor = load_transformers(spec, task)
+    return quantize_weights(model, quantize), processor
+
+
+def quantize_weights(model: Any, scheme: str | None) -> Any:
+    """``model`` with the weights of its linear layers quantized in place by torchao (a frozen base for prefix
+    tuning: activations and the prefix stay in floating point). ``"int8"``: Int8WeightOnlyConfig, one scale
+    per output channel. ``"int4"``: IntxWeightOnlyConfig, int4 values with one scale per 32 weights, stored one
+    per byte (torchao's packed Int4WeightOnlyConfig needs a GPU). None: unchanged."""
+    if scheme is None:
+        return model
+    if scheme not in QUANTIZATIONS:
+        raise LoadError(f"quantize must be one of {sorted(QUANTIZATIONS)} or unset, got {scheme!r}")
+    try:
+        from torchao.quantization import quantize_
+    except ImportError:
+        raise LoadError(f"quantize={scheme!r} needs torchao: pip install torchao") from None
+    quantize_(model, QUANTIZATIONS[scheme]())
+    return model
+
+
+def _int8() -> Any:
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return Int8WeightOnlyConfig()
+
+
+def _int4() -> Any:
+    import torch
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+
+
+QUANTIZATIONS = {"int8": _int8, "int4": _int4}  # scheme -> torchao config
 
 
 def load_embedded(spec: str, task: str) -> tuple[Any, Any]:

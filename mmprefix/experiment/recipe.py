@@ -21,8 +21,8 @@ from ..data import ImageLoader, NoReadableImages, read_samples
 from ..data.classification import read_classification
 from ..evaluation.contrastive import classify
 from ..evaluation.report import write_report
-from ..model import PrefixModel
-from ..training import lock
+from ..model import PrefixModel, load_prefix
+from ..training import distributed, lock
 from . import loading
 from .methods import for_generation
 from .settings import DataSettings, EvalSettings, RecipeSettings
@@ -153,6 +153,15 @@ def evaluated(model: nn.Module) -> tuple[nn.Module, str | None]:
     if isinstance(model, PrefixModel):
         return model, model.active_prefix
     return for_generation(model), None
+
+
+def tuned_model(model: nn.Module, settings: RecipeSettings, task: str, saved: str | os.PathLike) -> nn.Module:
+    """The trained model for the main process to score: ``model`` itself, or for a base sharded by FSDP (whose
+    every forward needs all processes) the ``saved`` prefix on the base loaded again, whole, in this process."""
+    if not distributed.is_sharded(model):
+        return model
+    base, _ = loading.load_model(settings.model, task, settings.quantize)
+    return load_prefix(base, saved)
 
 
 def score_on_test(task: str, model: nn.Module, processor: Any, samples: list, output_dir: Path,

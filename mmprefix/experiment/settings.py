@@ -326,6 +326,7 @@ class RecipeSettings:
 
     model: str
     method: str = "prefix"
+    quantize: str | None = None  # "int8" or "int4": the frozen base's linear weights, through torchao
     output_dir: str = "out/{method}"
     prefix: PrefixOptions = field(default_factory=PrefixOptions)
     prompt: PromptOptions = field(default_factory=PromptOptions)
@@ -338,6 +339,8 @@ class RecipeSettings:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.quantize not in (None, "int8", "int4"):
+            raise ValueError(f"quantize must be int8, int4 or unset, got {self.quantize!r}")
         self.output_dir = self.output_dir.replace("{method}", self.method)
 
     def method_options(self) -> Any:

@@ -37,6 +37,7 @@ class TrainSettings:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"  # "no", "fp16" or "bf16"
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # shard the frozen base across processes (FSDP2); the prefix stays whole on each
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate once, at the end

@@ -37,9 +37,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from ..devices import placed_by_hooks
 from ..files import write_text
 from ..model import PrefixModel
-from . import checkpoints, lock
+from . import checkpoints, distributed, lock
 from .config import TrainConfig, TrainingError, TrainingInterrupted
 
 
@@ -112,6 +113,7 @@ def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save
         project_dir=str(out),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    distributed.refuse_deepspeed(accelerator)
     if config.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size {config.batch_size} must divide among {accelerator.num_processes} processes")
     set_seed(config.seed)
@@ -123,7 +125,15 @@ def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
     model.train()
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    sharded = distributed.wanted(config.fsdp, accelerator)
+    if sharded:  # sharded by torch's fully_shard, not wrapped by accelerate (see distributed.py)
+        distributed.shard(model, accelerator.device)
+        if accelerator.is_main_process:
+            print(f"FSDP: the frozen base is sharded across {accelerator.num_processes} processes, the prefix whole on each")
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:  # a dispatched or offloaded model stays where accelerate's hooks put it
+        placement = [not placed_by_hooks(model), True, True]
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler, device_placement=placement)
     unwrapped = accelerator.unwrap_model(model)
     checkpoint_dir = out / "checkpoints"
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "samples": 0}
@@ -161,9 +171,12 @@ def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save
             loader = accelerator.skip_first_batches(loader, state["batch_in_epoch"])
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = loss_fn(model, batch)
+                with accelerator.autocast() if sharded else contextlib.nullcontext():
+                    loss = loss_fn(model, batch)
                 _refuse_non_finite("loss", loss.detach().float()[None], state["step"] + 1, accelerator, config)
                 accelerator.backward(loss)
+                if sharded and accelerator.sync_gradients:
+                    distributed.average_gradients(parameters)
                 if accelerator.sync_gradients:
                     _check_gradients(parameters, state["step"] + 1, accelerator, config)
                 optimizer.step()
@@ -186,7 +199,7 @@ def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save
                 window, window_start = [], time.perf_counter()
             final = step == config.max_steps
             if evaluate is not None and (final or (config.eval_every and step % config.eval_every == 0)):
-                metrics = _evaluate(evaluate, unwrapped, step, state, config, accelerator, save, out)
+                metrics = _evaluate(evaluate, unwrapped, step, state, config, accelerator, save, out, sharded)
             saved_now = bool(config.save_every) and (step % config.save_every == 0 or final)
             if saved_now:
                 _save(checkpoint_dir, state, unwrapped, optimizer, scheduler, accelerator, config, settings)
@@ -347,12 +360,13 @@ def _check_gradients(parameters: list[nn.Parameter], step: int, accelerator: Acc
                            config)
 
 
-def _evaluate(evaluate, model, step, state, config, accelerator, save, out: Path) -> dict[str, float]:
+def _evaluate(evaluate, model, step, state, config, accelerator, save, out: Path, sharded: bool) -> dict[str, float]:
     metrics: dict[str, float] = {}
     model.eval()
-    if accelerator.is_main_process:
+    if sharded or accelerator.is_main_process:  # a sharded model needs every process in each forward
         with torch.no_grad():
             metrics = {k: float(v) for k, v in evaluate(model).items()}
+    if accelerator.is_main_process:
         _log(out, {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}, accelerator)
         name = config.metric or next(iter(metrics), None)
         if name is not None:
