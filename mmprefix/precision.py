@@ -25,7 +25,8 @@ def keep_in_float32(model: nn.Module, towers: Sequence[str] = ("vision",)) -> No
     they compute outside autocast on float32 inputs, and their outputs go back to the dtype their weights had
     (what the next module expects)."""
     base = unwrap(model)
-    layout = [(prefix, tower) for prefix, tower in tower_layout(base) or () if prefix]
+    found = tower_layout(base)
+    layout = [(prefix, tower) for prefix, tower in (found.towers if found else ()) if prefix]
     for tower in towers:
         prefix = next((p for p, t in layout if t == tower), None)
         if prefix is None:

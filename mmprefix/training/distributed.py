@@ -46,12 +46,14 @@ def wanted(fsdp: bool, accelerator: Accelerator) -> bool:
     return accelerator.num_processes > 1 and (fsdp or plugin)
 
 
-def refuse_deepspeed(accelerator: Accelerator) -> None:
+def refuse_deepspeed() -> None:
     """DeepSpeed is refused. ZeRO-3 partitions every parameter, the prefix too, and gathers a partition only
     around its own module's forward, while attention modules read the prefix (tried with deepspeed 0.19.8 on
     CPU: the prefix arrives empty); ZeRO-1 and -2 shard optimizer state and gradients, which a frozen base has
-    none of. (With ``cpu=True`` accelerate would ignore DeepSpeed and run plain data parallelism.)"""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+    none of. (With ``cpu=True`` accelerate would ignore DeepSpeed and run plain data parallelism.) Checked before
+    the `Accelerator` is built: ``accelerate launch`` asks for DeepSpeed through the environment, and building one
+    without deepspeed installed would fail first, with an error that does not say what to do instead."""
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         raise ValueError(
             "mmprefix does not train under DeepSpeed: ZeRO-3 would partition the prefix too, and ZeRO-1/2 save "
             "nothing on a frozen base. Shard the base with FSDP instead: accelerate launch --config_file "

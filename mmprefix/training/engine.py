@@ -102,6 +102,7 @@ def train(
 def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save, settings,
            stop: StopSignals) -> dict[str, Any]:
     out = Path(config.output_dir)
+    distributed.refuse_deepspeed()
     # One process may train several times (comparisons, tests): each run sets its own mixed precision.
     AcceleratorState._reset_state()
     accelerator = Accelerator(
@@ -113,7 +114,6 @@ def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save
         project_dir=str(out),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    distributed.refuse_deepspeed(accelerator)
     if config.batch_size % accelerator.num_processes:
         raise ValueError(f"batch_size {config.batch_size} must divide among {accelerator.num_processes} processes")
     set_seed(config.seed)
