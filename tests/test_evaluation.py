@@ -211,6 +211,7 @@ def test_vqa_scores_are_the_official_metrics():
     assert report.primary_metric("vqa", {"r": {"metrics": only_gqa}}) == "exact_match"
 
 
+@pytest.mark.slow  # seconds of subprocesses or a JVM: the slow suite (CI runs it too)
 def test_text_and_caption_scores_and_official_formats():
     texts = [TextSample("a", "p", "the circle is red"), TextSample("b", "p", "the square is blue")]
     predictions = {"a": "The circle is red.", "b": "the square is green"}

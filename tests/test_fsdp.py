@@ -79,6 +79,7 @@ def runs(tmp_path_factory):
     return folder, {n: p.detach() for n, p in one.prefixes.named_parameters()}
 
 
+@pytest.mark.slow  # seconds of subprocesses or a JVM: the slow suite (CI runs it too)
 def test_sharded_training_matches_one_process_with_half_the_base_per_process(runs):
     runs, one = runs
     rank0, rank1 = final(runs / "sharded", 0), final(runs / "sharded", 1)
@@ -91,6 +92,7 @@ def test_sharded_training_matches_one_process_with_half_the_base_per_process(run
         assert memory["local"] <= 0.55 * memory["whole"], memory
 
 
+@pytest.mark.slow  # seconds of subprocesses or a JVM: the slow suite (CI runs it too)
 def test_sharded_training_saves_only_the_prefix(runs):
     runs, _ = runs
     saved = load_prefix(tiny.gpt2(), runs / "sharded" / "prefix")

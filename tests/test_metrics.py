@@ -261,6 +261,7 @@ def caption_results():
     return ours, _pycocoevalcap_reference(_CAP_PRED, _CAP_REFS), downloads
 
 
+@pytest.mark.slow  # seconds of subprocesses or a JVM: the slow suite (CI runs it too)
 def test_caption_metrics_match_pycocoevalcap(caption_results):
     ours, ref, _ = caption_results
     assert _CAP_KEYS <= set(ours)
@@ -271,6 +272,7 @@ def test_caption_metrics_match_pycocoevalcap(caption_results):
     assert ours["CIDEr"] > 0
 
 
+@pytest.mark.slow  # shares the JVM fixture above
 def test_caption_metrics_spice_reported_not_downloaded(caption_results):
     ours, _, downloads = caption_results
     assert downloads == []
@@ -296,6 +298,7 @@ def test_spice_detection_without_corenlp_jars(tmp_path, monkeypatch):
     assert "java" in metrics._spice_unavailable_reason()
 
 
+@pytest.mark.slow  # seconds of subprocesses or a JVM: the slow suite (CI runs it too)
 def test_caption_metrics_empty_captions_and_no_spice():
     preds = {1: "", 2: "...", 3: "a dog\r\non the grass", 4: "a cat"}
     refs = {1: ["a man riding a horse", ""], 2: ["a bowl of fruit"],

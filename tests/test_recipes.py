@@ -286,6 +286,7 @@ def test_offline_an_uncached_open_clip_checkpoint_is_refused_before_any_download
         loading.load_model("open_clip:ViT-B-32:laion2b_s34b_b79k", "classification")
 
 
+@pytest.mark.slow  # seconds of subprocesses or a JVM: the slow suite (CI runs it too)
 def test_two_processes_with_accelerate_launch(stand_ins, tmp_path):
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

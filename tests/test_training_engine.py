@@ -63,6 +63,7 @@ def wait_for(condition, process, what):
         time.sleep(0.01)
 
 
+@pytest.mark.slow  # seconds of subprocesses or a JVM: the slow suite (CI runs it too)
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_a_run_killed_with_sigkill_and_resumed_ends_like_an_uninterrupted_run(tmp_path, accumulate, uninterrupted):
     killed = tmp_path / "killed"
@@ -217,6 +218,7 @@ def test_resume_on_an_empty_folder_says_it_starts_fresh(tmp_path, capsys):
     assert f"--resume: no checkpoint in {tmp_path / 'checkpoints'}; starting fresh" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # seconds of subprocesses or a JVM: the slow suite (CI runs it too)
 def test_two_processes_keep_ranks_identical_and_match_one_process(tmp_path):
     subprocess.run([sys.executable, SCRIPT, str(tmp_path / "one"), "10", "--dropout", "0"], check=True,
                    capture_output=True)
