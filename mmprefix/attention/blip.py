@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import EncoderDecoderCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .mechanism import attend, gated_prefix_attention, heads, project
+from .mechanism import gated_prefix_attention, heads, project, sdpa_with_prefix
 
 
 def vision_attention(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
@@ -36,18 +35,7 @@ def vision_attention(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[
         output, weights = type(self).forward(self, hidden_states, **kwargs)
         gated = gated_prefix_attention(query, prefix, self.scale).reshape(batch, length, width)
         return output + project(self.projection, gated), weights
-    output, _ = attend(
-        self,
-        sdpa_attention_forward,
-        prefix,
-        query,
-        key,
-        value,
-        None,
-        scaling=self.scale,
-        dropout=self.dropout.p if self.training else 0.0,
-        is_causal=False,
-    )
+    output = sdpa_with_prefix(self, prefix, query, key, value, None, self.scale)
     return self.projection(output.reshape(batch, length, width)), None
 
 
@@ -105,16 +93,5 @@ def text_attention(
             if is_cross and isinstance(cache, EncoderDecoderCache):
                 cache.is_updated[self.layer_idx] = True
 
-    output, _ = attend(
-        self,
-        sdpa_attention_forward,
-        prefix,
-        query,
-        key,
-        value,
-        None if mask is None else mask.to(query.dtype),
-        scaling=head_dim**-0.5,
-        dropout=self.dropout.p if self.training else 0.0,
-        is_causal=False,
-    )
+    output = sdpa_with_prefix(self, prefix, query, key, value, mask, head_dim**-0.5)
     return output.flatten(2), None

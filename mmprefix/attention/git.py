@@ -13,9 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .mechanism import attend, gated_prefix_attention, heads
+from .mechanism import gated_prefix_attention, heads, sdpa_with_prefix
 
 
 def text_attention(
@@ -42,16 +41,5 @@ def text_attention(
         return context + gated_prefix_attention(query, prefix, head_dim**-0.5).flatten(2), probs
     if cache is not None:
         key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-    output, _ = attend(
-        self,
-        sdpa_attention_forward,
-        prefix,
-        query,
-        key,
-        value,
-        None if attention_mask is None else attention_mask.to(query.dtype),
-        scaling=head_dim**-0.5,
-        dropout=self.dropout.p if self.training else 0.0,
-        is_causal=False,
-    )
+    output = sdpa_with_prefix(self, prefix, query, key, value, attention_mask, head_dim**-0.5)
     return output.flatten(2), None

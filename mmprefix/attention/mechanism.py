@@ -228,6 +228,25 @@ def attend(
     return attention(module, query, key, value, attention_mask, **kwargs)
 
 
+def sdpa_with_prefix(module: nn.Module, prefix: Prefix, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """For the hand-written attentions (BLIP, GIT, open_clip): SDPA over ``[prefix; keys]`` with the module's
+    additive ``mask``, its dropout while training; the output in ``(batch, length, heads, head_dim)``."""
+    output, _ = attend(
+        module,
+        sdpa_attention_forward,
+        prefix,
+        query,
+        key,
+        value,
+        None if mask is None else mask.to(query.dtype),
+        scaling=scaling,
+        dropout=module.dropout.p if module.training else 0.0,
+        is_causal=False,
+    )
+    return output
+
+
 def gated_prefix_attention(query: torch.Tensor, prefix: Prefix, scaling: float | None) -> torch.Tensor:
     """``tanh(gate) * softmax(q Kp^T * scale) Vp``, normalised over the prefix slots alone (LLaMA-Adapter);
     ``[B, T, heads, head_dim]`` like an attention function's output. Rows that see no slot get zero."""

@@ -167,10 +167,9 @@ def pretrain_blip(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, di
     return model, processor, evaluate_vision_language(model, joint.caption.eval(), processor, root, verify=True)
 
 
-def pretrain_blip2(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, dict[str, float]]:
-    processor = blip2_processor()
-    model = blip2_model()
-    data = world_samples(root, "train")
+def question_and_caption_batches(model: nn.Module, processor: Any, data: dict) -> Any:
+    """A collate function: each batch of question rows gives a VQA batch and a caption batch of the same images
+    (their first caption), for `PromptedLoss`."""
     images = images_of(data["captions"])
     caption_of = {s.image: s.captions[0] for s in data["captions"]}
 
@@ -181,6 +180,14 @@ def pretrain_blip2(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, d
             formatting.caption_batch(model, processor, pictures, [caption_of[r.image] for r in rows]),
         ]
 
+    return collate
+
+
+def pretrain_blip2(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, dict[str, float]]:
+    processor = blip2_processor()
+    model = blip2_model()
+    data = world_samples(root, "train")
+    collate = question_and_caption_batches(model, processor, data)
     train(PromptedLoss(model), Rows(data["vqa"]), collate, _config(out, steps, 1e-3), loss_fn=lambda m, b: m(b),
           save=_no_save)
     model.eval()
@@ -194,16 +201,7 @@ def pretrain_llava(root: Path, out: Path, steps: int) -> tuple[nn.Module, Any, d
     model = llava_model()
     model.model.vision_tower.requires_grad_(False)
     data = world_samples(root, "train")
-    images = images_of(data["captions"])
-    caption_of = {s.image: s.captions[0] for s in data["captions"]}
-
-    def collate(rows: list) -> list[dict]:
-        pictures = [images[r.image] for r in rows]
-        return [
-            formatting.vqa_batch(model, processor, pictures, [r.question for r in rows], [r.answers[0] for r in rows]),
-            formatting.caption_batch(model, processor, pictures, [caption_of[r.image] for r in rows]),
-        ]
-
+    collate = question_and_caption_batches(model, processor, data)
     train(PromptedLoss(model), Rows(data["vqa"] + data["verify"]), collate, _config(out, steps, 1e-3, batch_size=32),
           loss_fn=lambda m, b: m(b), save=_no_save)
     model.eval()
