@@ -34,6 +34,7 @@ from gpu import SPECS  # noqa: E402  (the models of the GPU benchmark)
 from quantized import weight_bytes  # noqa: E402
 
 from mmprefix import PrefixConfig, add_prefix  # noqa: E402
+from mmprefix.experiment.loading import quantize_weights  # noqa: E402
 
 GOALS = {"bf16": 1.3, "int8": 0.7}  # peak over the bf16 model's weight bytes
 
@@ -52,9 +53,7 @@ def worker(base: str, reduced: bool) -> dict:
     torch.set_default_dtype(default)
     bf16_weights = weight_bytes(model)
     if base == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        quantize_(model, Int8WeightOnlyConfig())
+        quantize_weights(model, "int8")  # what the recipes' quantize=int8 does
     pm = add_prefix(model, PrefixConfig(num_virtual_tokens=10))
     pm.gradient_checkpointing_enable()
     pm.train()
@@ -102,9 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         ratio = r["peak"] / bf16
         met = "met" if ratio <= GOALS[r["base"]] else "not met"
-        print(f"| {r['base']} | {r['weights'] / 2**30:.2f} GiB | {r['loaded'] / 2**30:.2f} GiB | "
-              f"{r['peak'] / 2**30:.2f} GiB | {ratio:.2f} | <= {GOALS[r['base']]} ({met}) | {r['seconds']:.0f} s |")
-    print(f"(load average {os.getloadavg()[0]:.1f})")
+        print(f"| {r['base']} | {r['weights'] / 2**20:.1f} MiB | {r['loaded'] / 2**20:.0f} MiB | "
+              f"{r['peak'] / 2**20:.0f} MiB | {ratio:.2f} | <= {GOALS[r['base']]} ({met}) | {r['seconds']:.0f} s |")
+    print(f"\n(load average {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

@@ -48,9 +48,9 @@ def test_the_memory_benchmark_runs_at_reduced_size():
     output = run(ROOT / "benchmarks" / "memory.py", "--reduced")
     rows = table(output, "| base | weight memory |")
     assert [r[0] for r in rows] == ["bf16", "int8"]
-    weights = [float(r[1].removesuffix(" GiB")) for r in rows]
+    weights = [float(r[1].removesuffix(" MiB")) for r in rows]
     assert weights[1] < weights[0], "int8 weights take less memory"
-    assert all(float(r[3].removesuffix(" GiB")) >= float(r[2].removesuffix(" GiB")) > 0 for r in rows)
+    assert all(float(r[3].removesuffix(" MiB")) >= float(r[2].removesuffix(" MiB")) > 0 for r in rows)
 
 
 def test_quantized_weights_are_counted_as_stored():

@@ -2,9 +2,10 @@
 the prefix stays float32 and computes exactly what it computes on the same model with the dequantized weights
 in float32; it trains, saves, and loads onto the model that was never quantized."""
 
+from collections import Counter
+
 import pytest
 import torch
-from torchao.quantization import quantize_
 
 import tiny
 from mmprefix import PrefixConfig, add_prefix, load_prefix
@@ -14,9 +15,7 @@ FAMILIES = ["llama", "blip_vqa", "blip2_opt", "clip"]
 
 
 def quantized(build, scheme):
-    model = build()
-    quantize_(model, loading.QUANTIZATIONS[scheme]())
-    return model
+    return loading.quantize_weights(build(), scheme)  # what the recipes' quantize= does
 
 
 def dequantized(build, quantized_model):
@@ -36,12 +35,18 @@ def is_quantized(weight):
     return type(weight) is not torch.nn.Parameter and hasattr(weight, "qdata")
 
 
+def untied_linears(model):
+    """The linear layers quantize_weights quantizes: all but those whose weight another module shares."""
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and uses[id(m.weight)] == 1]
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_float32_prefix_on_a_quantized_base_equals_the_dequantized_model(family, scheme):
     build, inputs, output = tiny.FAMILIES[family]
     base = quantized(build, scheme)
-    linears = [m for m in base.modules() if isinstance(m, torch.nn.Linear)]
+    linears = untied_linears(base)
     assert linears and all(is_quantized(m.weight) for m in linears)
     with torch.no_grad():
         untouched = output(base(**inputs()))
@@ -105,7 +110,7 @@ def test_a_prefix_trained_on_an_int8_base_saves_and_loads_onto_the_float_model(d
 
 def test_recipes_quantize_the_base_when_asked():
     model, _ = loading.load_model("embedded:lm", "text", quantize="int8")
-    assert all(is_quantized(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert all(is_quantized(m.weight) for m in untied_linears(model))
     with pytest.raises(loading.LoadError, match="quantize must be one of"):
         loading.load_model("embedded:lm", "text", quantize="int3")
 
@@ -128,3 +133,18 @@ def test_gradient_checkpointing_on_an_int8_base(family):
     plain, checkpointed = grads(False), grads(True)
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_tied_lm_head_stays_tied_and_unquantized(scheme):
+    """Quantizing a head tied to the input embedding would untie the two and store the matrix twice."""
+    import transformers as tf
+
+    def tied_llama():
+        model = tiny.llama()
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**{**model.config.to_dict(), "tie_word_embeddings": True})).eval()
+
+    model = quantized(tied_llama, scheme)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert type(model.lm_head.weight) is torch.nn.Parameter
+    assert type(model.model.layers[0].self_attn.q_proj.weight) is not torch.nn.Parameter  # quantized

@@ -5,6 +5,8 @@ Hugging Face id, or ``open_clip:MODEL[:PRETRAINED]``. A checkpoint that is not t
 
 from __future__ import annotations
 
+from collections import Counter
+
 import os
 from typing import Any
 
@@ -32,7 +34,9 @@ def quantize_weights(model: Any, scheme: str | None) -> Any:
     """``model`` with the weights of its linear layers quantized in place by torchao (a frozen base for prefix
     tuning: activations and the prefix stay in floating point). ``"int8"``: Int8WeightOnlyConfig, one scale
     per output channel. ``"int4"``: IntxWeightOnlyConfig, int4 values with one scale per 32 weights, stored one
-    per byte (torchao's packed Int4WeightOnlyConfig needs a GPU). None: unchanged."""
+    per byte (torchao's packed Int4WeightOnlyConfig needs a GPU). None: unchanged. A linear layer whose weight
+    is tied to another module (an LM head tied to the input embedding) stays as it is: quantizing it would untie
+    the two and store the matrix twice."""
     if scheme is None:
         return model
     if scheme not in QUANTIZATIONS:
@@ -41,7 +45,12 @@ def quantize_weights(model: Any, scheme: str | None) -> Any:
         from torchao.quantization import quantize_
     except ImportError:
         raise LoadError(f"quantize={scheme!r} needs torchao: pip install torchao") from None
-    quantize_(model, QUANTIZATIONS[scheme]())
+    import torch
+
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    tied = {ident for ident, count in uses.items() if count > 1}
+    quantize_(model, QUANTIZATIONS[scheme](),
+              filter_fn=lambda module, _: isinstance(module, torch.nn.Linear) and id(module.weight) not in tied)
     return model
 
 
