@@ -206,26 +206,30 @@ class Routing:
     def prefix(self, site_name: str, batch_size: int, call: Call, chunk_row: int | None = None) -> Prefix | None:
         """Each row's prefix at one site; ``chunk_row``: the text row of a packed tower's current chunk. Without
         autograd (generation) it is built once per site and batch for the whole call: the decoding steps reuse
-        it."""
-        rows = len(self.names)
-        if chunk_row is not None:
-            batch_rows = [chunk_row]
-        elif batch_size in (rows, rows * call.expansion):
-            batch_rows = [row for row in range(rows) for _ in range(batch_size // rows)]
-        else:
-            batch_rows = call.images.rows(batch_size, call.expansion) if call.images is not None else None
-            if batch_rows is None:
-                raise ValueError(
-                    f"a routing list of {rows} prefixes does not fit a batch of {batch_size} rows at {site_name}"
-                    + (f" (generation repeats each row {call.expansion} times)" if call.expansion > 1 else "")
-                )
-        shape = (batch_size, chunk_row)  # determines batch_rows within a call
+        it, without working out the rows again."""
+        shape = (batch_size, chunk_row)  # determines the rows within a call
         if call.cache is None or torch.is_grad_enabled():
-            return self._build(site_name, batch_rows, shape, call.cache)
+            return self._build(site_name, self._batch_rows(site_name, batch_size, call, chunk_row), shape, call.cache)
         key = ("routed", site_name, shape)
         if key not in call.cache:
-            call.cache[key] = self._build(site_name, batch_rows, shape, call.cache)
+            rows = self._batch_rows(site_name, batch_size, call, chunk_row)
+            call.cache[key] = self._build(site_name, rows, shape, call.cache)
         return call.cache[key]
+
+    def _batch_rows(self, site_name: str, batch_size: int, call: Call, chunk_row: int | None) -> list[int]:
+        """The text row of each of the ``batch_size`` rows this site sees."""
+        rows = len(self.names)
+        if chunk_row is not None:
+            return [chunk_row]
+        if batch_size in (rows, rows * call.expansion):
+            return [row for row in range(rows) for _ in range(batch_size // rows)]
+        batch_rows = call.images.rows(batch_size, call.expansion) if call.images is not None else None
+        if batch_rows is None:
+            raise ValueError(
+                f"a routing list of {rows} prefixes does not fit a batch of {batch_size} rows at {site_name}"
+                + (f" (generation repeats each row {call.expansion} times)" if call.expansion > 1 else "")
+            )
+        return batch_rows
 
     def _build(self, site_name: str, batch_rows: list[int], shape: tuple, cache: dict | None) -> Prefix | None:
         # Each table is one stack of the rows' own tensors: few small ops per site, because on a busy CPU every
