@@ -148,3 +148,16 @@ def test_a_tied_lm_head_stays_tied_and_unquantized(scheme):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert type(model.lm_head.weight) is torch.nn.Parameter
     assert type(model.model.layers[0].self_attn.q_proj.weight) is not torch.nn.Parameter  # quantized
+
+
+def test_an_open_clip_model_quantizes_and_takes_a_prefix():
+    """open_clip's standard blocks use nn.MultiheadAttention, whose output projection torchao cannot serve (before:
+    NotImplementedError for aten.t); it stays float, every other linear layer is int8, and a prefix trains."""
+    model = loading.quantize_weights(tiny.open_clip_model(), "int8")
+    attention = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert attention and all(type(m.out_proj.weight) is torch.nn.Parameter for m in attention)
+    assert any(is_quantized(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    pm = add_prefix(model, PrefixConfig(num_virtual_tokens=3, init_std=0.5))
+    images = torch.randn(2, 3, *pm.base_model.visual.image_size)
+    (pm.encode_image(images).sum() + pm.encode_text(tiny.open_clip_text()).sum()).pow(2).backward()
+    assert all(p.grad is not None for p in pm.prefixes.parameters())

@@ -42,6 +42,8 @@ def refused(*argv, config=VQA_YAML):
     (["method=adapter"], ["method must be one of prefix, prompt, lora, full"]),
     (["lora.rank=4"], ["lora.rank is not a setting", "lora takes:", "lora_alpha"]),
     (["data.val.limit=0"], ["data.val: limit must be >= 1"]),
+    (["method=lora", "lora.learning_rate=abc"], ["lora.learning_rate"]),
+    (["quantize=int3"], ["quantize must be one of int8, int4 or unset"]),
     (["data.on_bad_image=ignore"], ["on_bad_image must be 'error' or 'skip'"]),
     (["train.max_steps.x=1"], ["train.max_steps is a value, not a section"]),
     (["data.train.path=$MMPREFIX_UNSET_VARIABLE/q.json"], ["data.train.path uses $MMPREFIX_UNSET_VARIABLE, which is not set"]),
@@ -175,3 +177,8 @@ def test_every_flag_has_help_and_the_examples_are_a_list():
                                cwd=ROOT, timeout=60).stdout
     examples = help_text.split("examples:")[1].split("\n\n")[0].strip().splitlines()
     assert len(examples) >= 4 and all(line.strip().startswith(("python", "accelerate")) for line in examples)
+
+
+def test_resume_compares_the_quantization_of_the_base():
+    # a run resumed on an int8 base is another run (before: quantize was missing from identity())
+    assert parse("quantize=int8").identity() != parse().identity()

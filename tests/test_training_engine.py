@@ -196,6 +196,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
         train(stopped, Rows(), make_collate(False), TrainConfig(output_dir=str(tmp_path / "run"), **config))
     weights = tmp_path / "run" / "checkpoints" / "step-00000006" / "trainable.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
+    with open(tmp_path / "run" / "log.jsonl", "a") as log:
+        log.write('{"step": 7, "lo')  # a kill in the middle of appending a line (before: JSONDecodeError on resume)
     resumed = build(0.0)
     with pytest.warns(UserWarning, match="step-00000006 cannot be read back .*cannot be read.*trying the one before"):
         train(resumed, Rows(), make_collate(False), TrainConfig(output_dir=str(tmp_path / "run"), resume=True,

@@ -36,7 +36,7 @@ def quantize_weights(model: Any, scheme: str | None) -> Any:
     per output channel. ``"int4"``: IntxWeightOnlyConfig, int4 values with one scale per 32 weights, stored one
     per byte (torchao's packed Int4WeightOnlyConfig needs a GPU). None: unchanged. A linear layer whose weight
     is tied to another module (an LM head tied to the input embedding) stays as it is: quantizing it would untie
-    the two and store the matrix twice."""
+    the two and store the matrix twice; so does the output projection of ``nn.MultiheadAttention``."""
     if scheme is None:
         return model
     if scheme not in QUANTIZATIONS:
@@ -48,9 +48,12 @@ def quantize_weights(model: Any, scheme: str | None) -> Any:
     import torch
 
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    tied = {ident for ident, count in uses.items() if count > 1}
+    # nn.MultiheadAttention (open_clip's blocks) reads its out_proj weight inside F.multi_head_attention_forward,
+    # which torchao's tensors do not support; its in_proj is no nn.Linear anyway
+    skipped = {ident for ident, count in uses.items() if count > 1} | {
+        id(m.out_proj.weight) for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)}
     quantize_(model, QUANTIZATIONS[scheme](),
-              filter_fn=lambda module, _: isinstance(module, torch.nn.Linear) and id(module.weight) not in tied)
+              filter_fn=lambda module, _: isinstance(module, torch.nn.Linear) and id(module.weight) not in skipped)
     return model
 
 

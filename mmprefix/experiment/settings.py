@@ -28,7 +28,7 @@ import yaml
 from .. import typed
 from ..config import PrefixConfig
 from ..training.config import TrainConfig, TrainingError, TrainingInterrupted, TrainSettings
-from .loading import LoadError
+from .loading import QUANTIZATIONS, LoadError
 
 METHODS = ("prefix", "prompt", "lora", "full")
 ON_BAD_IMAGE = ("error", "skip")
@@ -339,8 +339,8 @@ class RecipeSettings:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.quantize not in (None, "int8", "int4"):
-            raise ValueError(f"quantize must be int8, int4 or unset, got {self.quantize!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)} or unset, got {self.quantize!r}")
         self.output_dir = self.output_dir.replace("{method}", self.method)
 
     def method_options(self) -> Any:
@@ -359,7 +359,7 @@ class RecipeSettings:
         """What makes two runs the same run, for ``--resume`` to compare: the model, the method and its options,
         the training data and the training settings (not how often it logs, evaluates or saves)."""
         method = self.method_options()
-        return {"model": self.model, "method": self.method,
+        return {"model": self.model, "method": self.method, "quantize": self.quantize,
                 "options": dataclasses.asdict(method) if dataclasses.is_dataclass(method) else method,
                 "train_data": dataclasses.asdict(self.data.train) if self.data.train else None}
 
@@ -417,7 +417,10 @@ def recipe_settings(argv: Sequence[str] | None, task: str, default_config: Path,
             else getattr(settings, settings.method).learning_rate)
     explicit = "learning_rate" in overrides.get("train", {})
     if rate is not None and not explicit:
-        settings.train.learning_rate = typed.check(rate, float, "settings", f"{settings.method}.learning_rate")
+        try:
+            settings.train.learning_rate = typed.check(rate, float, "settings", f"{settings.method}.learning_rate")
+        except typed.FieldError as err:
+            raise SettingsError(str(err)) from None
     _check_lora(settings.lora)
     for name, split in settings.data.splits().items():
         if task == "classification" and (split.format or split.options):

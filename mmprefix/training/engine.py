@@ -327,9 +327,17 @@ def _keep_log_until(log: Path, step: int) -> None:
     """Drop what a killed run logged after the checkpoint it is resumed from: each step is logged once."""
     if log.is_file():
         lines = [line for line in log.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        kept = [line for line in lines if _logged_step(line) <= step]
         if len(kept) != len(lines):
             write_text(log, "".join(line + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    """The step a log line records; a line cut short by a kill counts as after every checkpoint (dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 def _refuse_non_finite(what: str, values: torch.Tensor, step: int, accelerator: Accelerator,
