@@ -157,7 +157,7 @@ def family_of(model: nn.Module) -> Family | None:
     """The record that covers ``model`` (a sub-model standing alone gets its tower at the root), or None."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    family = BY_KEY.get(model_type) or BY_KEY.get(qualified_name(type(model)))
+    family = BY_KEY.get(model_type) or BY_KEY.get(qualified_name(model_class(model)))
     if family is not None:
         return family
     for suffix, tower in SUB_MODELS:
