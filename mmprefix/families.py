@@ -34,6 +34,7 @@ class Images(NamedTuple):
     kind: str
     grid: str = "image_grid_thw"
     token: str = "image_token_id"
+    towers: tuple[str, ...] = ("vision",)  # the towers whose batch is the images (or tiles), not the text rows
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ FAMILIES: tuple[Family, ...] = (
     _vision_lm("internvl", "InternVLForConditionalGeneration", "InternVLModel", unused=()),
     _vision_lm("idefics2", "Idefics2ForConditionalGeneration", "Idefics2Model", unused=(),
                towers=(("vision_model.", "vision"), ("connector.", "resampler"), ("text_model.", LANGUAGE_MODEL)),
-               cross=("*perceiver_resampler.layers.*",), images=Images("tiles")),
+               cross=("*perceiver_resampler.layers.*",), images=Images("tiles", towers=("vision", "resampler"))),
     _vision_lm("idefics3", "Idefics3ForConditionalGeneration", "Idefics3Model", unused=(),
                towers=(("vision_model.", "vision"), ("connector.", "projector"), ("text_model.", LANGUAGE_MODEL)),
                images=Images("tiles")),

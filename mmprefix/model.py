@@ -216,7 +216,7 @@ class PrefixModel(nn.Module):
         call.store = self.prefixes[route] if isinstance(route, str) else None
         images = self._family.images if self._family is not None else None
         if images is not None and isinstance(route, Routing):
-            call.images = routing.image_rows(images.kind, kwargs, self.base_model.config, images.grid, images.token)
+            call.images = routing.image_rows(images, kwargs, self.base_model.config, self._installed.values())
         if self._soft_prompts is not None and not call.disabled and route is not None:
             kwargs, call.insertion = self._soft_prompts.insert(kwargs, route, self.prefixes, generating)
         with routing.inside(self, call):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -121,6 +121,7 @@ class ImageRows:
 
     counts: torch.Tensor  # [rows]
     tokens: torch.Tensor | None = None  # [images]
+    sites: frozenset[str] = frozenset()  # the sites whose batch is these images
 
     def rows(self, size: int, expansion: int) -> list[int] | None:
         """The text row of each of ``size`` images, None if they do not add up. Generation may run the tower on
@@ -146,15 +147,17 @@ class ImageRows:
         )
 
 
-def image_rows(kind: str, kwargs: dict, config: Any, grid: str, token: str) -> ImageRows | None:
-    """How a routed call's images reach the vision tower (see `families.Images`), from the call's inputs."""
+def image_rows(images: Any, kwargs: dict, config: Any, sites: Iterable[Any]) -> ImageRows | None:
+    """How a routed call's images reach the towers that see them (``images``: a `families.Images`), from the
+    call's inputs; ``sites``: the model's sites, of which those in ``images.towers`` see the images."""
     pixels = kwargs.get("pixel_values")
-    if kind == "tiles" and torch.is_tensor(pixels) and pixels.dim() == 5:
-        return ImageRows(pixels.flatten(2).ne(0).any(-1).sum(1).cpu())
-    if kind == "grid" and kwargs.get(grid) is not None and kwargs.get("input_ids") is not None:
-        ids = kwargs["input_ids"] == getattr(config, token)
+    seeing = frozenset(site.name for site in sites if site.tower in images.towers)
+    if images.kind == "tiles" and torch.is_tensor(pixels) and pixels.dim() == 5:
+        return ImageRows(pixels.flatten(2).ne(0).any(-1).sum(1).cpu(), sites=seeing)
+    if images.kind == "grid" and kwargs.get(images.grid) is not None and kwargs.get("input_ids") is not None:
+        ids = kwargs["input_ids"] == getattr(config, images.token)
         runs = ids & ~torch.nn.functional.pad(ids, (1, 0))[:, :-1]  # the first token of each image's run
-        return ImageRows(runs.sum(1).cpu(), kwargs[grid].prod(-1).cpu())
+        return ImageRows(runs.sum(1).cpu(), kwargs[images.grid].prod(-1).cpu(), seeing)
     return None
 
 
@@ -209,11 +212,11 @@ class Routing:
         it, without working out the rows again."""
         shape = (batch_size, chunk_row)  # determines the rows within a call
         if call.cache is None or torch.is_grad_enabled():
-            return self._build(site_name, self._batch_rows(site_name, batch_size, call, chunk_row), shape, call.cache)
+            return self._build(site_name, self._batch_rows(site_name, batch_size, call, chunk_row), call.cache)
         key = ("routed", site_name, shape)
         if key not in call.cache:
             rows = self._batch_rows(site_name, batch_size, call, chunk_row)
-            call.cache[key] = self._build(site_name, rows, shape, call.cache)
+            call.cache[key] = self._build(site_name, rows, call.cache)
         return call.cache[key]
 
     def _batch_rows(self, site_name: str, batch_size: int, call: Call, chunk_row: int | None) -> list[int]:
@@ -221,7 +224,10 @@ class Routing:
         rows = len(self.names)
         if chunk_row is not None:
             return [chunk_row]
-        if batch_size in (rows, rows * call.expansion):
+        # A tower that sees the images is mapped through them even when their number happens to equal the rows'
+        # (two images in one row, none in the other)
+        seen = call.images is not None and site_name in call.images.sites
+        if not seen and batch_size in (rows, rows * call.expansion):
             return [row for row in range(rows) for _ in range(batch_size // rows)]
         batch_rows = call.images.rows(batch_size, call.expansion) if call.images is not None else None
         if batch_rows is None:
@@ -231,7 +237,7 @@ class Routing:
             )
         return batch_rows
 
-    def _build(self, site_name: str, batch_rows: list[int], shape: tuple, cache: dict | None) -> Prefix | None:
+    def _build(self, site_name: str, batch_rows: list[int], cache: dict | None) -> Prefix | None:
         # Each table is one stack of the rows' own tensors: few small ops per site, because on a busy CPU every
         # op costs far more than its arithmetic (advanced indexing, table[rows], took milliseconds per site).
         here = [s.has_site(site_name) and s.num_virtual_tokens > 0 for s in self.stores]
@@ -249,7 +255,7 @@ class Routing:
             return torch.stack([entries[row] for row in rows])
 
         lengths = tuple(kv[0].shape[1] if kv else 0 for kv in kvs) + (0,)
-        visible = self._visible(lengths, slots, rows, shape, reference.device, cache)
+        visible = self._visible(lengths, slots, rows, reference.device, cache)
         gates = None
         if self.gated:
             heads = max(store.gate(site_name).shape[0] for store, present in zip(self.stores, here) if present)
@@ -261,12 +267,12 @@ class Routing:
         return Prefix(keys, values, visible, gates, cache)
 
     def _visible(
-        self, lengths: tuple[int, ...], slots: int, rows: list[int], shape: tuple, device: torch.device,
-        cache: dict | None,
+        self, lengths: tuple[int, ...], slots: int, rows: list[int], device: torch.device, cache: dict | None,
     ) -> torch.Tensor | None:
-        """Which slots each row sees (None: all of them). Sites with the same prefix lengths share one tensor
-        per call, so that their widened masks are built once."""
-        key = ("visible", id(self), lengths, shape, device)
+        """Which slots each row sees (None: all of them). Sites with the same prefix lengths and rows share one
+        tensor per call, so that their widened masks are built once. (Keyed by the rows, not the batch size: a
+        vision tower's two images of one row and a language model's two rows have the same size.)"""
+        key = ("visible", id(self), lengths, tuple(rows), device)
         if cache is not None and key in cache:
             return cache[key]
         seen = [[slot < lengths[row] for slot in range(slots)] for row in rows]

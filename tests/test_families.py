@@ -365,3 +365,21 @@ def test_vqa_training_scores_only_the_answer_and_answers_come_without_the_prompt
         new = model.generate(**inputs, max_new_tokens=3, do_sample=False)[0, inputs["input_ids"].shape[1]:]
         answer = decode.answer_questions(model, proc, pictures[:1], ["what color is the shape"], max_new_tokens=3)
     assert answer == decode._decode(tokenizer, new[None])  # the same text clean-up as every decoded output
+
+
+@pytest.mark.parametrize("name", ["idefics2", "idefics3", "smolvlm"])
+def test_a_row_with_two_images_beside_a_text_only_row_is_routed_by_its_images(name):
+    """Two images in row 0 and none in row 1: the vision tower's batch of 2 equals the number of rows by
+    coincidence, and must still go to row 0 twice (mapped by rows, row 1's prefix reached row 0's second image)."""
+    pm, make = routed(name), CASES[name].processor()
+    make.tokenizer.padding_side = "right"  # real tokens keep their positions in the batch
+    pictures = tiny_families.images(2)
+    prompts = [f"<image> <image> {tiny_families.PROMPTS[0]}", tiny_families.PROMPTS[1]]
+    with torch.no_grad():
+        batch = make(images=[pictures, []], text=prompts, return_tensors="pt", padding=True)
+        mixed = pm(**batch, prefix=["a", "b"]).logits
+        alone = [pm(**make(images=[pictures], text=prompts[:1], return_tensors="pt"), prefix="a").logits[0],
+                 pm(**make(text=prompts[1:], return_tensors="pt"), prefix="b").logits[0]]
+    for row, expected in enumerate(alone):
+        real = mixed[row][batch["attention_mask"][row].bool()]
+        torch.testing.assert_close(real, expected, rtol=1e-5, atol=1e-5, msg=f"row {row}")
