@@ -8,10 +8,16 @@ P=10 in every attention site, gradient checkpointing, batch 2 (224 px images, 32
 AdamW step on the prefix. Two bases, each in a fresh process (this script re-invoked with ``--worker``): bf16,
 and the same with its linear weights quantized to int8 by torchao (Int8WeightOnlyConfig).
 
-Memory is the process's peak resident set size during the step (``VmHWM``, reset through
-``/proc/self/clear_refs`` once the model is built, so building and quantizing do not count), everything included:
-the weights, the Python and PyTorch runtime, activations, the prefix, its gradients and AdamW state. It is
-compared with the bf16 model's weight bytes. Goals: <= 1.3x with the bf16 base, <= 0.7x with the int8 base.
+Memory is measured two ways, each compared with the bf16 model's weight bytes (goals: <= 1.3x with the bf16
+base, <= 0.7x with the int8 base):
+
+* the process's peak resident set size during the step (``VmHWM``, reset through ``/proc/self/clear_refs`` once
+  the model is built, so building and quantizing do not count), everything included: the weights, activations,
+  the prefix, its gradients and AdamW state, and the runtime, ~0.9 GiB of which is the pages of PyTorch's,
+  transformers' and torchao's shared libraries mapped from disk (the CUDA build of torch alone maps ~0.7 GiB);
+* the peak of the process's anonymous memory (``RssAnon``: what it allocated, without the library pages),
+  sampled every half millisecond by a thread during the step; a sampled peak can only miss a spike shorter
+  than that, so it is a lower bound, and the two columns bracket the step's need.
 Full fine-tuning would hold bf16 gradients and two AdamW states beside the weights (4x the weights before any
 activation; ~8x with float32 optimizer states): it does not fit this 24 GB machine and is not run.
 """
@@ -24,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +49,26 @@ GOALS = {"bf16": 1.3, "int8": 0.7}  # peak over the bf16 model's weight bytes
 def status(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+class AnonPeak(threading.Thread):
+    """Samples ``RssAnon`` until stopped; ``peak`` is the largest value seen."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self.done = status("RssAnon"), threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.0005):
+            self.peak = max(self.peak, status("RssAnon"))
+
+    def __enter__(self) -> "AnonPeak":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.join()
 
 
 def worker(base: str, reduced: bool) -> dict:
@@ -68,12 +95,13 @@ def worker(base: str, reduced: bool) -> dict:
     except OSError:
         method = "ru_maxrss (building included)"
     started = time.perf_counter()
-    loss = pm(**batch).loss
-    loss.backward()
-    optimizer.step()
+    with AnonPeak() as anon:
+        loss = pm(**batch).loss
+        loss.backward()
+        optimizer.step()
     seconds = time.perf_counter() - started
     return {"base": base, "bf16_weights": bf16_weights, "weights": weight_bytes(model), "loaded": loaded,
-            "peak": status("VmHWM"), "seconds": seconds, "loss": loss.item(), "method": method,
+            "peak": status("VmHWM"), "anon_peak": anon.peak, "mapped": status("RssFile"), "seconds": seconds, "loss": loss.item(), "method": method,
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -96,13 +124,16 @@ def main(argv: list[str] | None = None) -> None:
     size = "reduced size" if args.reduced else "BLIP-2 OPT-2.7b-sized"
     print(f"\n{size}: {results[0]['parameters'] / 1e9:.2f}B parameters, {bf16 / 2**30:.2f} GiB of bf16 weights; "
           f"peak memory: {results[0]['method']}")
-    print("\n| base | weight memory | resident after building | peak during a prefix-tuning step | "
-          "peak / bf16 weights | goal | step time |\n|---|---|---|---|---|---|---|")
+    print("\n| base | weight memory | resident after building (library pages) | peak resident during a "
+          "prefix-tuning step / bf16 weights | peak anonymous memory / bf16 weights | goal | step time |"
+          "\n|---|---|---|---|---|---|---|")
     for r in results:
-        ratio = r["peak"] / bf16
-        met = "met" if ratio <= GOALS[r["base"]] else "not met"
-        print(f"| {r['base']} | {r['weights'] / 2**20:.1f} MiB | {r['loaded'] / 2**20:.0f} MiB | "
-              f"{r['peak'] / 2**20:.0f} MiB | {ratio:.2f} | <= {GOALS[r['base']]} ({met}) | {r['seconds']:.0f} s |")
+        goal = GOALS[r["base"]]
+        ratios = [r["peak"] / bf16, r["anon_peak"] / bf16]
+        met = ", ".join("met" if ratio <= goal else "not met" for ratio in ratios)
+        print(f"| {r['base']} | {r['weights'] / 2**20:.1f} MiB | {r['loaded'] / 2**20:.0f} MiB "
+              f"({r['mapped'] / 2**20:.0f} MiB) | {r['peak'] / 2**20:.0f} MiB = {ratios[0]:.2f} | "
+              f"{r['anon_peak'] / 2**20:.0f} MiB = {ratios[1]:.2f} | <= {goal} ({met}) | {r['seconds']:.0f} s |")
     print(f"\n(load average {os.getloadavg()[0]:.1f})")
 
 
