@@ -181,13 +181,17 @@ def record_chunks(owner: Any, site_name: str, module: Any, args: tuple, kwargs: 
     prefix (``PrefixModel.prefix_for`` takes them one by one)."""
     call = current(owner)
     route = owner.active_prefix if call.route is ACTIVE else call.route
-    if call.cache is None or call.disabled or not isinstance(route, Routing):
+    if call.cache is None or call.disabled or not isinstance(route, Routing) or not route.reaches(site_name):
         return
     if call.images is None:
         raise ValueError(f"{site_name} packs the images of a batch into one sequence; a routed call needs the "
                          "images' grid and placeholder tokens (image_grid_thw and input_ids) to route it")
     cu_seqlens = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-    call.cache[("chunks", site_name)] = iter(call.images.chunk_rows(cu_seqlens, call.expansion))
+    # The layers of a tower share one cu_seqlens tensor (windowed layers another): their rows are worked out once
+    known = call.cache.get(("chunk rows", id(cu_seqlens)))
+    if known is None or known[0] is not cu_seqlens:
+        known = call.cache[("chunk rows", id(cu_seqlens))] = (cu_seqlens, call.images.chunk_rows(cu_seqlens, call.expansion))
+    call.cache[("chunks", site_name)] = iter(known[1])
 
 
 class Routing:
@@ -206,17 +210,23 @@ class Routing:
         # Rows without a prefix point one past the used prefixes, at an all-masked entry.
         self.rows = [self.used.index(n) if n is not None else len(self.used) for n in self.names]
 
+    def reaches(self, site_name: str) -> bool:
+        """Whether any of the routed prefixes has slots at this site."""
+        return any(store.has_site(site_name) and store.num_virtual_tokens > 0 for store in self.stores)
+
     def prefix(self, site_name: str, batch_size: int, call: Call, chunk_row: int | None = None) -> Prefix | None:
         """Each row's prefix at one site; ``chunk_row``: the text row of a packed tower's current chunk. Without
         autograd (generation) it is built once per site and batch for the whole call: the decoding steps reuse
         it, without working out the rows again."""
         shape = (batch_size, chunk_row)  # determines the rows within a call
         if call.cache is None or torch.is_grad_enabled():
+            if not self.reaches(site_name):  # its rows need not (and for a packed tower cannot) be worked out
+                return None
             return self._build(site_name, self._batch_rows(site_name, batch_size, call, chunk_row), call.cache)
         key = ("routed", site_name, shape)
         if key not in call.cache:
-            rows = self._batch_rows(site_name, batch_size, call, chunk_row)
-            call.cache[key] = self._build(site_name, rows, call.cache)
+            rows = self._batch_rows(site_name, batch_size, call, chunk_row) if self.reaches(site_name) else None
+            call.cache[key] = self._build(site_name, rows, call.cache) if rows is not None else None
         return call.cache[key]
 
     def _batch_rows(self, site_name: str, batch_size: int, call: Call, chunk_row: int | None) -> list[int]:
@@ -237,12 +247,10 @@ class Routing:
             )
         return batch_rows
 
-    def _build(self, site_name: str, batch_rows: list[int], cache: dict | None) -> Prefix | None:
+    def _build(self, site_name: str, batch_rows: list[int], cache: dict | None) -> Prefix:
         # Each table is one stack of the rows' own tensors: few small ops per site, because on a busy CPU every
         # op costs far more than its arithmetic (advanced indexing, table[rows], took milliseconds per site).
-        here = [s.has_site(site_name) and s.num_virtual_tokens > 0 for s in self.stores]
-        if not any(here):
-            return None
+        here = [s.has_site(site_name) and s.num_virtual_tokens > 0 for s in self.stores]  # some, by `reaches`
         kvs = [store.kv(site_name) if present else None for store, present in zip(self.stores, here)]
         slots = max(kv[0].shape[1] for kv in kvs if kv is not None)
         reference = next(kv[0] for kv in kvs if kv is not None)

@@ -383,3 +383,21 @@ def test_a_row_with_two_images_beside_a_text_only_row_is_routed_by_its_images(na
     for row, expected in enumerate(alone):
         real = mixed[row][batch["attention_mask"][row].bool()]
         torch.testing.assert_close(real, expected, rtol=1e-5, atol=1e-5, msg=f"row {row}")
+
+
+def test_a_routed_call_without_input_ids_runs_a_packed_tower_its_prefixes_skip():
+    """Qwen-VL's packed vision tower with inputs_embeds (no input_ids: the call's images cannot be mapped to rows):
+    routed prefixes that only target the language model give each row what the whole batch gets with that row's
+    prefix; a prefix that does reach the tower is still refused (before this, both were refused)."""
+    name = "qwen2_vl"
+    pm = prefixed(name, targets=["vision"])
+    for prefix in ("a", "b"):
+        pm.add_prefix(prefix, PrefixConfig(num_virtual_tokens=3, init_std=1.0, targets=["lm"]))
+    batch = {k: v for k, v in inputs(name, labels=False).items() if k != "input_ids"}
+    batch["inputs_embeds"] = pm.base_model.get_input_embeddings()(inputs(name)["input_ids"])
+    with torch.no_grad():
+        mixed = pm(**batch, prefix=["a", "b"]).logits
+        for row, prefix in enumerate(["a", "b"]):
+            torch.testing.assert_close(real(name, mixed, row), real(name, pm(**batch, prefix=prefix).logits, row))
+        with pytest.raises(ValueError, match="packs the images of a batch"):
+            pm(**batch, prefix=["default", "b"])

@@ -98,11 +98,13 @@ class SiteHook:
 
     def original_attention(self, module: nn.Module, cache: dict | None = None) -> Callable:
         """The model's own attention function (its config's implementation); with a call's ``cache``, read
-        from the config once per call (a config attribute costs microseconds in transformers 5)."""
+        once per call from each config (a config attribute costs microseconds in transformers 5; the layers of
+        a tower share one config) and for each modeling file's eager function."""
         if cache is not None:
-            function = cache.get(("attention", id(module)))
+            key = ("attention", id(module.config.config), self.eager)
+            function = cache.get(key)
             if function is None:
-                function = cache[("attention", id(module))] = self.original_attention(module)
+                function = cache[key] = self.original_attention(module)
             return function
         implementation = module.config.config._attn_implementation
         function = self._functions.get(implementation)
