@@ -254,3 +254,24 @@ def test_composing_a_folder_of_the_same_model(tmp_path):
     expected = 0.5 * pm.prefixes["a"].kv(site)[0] + 0.5 * other.prefixes["default"].kv(site)[0]
     torch.testing.assert_close(mix.kv(site)[0], expected)
     assert set(pm.prefixes) == {"a", "b", "c", "mix"}
+
+
+def test_gits_gated_attention_adds_the_hand_computed_gated_term():
+    """GIT's hand-written text attention (attention/git.py): its own output plus tanh(g) softmax(q Kp^T / sqrt(d)) Vp."""
+    from tiny_families import CASES
+
+    pm = add_prefix(CASES["git"].build(), PrefixConfig(num_virtual_tokens=3, init_std=1.0, gate="head", targets=["lm"]))
+    store, name = pm.prefixes["default"], "git.encoder.layer.0.attention.self"
+    module = pm.base_model.get_submodule(name)
+    with torch.no_grad():
+        store.gate(name).copy_(torch.linspace(-1.0, 1.2, store.gate(name).numel()))
+        h = torch.randn(2, 5, module.query.in_features, generator=torch.Generator().manual_seed(0))
+        gated = module(h)[0]
+        with pm.disable_prefix():
+            own = module(h)[0]
+        heads, dim = store.gate(name).numel(), module.attention_head_size
+        q = module.query(h).view(2, 5, heads, dim).transpose(1, 2)
+        pk, pv = store.kv(name)
+        extra = (q @ pk.transpose(-1, -2) / dim**0.5).softmax(-1) @ pv
+        expected = own + (torch.tanh(store.gate(name))[None, :, None, None] * extra).transpose(1, 2).reshape(2, 5, -1)
+    torch.testing.assert_close(gated, expected, rtol=1e-5, atol=1e-5)

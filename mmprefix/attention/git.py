@@ -31,14 +31,14 @@ def text_attention(
         return original()
     head_dim = self.attention_head_size
     query = heads(self.query(hidden_states), head_dim)
+    if prefix is not None and prefix.gate is not None:  # GIT's own attention, plus the gated prefix's
+        context, probs = original()
+        return context + gated_prefix_attention(query, prefix, head_dim**-0.5).flatten(2), probs
     key, value = heads(self.key(hidden_states), head_dim), heads(self.value(hidden_states), head_dim)
     if hook.capturing:
         hook.observe(key, value)
     if prefix is None:
         return original()
-    if prefix.gate is not None:
-        context, probs = original()
-        return context + gated_prefix_attention(query, prefix, head_dim**-0.5).flatten(2), probs
     if cache is not None:
         key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
     output = sdpa_with_prefix(self, prefix, query, key, value, attention_mask, head_dim**-0.5)
