@@ -69,9 +69,9 @@ def instructblip(lm: str = "opt", seed: int = 0):
     return model.eval()
 
 
-def llama(seed: int = 0, attn: str = "sdpa"):
+def llama(seed: int = 0, attn: str = "sdpa", width: int = 32):
     torch.manual_seed(seed)
-    config = tf.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = tf.LlamaConfig(vocab_size=100, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config._attn_implementation = attn
