@@ -1,9 +1,12 @@
 """The synthetic world: deterministic files, pretraining/downstream split of tasks, images that match the text."""
 
 import json
+import re
 
 import numpy as np
+import pytest
 from PIL import Image
+from transformers import AutoTokenizer
 
 from mmprefix.data import synthetic
 
@@ -32,7 +35,7 @@ def test_downstream_tasks_are_new_but_use_words_the_decoders_already_emit(tmp_pa
     assert {r["question_type"] for r in pretrain} == set(synthetic.PRETRAIN_QUESTIONS)
     assert {r["question_type"] for r in downstream} == set(synthetic.DOWNSTREAM_QUESTIONS)
     emitted = {w for r in rows(root, "captions_a_train") for c in r["captions"] for w in c.replace(":", " ").split()}
-    emitted |= {r["answers"][0] for r in pretrain}
+    emitted |= {w for r in pretrain for w in r["answers"][0].split()}
     assert {r["answers"][0] for r in downstream} <= emitted
     assert {w for r in rows(root, "captions_b_train") for w in r["captions"][0].split()} <= emitted
     assert all(len(r["answers"]) == 10 for r in pretrain + downstream)
@@ -83,18 +86,28 @@ def test_images_show_what_the_text_says(tmp_path):
         assert row["captions"][0].count(" a ") + row["captions"][0].startswith("a ") == count
 
 
-def test_every_word_of_the_world_is_in_the_shipped_vocabulary(tmp_path):
-    """Why the world writes "a orange circle": its vocabulary (the shipped tokenizers) has no "an"; a text with a
-    word outside it would become [UNK] for every backbone."""
-    from mmprefix.embedded import text
+def world_texts(root) -> set[str]:
+    return {value for path in root.glob("*.jsonl") for row in rows(root, path.stem)
+            for value in (row.get("question"), row.get("prompt"), row.get("target"), *row.get("captions", []),
+                          *row.get("answers", [])) if value}
 
-    root = synthetic.build_world(tmp_path, SMALL)
-    tokenizers = [text.bert_tokenizer(), text.lm_tokenizer()]
-    texts = {value for path in root.glob("*.jsonl") for row in rows(root, path.stem)
-             for value in (row.get("question"), row.get("prompt"), row.get("target"), *row.get("captions", []),
-                           *row.get("answers", [])) if value}
-    for tokenizer in tokenizers:
-        unknown = [t for t in texts if tokenizer.unk_token_id in tokenizer(t)["input_ids"]]
-        assert not unknown, unknown[:3]
-        assert tokenizer.unk_token_id in tokenizer("an orange circle")["input_ids"]
-    assert any("a orange" in c for r in rows(root, "captions_b_train") for c in r["captions"])
+
+def test_the_world_writes_an_before_a_vowel(tmp_path):
+    texts = world_texts(synthetic.build_world(tmp_path, SMALL))
+    assert any("an orange circle" in t for t in texts) and any("is there an orange" in t for t in texts)
+    wrong = [t for t in texts if re.search(r"\ba [aeiou]|\ban [^aeiou]", t)]
+    assert not wrong, wrong[:3]
+    assert synthetic.indefinite("orange square") == "an orange square"
+    assert synthetic.indefinite("large orange square") == "a large orange square"
+
+
+@pytest.mark.parametrize("name", ["blip", "blip2", "clip", "lm", "llava"])
+def test_every_word_of_the_world_is_in_the_shipped_vocabulary(tmp_path, name):
+    """A word outside a shipped backbone's vocabulary would become [UNK] for it: "an" included."""
+    from mmprefix.embedded import backbone_dir, text
+
+    tokenizer = AutoTokenizer.from_pretrained(backbone_dir(name))
+    assert tokenizer.get_vocab() == (text.bert_tokenizer() if name == "blip" else text.lm_tokenizer()).get_vocab()
+    texts = world_texts(synthetic.build_world(tmp_path, SMALL))
+    unknown = [t for t in texts if tokenizer.unk_token_id in tokenizer(t)["input_ids"]]
+    assert not unknown, unknown[:3]

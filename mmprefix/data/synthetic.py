@@ -4,9 +4,10 @@
 left / middle / right slots on a noisy light background. Every image comes with text for two kinds of tasks:
 
 * pretraining tasks, which the tiny backbones were trained on: captions in style A ("two shapes: a large red
-  circle and a small blue square", objects left to right), questions about colour, shape and existence, yes/no
-  checks of sizes, counts and sides ("is the red circle large?", ``vqa_verify_*``), and attribute records (keys
-  in random order) turned into phrases or names;
+  circle and a small blue square", objects left to right), questions about colour, shape ("what is the orange
+  object?" -> "an orange circle": every decoder emits "an" in pretraining) and existence, yes/no checks of
+  sizes, counts and sides ("is the red circle large?", ``vqa_verify_*``), and attribute records (keys in random
+  order) turned into phrases or names;
 * downstream tasks, which they never saw and which the recipes adapt them to with prefixes: open questions about
   counts, sizes and the leftmost / rightmost object (concepts the yes/no checks taught, asked in a new form, as a
   real benchmark re-asks what a large pretrained model has seen), captions in style B ("a red circle and a blue square":
@@ -15,12 +16,6 @@ left / middle / right slots on a noisy light background. Every image comes with 
 
 Downstream answers and captions only use words the backbones' decoders already emit in pretraining (counts and
 sizes come from style-A captions): a frozen decoder cannot learn to emit a word it has always suppressed.
-
-The world has one indefinite article, "a", also before "orange" ("a orange circle" in style-B captions, "is there a
-orange square?"): the shipped backbones' tokenizers hold exactly the world's 49 words (`mmprefix.embedded.text`)
-and their embedding tables one row per word, so an "an" would be unknown to every backbone, and a style-B target
-the frozen decoders could never produce. Writing "an" needs new tokenizers and re-pretrained backbones (and the
-README's measured tables again); the texts are kept as the backbones saw them.
 
 Files are written once per version into a cache folder in the readers' JSONL formats (``image`` paths relative
 to the file), so recipes read the world exactly as they read any benchmark.
@@ -38,7 +33,8 @@ from PIL import Image, ImageDraw
 
 from ..files import write_text
 
-VERSION = "world-v5"  # v5 added the vqa_verify files, v4 the classification files; images and other texts are v3's
+VERSION = "world-v6"  # v6 writes "an" before vowels and names the object in shape answers, v5 added the vqa_verify files, v4 the classification files;
+# images and other texts are v3's
 IMAGE_SIZE = 64
 COLORS = {
     "red": (215, 45, 45),
@@ -69,6 +65,11 @@ class Shape:
     @property
     def phrase(self) -> str:
         return f"{self.size} {self.color} {self.shape}"
+
+
+def indefinite(words: str) -> str:
+    """``words`` after their indefinite article: "an orange circle", "a red square"."""
+    return f"{'an' if words[0] in 'aeiou' else 'a'} {words}"
 
 
 def scene(rng: np.random.Generator) -> list[Shape]:
@@ -110,12 +111,12 @@ def draw(shapes: list[Shape], rng: np.random.Generator) -> Image.Image:
 def caption_a(shapes: list[Shape]) -> str:
     """Pretraining style: count, then every object with its size, left to right."""
     noun = "shape" if len(shapes) == 1 else "shapes"
-    return f"{COUNTS[len(shapes) - 1]} {noun}: " + " and ".join(f"a {s.phrase}" for s in shapes)
+    return f"{COUNTS[len(shapes) - 1]} {noun}: " + " and ".join(indefinite(s.phrase) for s in shapes)
 
 
 def caption_b(shapes: list[Shape]) -> str:
     """Downstream style: objects left to right, without count or sizes."""
-    return " and ".join(f"a {s.color} {s.shape}" for s in shapes)
+    return " and ".join(indefinite(f"{s.color} {s.shape}") for s in shapes)
 
 
 def questions(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[str, str, str]]:
@@ -130,17 +131,18 @@ def questions(shapes: list[Shape], rng: np.random.Generator) -> list[tuple[str, 
         out.append(("color", f"what color is the {s.shape}?", s.color))
     if unique_colors:
         s = unique_colors[int(rng.integers(len(unique_colors)))]
-        out.append(("shape", f"what shape is the {s.color} object?", s.shape))
+        # answered with the article, so that every decoder emits "an" in pretraining (style-B captions need it)
+        out.append(("shape", f"what is the {s.color} object?", indefinite(f"{s.color} {s.shape}")))
     if rng.random() < 0.5:
         s = shapes[int(rng.integers(len(shapes)))]
-        out.append(("exist", f"is there a {s.color} {s.shape}?", "yes"))
+        out.append(("exist", f"is there {indefinite(f'{s.color} {s.shape}')}?", "yes"))
     else:
         present = {(s.color, s.shape) for s in shapes}
         while True:
             color, kind = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
             if (color, kind) not in present:
                 break
-        out.append(("exist", f"is there a {color} {kind}?", "no"))
+        out.append(("exist", f"is there {indefinite(f'{color} {kind}')}?", "no"))
     out.append(("count", "how many shapes are there?", COUNTS[len(shapes) - 1]))
     s = shapes[int(rng.integers(len(shapes)))]
     out.append(("size", f"what size is the {s.color} {s.shape}?", s.size))
@@ -174,7 +176,7 @@ def records_a(s: Shape, rng: np.random.Generator) -> list[tuple[str, str]]:
     position), turned into a phrase ("describe:") or a name ("name:")."""
     fields = [f"size={s.size}", f"color={s.color}", f"shape={s.shape}"]
     order = " ".join(fields[i] for i in rng.permutation(3))
-    return [(f"describe: {order} =>", f"a {s.phrase}"), (f"name: {order} =>", f"{s.color} {s.shape}")]
+    return [(f"describe: {order} =>", indefinite(s.phrase)), (f"name: {order} =>", f"{s.color} {s.shape}")]
 
 
 def record_b(s: Shape) -> tuple[str, str]:

@@ -16,7 +16,7 @@ BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
 LM_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 # Template words beyond colours, shapes, sizes and counts; punctuation is split off by the pre-tokenizer.
 TEMPLATE_WORDS = (
-    "a and shape shapes what color is the object there how many are size on left right yes no describe name "
+    "a an and shape shapes what color is the object there how many are size on left right yes no describe name "
     "question answer : ? = > - | ,"
 ).split()
 
