@@ -13,8 +13,8 @@ base, <= 0.7x with the int8 base):
 
 * the process's peak resident set size during the step (``VmHWM``, reset through ``/proc/self/clear_refs`` once
   the model is built, so building and quantizing do not count), everything included: the weights, activations,
-  the prefix, its gradients and AdamW state, and the runtime, ~0.9 GiB of which is the pages of PyTorch's,
-  transformers' and torchao's shared libraries mapped from disk (the CUDA build of torch alone maps ~0.7 GiB);
+  the prefix, its gradients and AdamW state, and the runtime, ~0.6 GiB of which is the pages of PyTorch's,
+  transformers' and torchao's shared libraries mapped from disk (``RssFile``, printed beside the resident size);
 * the peak of the process's anonymous memory (``RssAnon``: what it allocated, without the library pages),
   sampled every half millisecond by a thread during the step; a sampled peak can only miss a spike shorter
   than that, so it is a lower bound, and the two columns bracket the step's need.
@@ -87,7 +87,7 @@ def worker(base: str, reduced: bool) -> dict:
     optimizer = torch.optim.AdamW(pm.prefixes.parameters(), lr=1e-3)
     batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in spec.inputs(model, 2, "train").items()}
     gc.collect()
-    loaded = status("VmRSS")
+    loaded, mapped = status("VmRSS"), status("RssFile")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := the current RSS
@@ -101,7 +101,8 @@ def worker(base: str, reduced: bool) -> dict:
         optimizer.step()
     seconds = time.perf_counter() - started
     return {"base": base, "bf16_weights": bf16_weights, "weights": weight_bytes(model), "loaded": loaded,
-            "peak": status("VmHWM"), "anon_peak": anon.peak, "mapped": status("RssFile"), "seconds": seconds, "loss": loss.item(), "method": method,
+            "peak": status("VmHWM"), "anon_peak": anon.peak, "mapped": mapped, "seconds": seconds,
+            "loss": loss.item(), "method": method,
             "parameters": sum(p.numel() for p in model.parameters())}
 
 

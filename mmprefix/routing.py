@@ -190,7 +190,8 @@ def record_chunks(owner: Any, site_name: str, module: Any, args: tuple, kwargs: 
     # The layers of a tower share one cu_seqlens tensor (windowed layers another): their rows are worked out once
     known = call.cache.get(("chunk rows", id(cu_seqlens)))
     if known is None or known[0] is not cu_seqlens:
-        known = call.cache[("chunk rows", id(cu_seqlens))] = (cu_seqlens, call.images.chunk_rows(cu_seqlens, call.expansion))
+        known = (cu_seqlens, call.images.chunk_rows(cu_seqlens, call.expansion))
+        call.cache[("chunk rows", id(cu_seqlens))] = known
     call.cache[("chunks", site_name)] = iter(known[1])
 
 
@@ -218,16 +219,16 @@ class Routing:
         """Each row's prefix at one site; ``chunk_row``: the text row of a packed tower's current chunk. Without
         autograd (generation) it is built once per site and batch for the whole call: the decoding steps reuse
         it, without working out the rows again."""
-        shape = (batch_size, chunk_row)  # determines the rows within a call
-        if call.cache is None or torch.is_grad_enabled():
-            if not self.reaches(site_name):  # its rows need not (and for a packed tower cannot) be worked out
-                return None
-            return self._build(site_name, self._batch_rows(site_name, batch_size, call, chunk_row), call.cache)
-        key = ("routed", site_name, shape)
-        if key not in call.cache:
-            rows = self._batch_rows(site_name, batch_size, call, chunk_row) if self.reaches(site_name) else None
-            call.cache[key] = self._build(site_name, rows, call.cache) if rows is not None else None
-        return call.cache[key]
+        cacheable = call.cache is not None and not torch.is_grad_enabled()
+        key = ("routed", site_name, (batch_size, chunk_row))  # the size and chunk determine the rows within a call
+        if cacheable and key in call.cache:
+            return call.cache[key]
+        # a site no routed prefix reaches needs no rows (for a packed tower they may not be known)
+        prefix = (self._build(site_name, self._batch_rows(site_name, batch_size, call, chunk_row), call.cache)
+                  if self.reaches(site_name) else None)
+        if cacheable:
+            call.cache[key] = prefix
+        return prefix
 
     def _batch_rows(self, site_name: str, batch_size: int, call: Call, chunk_row: int | None) -> list[int]:
         """The text row of each of the ``batch_size`` rows this site sees."""

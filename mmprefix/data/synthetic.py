@@ -33,8 +33,9 @@ from PIL import Image, ImageDraw
 
 from ..files import write_text
 
-VERSION = "world-v6"  # v6 writes "an" before vowels and names the object in shape answers, v5 added the vqa_verify files, v4 the classification files;
-# images and other texts are v3's
+# v6 writes "an" before vowels and names the object in shape answers, v5 added the vqa_verify files, v4 the
+# classification files; the images are v3's
+VERSION = "world-v6"
 IMAGE_SIZE = 64
 COLORS = {
     "red": (215, 45, 45),
