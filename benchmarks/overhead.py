@@ -25,6 +25,7 @@ import copy
 import gc
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -156,12 +157,25 @@ def row(model, measurement, unit, base, prefix, note) -> dict:
                 goal=GOALS[measurement], met=ratio <= GOALS[measurement], note=note)
 
 
+def ratio_interval(base: list[float], prefix: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of the ratio of medians. Rounds are resampled whole (the two calls of a round ran
+    next to each other, under the same background load)."""
+    rng, n, ratios = random.Random(0), len(base), []
+    for _ in range(resamples):
+        rounds = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(prefix[i] for i in rounds) / statistics.median(base[i] for i in rounds))
+    ratios.sort()
+    return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
+
+
 def timed_row(model, measurement, times, note) -> dict:
-    """Medians make the ratio; the ratio of the fastest calls is shown too, as a check on background load."""
+    """Medians make the ratio, with its 95% interval (a single call varies by ~10% on a shared machine); the ratio
+    of the fastest calls is shown too, as a check on background load."""
     min_ratio = min(times["prefix"]) / min(times["base"])
+    low, high = ratio_interval(times["base"], times["prefix"])
     r = row(model, measurement, "s", statistics.median(times["base"]), statistics.median(times["prefix"]),
-            f"{note}; ratio of minima {min_ratio:.3f}")
-    return dict(r, times=times, min_ratio=min_ratio)
+            f"{note}; 95% interval {low:.3f}-{high:.3f}; ratio of minima {min_ratio:.3f}")
+    return dict(r, times=times, min_ratio=min_ratio, interval=(low, high))
 
 
 def rss_bytes(field: str) -> int:
