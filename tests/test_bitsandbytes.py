@@ -89,3 +89,12 @@ def test_a_prefix_trained_on_a_4bit_base_loads_onto_the_float_model(saved, tmp_p
 
         learned, carried = drop(pm), drop(on_float)
     assert learned > 0.1 and carried > 0.8 * learned, (learned, carried)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_sharding_a_bitsandbytes_base_is_refused(saved, scheme):
+    from mmprefix.training import distributed
+
+    pm, _ = pair(saved, scheme)
+    with pytest.raises(ValueError, match="cannot split quantized weights"):
+        distributed.shard(pm, torch.device("cpu"))

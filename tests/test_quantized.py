@@ -10,6 +10,7 @@ import torch
 import tiny
 from mmprefix import PrefixConfig, add_prefix, load_prefix
 from mmprefix.experiment import loading
+from mmprefix.training import distributed
 
 FAMILIES = ["llama", "blip_vqa", "blip2_opt", "clip"]
 
@@ -161,3 +162,12 @@ def test_an_open_clip_model_quantizes_and_takes_a_prefix():
     images = torch.randn(2, 3, *pm.base_model.visual.image_size)
     (pm.encode_image(images).sum() + pm.encode_text(tiny.open_clip_text()).sum()).pow(2).backward()
     assert all(p.grad is not None for p in pm.prefixes.parameters())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_sharding_a_quantized_base_is_refused_with_what_to_do(scheme):
+    # FSDP2 cannot split torchao's weights (tried on two gloo processes: "Int8Tensor dispatch: ... aten.split")
+    pm = add_prefix(quantized(tiny.llama, scheme), PrefixConfig(num_virtual_tokens=3))
+    with pytest.raises(ValueError, match="cannot split quantized weights .*q_proj.weight is a .*shard the base "
+                                         "unquantized, or train the quantized base without fsdp"):
+        distributed.shard(pm, torch.device("cpu"))

@@ -44,6 +44,7 @@ def refused(*argv, config=VQA_YAML):
     (["data.val.limit=0"], ["data.val: limit must be >= 1"]),
     (["method=lora", "lora.learning_rate=abc"], ["lora.learning_rate"]),
     (["quantize=int3"], ["quantize must be one of int8, int4 or unset"]),
+    (["quantize=int8", "train.fsdp=true"], ["quantize='int8' and train.fsdp=true do not combine"]),
     (["data.on_bad_image=ignore"], ["on_bad_image must be 'error' or 'skip'"]),
     (["train.max_steps.x=1"], ["train.max_steps is a value, not a section"]),
     (["data.train.path=$MMPREFIX_UNSET_VARIABLE/q.json"], ["data.train.path uses $MMPREFIX_UNSET_VARIABLE, which is not set"]),

@@ -224,17 +224,47 @@ def test_resume_on_an_empty_folder_says_it_starts_fresh(tmp_path, capsys):
 def test_two_processes_keep_ranks_identical_and_match_one_process(tmp_path):
     subprocess.run([sys.executable, SCRIPT, str(tmp_path / "one"), "10", "--dropout", "0"], check=True,
                    capture_output=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    result = subprocess.run([*launch, SCRIPT, str(tmp_path / "two"), "10", "--dropout", "0"], capture_output=True,
-                            text=True, env=env)
+    result = launch_two(tmp_path / "two", 10, "--dropout", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = final(tmp_path / "two", 0), final(tmp_path / "two", 1)
     assert_same(rank0, rank1)
     assert_same(rank0, final(tmp_path / "one"), atol=1e-5)
     start = build(0.0).prefixes.state_dict()
     assert any((rank0[k] - start[k]).abs().max() > 1e-3 for k in rank0), "training moved the prefix"
+
+
+def launch_two(*args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return subprocess.run([*launch, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_from_the_newest_checkpoint_both_can_read(tmp_path):
+    assert launch_two(tmp_path / "whole", 12, "--dropout", "0").returncode == 0  # checkpoints of steps 8 and 12
+    shutil.copytree(tmp_path / "whole", tmp_path / "run")
+    for rank in (0, 1):
+        (tmp_path / "run" / f"final-rank{rank}.safetensors").unlink()
+    (tmp_path / "run" / "checkpoints" / "step-00000012" / "rng-rank1.json").write_text("{")  # rank 1's part only
+    result = launch_two(tmp_path / "run", 12, "--dropout", "0", "--resume")  # before: rank 0 at 12, rank 1 at 8
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step-00000012 cannot be read back (process 1:" in result.stderr
+    assert result.stdout.count("resuming from") == 1 and "step-00000008 (step 8)" in result.stdout
+    assert_same(final(tmp_path / "run", 0), final(tmp_path / "run", 1))
+    assert_same(final(tmp_path / "run", 0), final(tmp_path / "whole", 0))
+
+
+@pytest.mark.slow
+def test_an_error_on_the_main_process_stops_the_other_with_its_reason(tmp_path):
+    start = time.monotonic()
+    result = launch_two(tmp_path / "run", 8, "--full-disk-on-main")
+    assert result.returncode != 0
+    assert "OSError: [Errno 28] No space left on device" in result.stderr
+    assert ("process 0 failed while publishing the checkpoint of step 4 (OSError: [Errno 28] No space left on "
+            "device); process 1 stops with it") in result.stderr
+    assert time.monotonic() - start < 120, "the other process did not wait for a barrier's timeout"
 
 
 def test_outputs_logs_best_and_last_model(tmp_path):

@@ -1,6 +1,7 @@
 """A tiny training run for the engine tests, started as its own process (killed, resumed, or launched on two
 processes, sharded with --fsdp): python tests/train_tiny.py OUTPUT_DIR STEPS [--resume] [--slow] [--accumulate N]
-[--fsdp] [--checkpointing]."""
+[--fsdp] [--checkpointing] [--full-disk-on-main] (rank 0 cannot publish a checkpoint: "No space left on
+device")."""
 
 import argparse
 import json
@@ -15,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import tiny  # noqa: E402
 
 from mmprefix import PrefixConfig, add_prefix  # noqa: E402
-from mmprefix.training import TrainConfig, TrainingInterrupted, train  # noqa: E402
+from mmprefix.training import TrainConfig, TrainingInterrupted, checkpoints, train  # noqa: E402
 from mmprefix.training.distributed import local_parameter_bytes  # noqa: E402
 
 
@@ -63,7 +64,13 @@ def main():
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--full-disk-on-main", action="store_true")
     args = parser.parse_args()
+    if args.full_disk_on_main and os.environ.get("RANK", "0") == "0":
+        def full_disk(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        checkpoints.publish_checkpoint = full_disk
     pm = build(args.dropout)
     whole = local_parameter_bytes(pm.base_model)
     config = tiny_config(args.output_dir, args.steps, args.accumulate, resume=args.resume, fsdp=args.fsdp,

@@ -341,6 +341,9 @@ class RecipeSettings:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)} or unset, got {self.quantize!r}")
+        if self.quantize is not None and self.train.fsdp:  # found out here, before a model is loaded
+            raise ValueError(f"quantize={self.quantize!r} and train.fsdp=true do not combine: FSDP cannot split "
+                             "quantized weights; choose one")
         self.output_dir = self.output_dir.replace("{method}", self.method)
 
     def method_options(self) -> Any:

@@ -19,17 +19,21 @@ main one reports); after training, evaluate the saved prefix on the base loaded 
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator, DistributedType
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import gather_object, parse_flag_from_env
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 from ..model import PrefixModel
+from .config import TrainingError
 
 # Layer classes that transformers' ``_no_split_modules`` leaves out, and open_clip's blocks (it has no such list).
 EXTRA_LAYERS = {"BlipTextLayer", "ResidualAttentionBlock", "CustomResidualAttentionBlock"}
@@ -75,6 +79,14 @@ def shard(model: PrefixModel, device: torch.device) -> None:
     trainable = [n for n, p in base.named_parameters() if p.requires_grad]
     if trainable:
         raise ValueError(f"sharding (fsdp=True) keeps the base frozen, but {trainable[0]} requires grad")
+    quantized = [(n, p) for n, p in base.named_parameters() if _quantized(p)]
+    if quantized:
+        name, parameter = quantized[0]
+        raise ValueError(
+            f"sharding (fsdp=True) cannot split quantized weights ({name} is a {type(parameter.data).__name__}; "
+            "FSDP2 cuts every weight into per-process pieces, which torchao's and bitsandbytes' weights do not "
+            "support): shard the base unquantized, or train the quantized base without fsdp"
+        )
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     layers = set(getattr(base, "_no_split_modules", None) or ()) | EXTRA_LAYERS
     names = Counter(id(p) for _, p in base.named_parameters(remove_duplicate=False))
@@ -89,6 +101,11 @@ def shard(model: PrefixModel, device: torch.device) -> None:
     for method in ENTRY_METHODS:
         if callable(getattr(base, method, None)):
             register_fsdp_forward_method(base, method)
+
+
+def _quantized(parameter: nn.Parameter) -> bool:
+    """torchao keeps a quantized weight as a tensor subclass, bitsandbytes as a Parameter subclass."""
+    return type(parameter.data) is not torch.Tensor or type(parameter) not in (nn.Parameter, torch.Tensor)
 
 
 def _outermost(module: nn.Module, classes: set[str]) -> list[nn.Module]:
@@ -128,3 +145,30 @@ def local_parameter_bytes(module: nn.Module) -> int:
         local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
         total += local.numel() * local.element_size()
     return total
+
+
+def gathered(accelerator: Accelerator, value: Any) -> list[Any]:
+    """``value`` from every process, in rank order (every process calls this)."""
+    return gather_object([value]) if accelerator.num_processes > 1 else [value]
+
+
+@contextlib.contextmanager
+def together(accelerator: Accelerator, what: str) -> Iterator[None]:
+    """A block that some processes run (the main one alone, or each its own part), ending with every process
+    knowing whether it failed anywhere: the process that failed raises its own error, the others a
+    `TrainingError` naming it. Without this, an error on one process leaves the others waiting at the next
+    barrier until it times out (30 minutes by default) or the launcher kills them without saying why. The end
+    of the block is a barrier."""
+    error: Exception | None = None
+    try:
+        yield
+    except Exception as err:
+        error = err
+    failures = gathered(accelerator, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, message in enumerate(failures) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise TrainingError(f"process {rank} failed while {what} ({message}); process "
+                            f"{accelerator.process_index} stops with it")

@@ -137,12 +137,12 @@ def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save
     unwrapped = accelerator.unwrap_model(model)
     checkpoint_dir = out / "checkpoints"
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "samples": 0}
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        checkpoints.clean_staging(checkpoint_dir)
-        if not config.resume:
-            (out / "log.jsonl").unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
+    with distributed.together(accelerator, f"preparing {out}"):
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            checkpoints.clean_staging(checkpoint_dir)
+            if not config.resume:
+                (out / "log.jsonl").unlink(missing_ok=True)
     if config.resume:
         state = _resume(checkpoint_dir, unwrapped, optimizer, scheduler, accelerator, config, settings) or state
         if accelerator.is_main_process:
@@ -219,11 +219,11 @@ def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save
             state["batch_in_epoch"] = 0
     progress.close()
     saved = out / saved_name(unwrapped)
-    if accelerator.is_main_process:
-        save(unwrapped, saved)
-        if config.plot:
-            plot_curves(out / "log.jsonl", out / "curves.png")
-    accelerator.wait_for_everyone()
+    with distributed.together(accelerator, f"saving {saved}"):
+        if accelerator.is_main_process:
+            save(unwrapped, saved)
+            if config.plot:
+                plot_curves(out / "log.jsonl", out / "curves.png")
     if config.trackers:
         accelerator.end_training()
     unwrapped.eval()
@@ -272,7 +272,9 @@ class StopSignals:
 def _resume(directory: Path, model, optimizer, scheduler, accelerator, config: TrainConfig,
             settings: dict[str, Any] | None) -> dict[str, Any] | None:
     """Load the latest checkpoint that reads back whole (damaged ones are skipped with a warning), after checking
-    that it was written with this run's settings; None when there is none (the run starts fresh, and says so)."""
+    that it was written with this run's settings; None when there is none (the run starts fresh, and says so).
+    Every process resumes from the same one: a checkpoint any process cannot read (each reads its own random
+    state) is skipped by all."""
     found = checkpoints.complete_checkpoints(directory)
     if not found:
         accelerator.print(f"--resume: no checkpoint in {directory}; starting fresh from step 0")
@@ -280,11 +282,18 @@ def _resume(directory: Path, model, optimizer, scheduler, accelerator, config: T
     parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
     damaged = []
     for path in reversed(found):
-        try:
-            parts = checkpoints.read_checkpoint(path, parameters, optimizer, accelerator.process_index)
-        except checkpoints.DamagedCheckpoint as err:
-            damaged.append(str(err))
-            warnings.warn(f"checkpoint {path.name} cannot be read back ({err}); trying the one before", stacklevel=2)
+        unreadable = None
+        with distributed.together(accelerator, f"reading {path}"):
+            try:
+                parts = checkpoints.read_checkpoint(path, parameters, optimizer, accelerator.process_index)
+            except checkpoints.DamagedCheckpoint as err:
+                unreadable = str(err)
+        reasons = distributed.gathered(accelerator, unreadable)
+        if any(reasons):
+            why = "; ".join(reason if len(reasons) == 1 else f"process {rank}: {reason}"
+                            for rank, reason in enumerate(reasons) if reason)
+            damaged.append(why)
+            warnings.warn(f"checkpoint {path.name} cannot be read back ({why}); trying the one before", stacklevel=2)
             continue
         _compare(path, parts["state"], config, settings)
         state = _apply(path, parts, parameters, optimizer, scheduler, accelerator)
@@ -371,22 +380,22 @@ def _check_gradients(parameters: list[nn.Parameter], step: int, accelerator: Acc
 def _evaluate(evaluate, model, step, state, config, accelerator, save, out: Path, sharded: bool) -> dict[str, float]:
     metrics: dict[str, float] = {}
     model.eval()
-    if sharded or accelerator.is_main_process:  # a sharded model needs every process in each forward
-        with torch.no_grad():
-            metrics = {k: float(v) for k, v in evaluate(model).items()}
-    if accelerator.is_main_process:
-        _log(out, {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}, accelerator)
-        name = config.metric or next(iter(metrics), None)
-        if name is not None:
-            if name not in metrics:
-                raise ValueError(f"metric {name!r} is not among the evaluation results {sorted(metrics)}")
-            value, best = metrics[name], state["best"]
-            better = best is None or (value > best["value"] if config.greater_is_better else value < best["value"])
-            if better:
-                state["best"] = {"step": step, "metric": name, "value": value}
-                save(model, out / "best")
+    with distributed.together(accelerator, f"evaluating at step {step}"):
+        if sharded or accelerator.is_main_process:  # a sharded model needs every process in each forward
+            with torch.no_grad():
+                metrics = {k: float(v) for k, v in evaluate(model).items()}
+        if accelerator.is_main_process:
+            _log(out, {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}, accelerator)
+            name = config.metric or next(iter(metrics), None)
+            if name is not None:
+                if name not in metrics:
+                    raise ValueError(f"metric {name!r} is not among the evaluation results {sorted(metrics)}")
+                value, best = metrics[name], state["best"]
+                better = best is None or (value > best["value"] if config.greater_is_better else value < best["value"])
+                if better:
+                    state["best"] = {"step": step, "metric": name, "value": value}
+                    save(model, out / "best")
     model.train()
-    accelerator.wait_for_everyone()
     best = [state["best"]]
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(best, src=0)
@@ -397,23 +406,23 @@ def _evaluate(evaluate, model, step, state, config, accelerator, save, out: Path
 def _save(directory: Path, state, model, optimizer, scheduler, accelerator, config: TrainConfig,
           settings: dict[str, Any] | None) -> None:
     rank = accelerator.process_index
-    parts: dict[str, Any] = {f"rng-rank{rank}": checkpoints.rng_state()}
-    if accelerator.is_main_process:
-        parts["trainable"] = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        broken = [n for n, p in parts["trainable"].items() if not torch.isfinite(p).all()]
-        if broken:  # the guards of the loop make this unreachable; a checkpoint must never hold it
-            raise TrainingError(f"weights {broken[:3]} are not finite at step {state['step']}; no checkpoint written")
-        parts["optimizer"] = optimizer.state_dict()
-        parts["scheduler"] = scheduler.state_dict()
-        parts["state"] = {**state, "processes": accelerator.num_processes, "config": dataclasses.asdict(config),
-                          "settings": settings}
-        if accelerator.scaler is not None:
-            parts["scaler"] = accelerator.scaler.state_dict()
-    checkpoints.stage_checkpoint(directory, state["step"], parts)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        checkpoints.publish_checkpoint(directory, state["step"], config.keep_checkpoints)
-    accelerator.wait_for_everyone()
+    with distributed.together(accelerator, f"writing the checkpoint of step {state['step']}"):
+        parts: dict[str, Any] = {f"rng-rank{rank}": checkpoints.rng_state()}
+        if accelerator.is_main_process:
+            parts["trainable"] = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            broken = [n for n, p in parts["trainable"].items() if not torch.isfinite(p).all()]
+            if broken:  # the guards of the loop make this unreachable; a checkpoint must never hold it
+                raise TrainingError(f"weights {broken[:3]} are not finite at step {state['step']}; no checkpoint written")
+            parts["optimizer"] = optimizer.state_dict()
+            parts["scheduler"] = scheduler.state_dict()
+            parts["state"] = {**state, "processes": accelerator.num_processes, "config": dataclasses.asdict(config),
+                              "settings": settings}
+            if accelerator.scaler is not None:
+                parts["scaler"] = accelerator.scaler.state_dict()
+        checkpoints.stage_checkpoint(directory, state["step"], parts)
+    with distributed.together(accelerator, f"publishing the checkpoint of step {state['step']}"):
+        if accelerator.is_main_process:
+            checkpoints.publish_checkpoint(directory, state["step"], config.keep_checkpoints)
 
 
 def _apply(path: Path, parts: dict[str, Any], parameters: dict[str, nn.Parameter], optimizer, scheduler,
