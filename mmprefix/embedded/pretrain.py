@@ -373,7 +373,7 @@ BACKBONES = {
     "blip2": (pretrain_blip2, 3000),
     "clip": (pretrain_clip, 1500),
     "lm": (pretrain_lm, 6000),
-    "llava": (pretrain_llava, 800),  # after clip and lm: it starts from their shipped weights
+    "llava": (pretrain_llava, 2400),  # after clip and lm: it starts from their shipped weights
 }
 
 
