@@ -85,7 +85,7 @@ def shard(model: PrefixModel, device: torch.device) -> None:
         raise ValueError(
             f"sharding (fsdp=True) cannot split quantized weights ({name} is a {type(parameter.data).__name__}; "
             "FSDP2 cuts every weight into per-process pieces, which torchao's and bitsandbytes' weights do not "
-            "support): shard the base unquantized, or train the quantized base without fsdp"
+            "survive whole): shard the base unquantized, or train the quantized base without fsdp"
         )
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     layers = set(getattr(base, "_no_split_modules", None) or ()) | EXTRA_LAYERS
@@ -104,7 +104,10 @@ def shard(model: PrefixModel, device: torch.device) -> None:
 
 
 def _quantized(parameter: nn.Parameter) -> bool:
-    """torchao keeps a quantized weight as a tensor subclass, bitsandbytes as a Parameter subclass."""
+    """torchao keeps a quantized weight as a tensor subclass, bitsandbytes as a Parameter subclass. Tried sharded on
+    two gloo processes: torchao's fail ("aten.split" is not implemented for them), bitsandbytes' 8-bit ones too
+    (the gathered weight lacks its int8 state), and its 4-bit ones give the unsharded loss and gradients but
+    generate other tokens after the first (so evaluation during training would be wrong)."""
     return type(parameter.data) is not torch.Tensor or type(parameter) not in (nn.Parameter, torch.Tensor)
 
 
