@@ -23,7 +23,10 @@ class FieldError(ValueError):
 
 
 def location(source: str, path: str) -> str:
-    """``"source: path"``, or whichever of the two is given."""
+    """``"source: path"``, or whichever of the two is given; a path that holds control characters (a key read
+    from a file) is shown escaped, so that the error stays one line."""
+    if path and not path.isprintable():
+        path = repr(path)[1:-1]
     return ": ".join(part for part in (source, path) if part)
 
 

@@ -277,3 +277,10 @@ def test_a_prefix_folder_with_fuzzed_metadata_loads_exactly_or_is_refused(data, 
     assert loaded.prefixes["default"].tensors().keys() == tensors.keys()
     for name, tensor in loaded.prefixes["default"].tensors().items():
         torch.testing.assert_close(tensor, tensors[name], rtol=0, atol=0)
+
+
+def test_a_key_with_a_control_character_gives_a_one_line_error():
+    """Found by the fuzz test above: a metadata key "\\n" put a line break into the error."""
+    with pytest.raises(ValueError) as caught:
+        PrefixConfig.from_dict({"\n": None}, "prefix.safetensors (metadata)", "prefix_config")
+    assert "\n" not in str(caught.value) and "\\n is not a setting" in str(caught.value)
