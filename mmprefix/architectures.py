@@ -20,13 +20,16 @@ from torch import nn
 
 from .families import (
     BY_KEY,
+    ITEMS,
     CAUSAL_LM,
     DECODER_ONLY_LM,
     ENCODER_DECODER_LM,
     FAMILIES,
     LANGUAGE_MODEL,
+    LANGUAGE_TOWERS,
     SEQ2SEQ_LM,
     Family,
+    Media,
 )
 
 # Hand-written attention (never reaches the attention interface): class -> route with a replacement forward
@@ -179,6 +182,13 @@ def _base(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
     return model, ("",)
 
 
+def fallback_media(config) -> tuple[Media, ...]:
+    """A composite model with no record: its images, if its config names their placeholder token (each image the
+    same number of placeholders, LLaVA-style). Anything else its towers see cannot be mapped to rows."""
+    token = next((a for a in ("image_token_id", "image_token_index") if isinstance(getattr(config, a, None), int)), None)
+    return (Media("pixel_values", ITEMS, token),) if token and getattr(config, "vision_config", None) else ()
+
+
 def fallback_towers(model: nn.Module) -> tuple[tuple[str, str], ...] | None:
     """Towers of a composite model with no record, from its own sub-models: each child of its base module is a
     tower named after the sub-config it was built from (``vision_config`` -> ``vision``, ``text_config`` -> the
@@ -204,6 +214,18 @@ class Layout:
     towers: tuple[tuple[str, str], ...]
     fallback: bool  # towers from the model's sub-models: no tested record covers it
 
+    @property
+    def media_towers(self) -> frozenset[str]:
+        """Towers that see a call's images (videos, audio) instead of its text rows: those the record's media
+        name; with no record, every tower but the language model's."""
+        if self.fallback:
+            return frozenset(t for _, t in self.towers if t not in LANGUAGE_TOWERS)
+        return frozenset(t for m in self.family.media for t in m.towers)
+
+    def root(self, site_name: str) -> str:
+        """The module name of the tower ``site_name`` is in."""
+        return next(p for p, _ in self.towers if site_name.startswith(p)).rstrip(".")
+
 
 def tower_layout(model: nn.Module) -> Layout | None:
     """The towers of a supported model (or of a composite one, by the generic fallback); None otherwise."""
@@ -213,7 +235,7 @@ def tower_layout(model: nn.Module) -> Layout | None:
         towers = fallback_towers(model)
         if towers is None:
             return None
-        family = Family("generic fallback", (), towers)
+        family = Family("generic fallback", (), towers, media=fallback_media(model.config))
     return Layout(family, _expand(model, family.towers), fallback)
 
 

@@ -3,8 +3,8 @@
 A record names the family's towers (module-name prefixes, under the model's ``base_model_prefix`` or not), what
 counts as cross-attention beyond the usual names, attention whose output the model never reads (no gradient
 could ever reach a prefix there), towers it cannot reach and why, where a soft prompt goes, which class to load
-per task, LoRA's target modules, the prompt format of the recipes and evaluation (``data/formatting.py``), and,
-for vision towers that do not see one image per text row, how images map to rows. Adding a family is one record
+per task, LoRA's target modules, the prompt format of the recipes and evaluation (``data/formatting.py``), and
+how the images (videos, audio) of a call reach the towers that see them instead of the text rows. Adding a family is one record
 here plus one tiny factory in ``tests/tiny_families.py``; a composite model with no record gets towers from its own
 sub-models (``architectures.fallback_towers``).
 """
@@ -18,23 +18,37 @@ from typing import NamedTuple
 LANGUAGE_MODEL = "language_model"
 DECODER_ONLY_LM = (("", "lm"),)
 ENCODER_DECODER_LM = (("encoder.", "lm_encoder"), ("decoder.", "lm_decoder"))
+LANGUAGE_TOWERS = tuple(tower for _, tower in DECODER_ONLY_LM + ENCODER_DECODER_LM)
 
 DEFAULT_LORA = r".*\.(q_proj|v_proj)$"  # Llama, Mistral, Qwen2, OPT, BART, and the LMs inside today's VLMs
 
 
-class Images(NamedTuple):
-    """How the images of a call reach a vision tower whose batch is not one image per text row.
+# How the items of one input (images, videos, audio clips) reach the towers that see them (`Media.layout`):
+ROWS = "rows"  # the input's first dimension is the text rows: the towers' batch is a whole number of entries per row
+ITEMS = "items"  # the first dimension is the items, one entry each (LLaVA's images; a tiling processor's tiles)
+ROW_IMAGES = "row_images"  # [rows, images, ...]: every image that is not all zeros (padding), row after row (Idefics)
+TILES = "tiles"  # [items, tiles, ...]: every tile that is not all zeros (padding), item after item (LLaVA-NeXT)
+FRAMES = "frames"  # [items, frames, ...]: every frame, item after item (videos)
+GRID = "grid"  # packed into one sequence cut by cu_seqlens; ``grid`` holds each item's (t, h, w) (Qwen-VL)
 
-    ``"tiles"``: ``pixel_values`` is ``[rows, tiles, ...]`` and the tower sees every tile that is not all zeros
-    (padding), row after row. ``"grid"``: every image of the batch is packed into one sequence cut by
-    ``cu_seqlens`` (Qwen-VL); ``grid`` is the input holding each image's ``(t, h, w)`` patch grid and ``token``
-    the config attribute of the image placeholder token, whose runs in ``input_ids`` count each row's images.
-    """
 
-    kind: str
-    grid: str = "image_grid_thw"
-    token: str = "image_token_id"
-    towers: tuple[str, ...] = ("vision",)  # the towers whose batch is the images (or tiles), not the text rows
+class Media(NamedTuple):
+    """One input whose items a family's towers see instead of the text rows, and how a routed call tells which
+    row each item belongs to (``mmprefix/media.py``). Unless the layout is ``ROWS`` (the model itself pairs input
+    row i with text row i), the items' rows come from their placeholder tokens in ``input_ids``: ``token`` names
+    the config attribute of the placeholder id, ``count`` how many placeholders an item takes: ``"uniform"`` (the
+    same number for each), ``"runs"`` (one run of placeholders per item) or ``"grid"`` (its grid's size over the
+    vision config's ``spatial_merge_size`` squared)."""
+
+    input: str
+    layout: str
+    token: str | None = None
+    count: str = "uniform"
+    grid: str | None = None
+    towers: tuple[str, ...] = ("vision",)
+
+
+PER_ROW_IMAGES = (Media("pixel_values", ROWS),)
 
 
 @dataclass(frozen=True)
@@ -53,11 +67,15 @@ class Family:
     tasks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # task -> transformers classes to load
     lora: str = DEFAULT_LORA
     prompt_format: str | None = None  # "blip", "blip2", "chat", "paligemma"; None: "lm" (data/formatting.py)
-    images: Images | None = None
-    packed: tuple[str, ...] = ()  # towers whose attention runs once per image chunk of a packed sequence
+    media: tuple[Media, ...] = ()  # the inputs that towers see instead of the text rows, in the order the model runs them
     unroutable: tuple[tuple[str, str], ...] = ()  # (tower, why one call cannot give its rows different prefixes)
     image_first: tuple[str, ...] = ()  # towers that see the image's tokens in front of input_ids (GIT)
     prompt_filler: str = "pad_token_id"  # text-config attribute: the token id a soft prompt's placeholders hold
+
+    @property
+    def packed(self) -> tuple[str, ...]:
+        """Towers whose attention runs once per chunk (an image, a frame, a window) of one packed sequence."""
+        return tuple(dict.fromkeys(t for m in self.media if m.layout == GRID for t in m.towers))
 
 
 def _generation(*classes: str) -> dict[str, tuple[str, ...]]:
@@ -70,6 +88,13 @@ def _contrastive(*classes: str) -> dict[str, tuple[str, ...]]:
 
 VISION_LM = (("vision_tower.", "vision"), ("multi_modal_projector.", "projector"), ("language_model.", LANGUAGE_MODEL))
 UNUSED_VISION_HEAD = (("vision_tower.head.", "the model reads the vision tower's patch features, not its pooled output"),)
+# Images in input_ids' order, each the same number of placeholder tokens (LLaVA, PaliGemma, Gemma 3; a tile each)
+IMAGES = (Media("pixel_values", ITEMS, "image_token_id"),)
+# Images split into tiles by their size, padded with all-zero tiles; an image's placeholders are one run
+TILED_IMAGES = Media("pixel_values", TILES, "image_token_id", count="runs")
+# Qwen-VL: every image and video of a call packed into one sequence, images first
+PACKED = (Media("pixel_values", GRID, "image_token_id", count="grid", grid="image_grid_thw"),
+          Media("pixel_values_videos", GRID, "video_token_id", count="grid", grid="video_grid_thw"))
 
 
 def _vision_lm(name: str, *classes: str, unused=UNUSED_VISION_HEAD, **options) -> Family:
@@ -78,7 +103,7 @@ def _vision_lm(name: str, *classes: str, unused=UNUSED_VISION_HEAD, **options) -
     return Family(
         name, (name,), options.pop("towers", VISION_LM), unused=unused,
         prompt_inputs={c: (None, 0, c == conditional) for c in classes}, tasks=_generation(conditional),
-        prompt_format=options.pop("prompt_format", "chat"), **options,
+        prompt_format=options.pop("prompt_format", "chat"), media=options.pop("media", IMAGES), **options,
     )
 
 
@@ -86,53 +111,54 @@ FAMILIES: tuple[Family, ...] = (
     Family("clip", ("clip",), (("vision_model.", "vision"), ("text_model.", "text")),
            prompt_inputs={"CLIPModel": ("text_model.embeddings.token_embedding", 1, False),
                           "CLIPTextModel": (None, 1, False), "CLIPTextModelWithProjection": (None, 1, False)},
-           tasks=_contrastive("CLIPModel")),
+           tasks=_contrastive("CLIPModel"), media=PER_ROW_IMAGES),
     # The pooling head is a learned probe attending to the patches: cross-attention, like CoCa's pooler.
     Family("siglip", ("siglip", "siglip2"), (("vision_model.", "vision"), ("text_model.", "text")),
-           cross=("*head.attention",), tasks=_contrastive("SiglipModel", "Siglip2Model"),
+           cross=("*head.attention",), tasks=_contrastive("SiglipModel", "Siglip2Model"), media=PER_ROW_IMAGES,
            prompt_inputs={c: ("text_model.embeddings.token_embedding", 0, False) for c in ("SiglipModel", "Siglip2Model")}),
     Family("blip", ("blip",), (("vision_model.", "vision"), ("text_encoder.", "text_encoder"),
                                 ("text_decoder.", "text_decoder")),
            prompt_inputs={"BlipForConditionalGeneration": (None, 1, True), "BlipForQuestionAnswering": (None, 1, False),
                           "BlipForImageTextRetrieval": (None, 1, False)},
            tasks={"vqa": ("BlipForQuestionAnswering",), "caption": ("BlipForConditionalGeneration",)},
-           lora=r".*\.(query|value|qkv)$", prompt_format="blip"),
+           lora=r".*\.(query|value|qkv)$", prompt_format="blip", media=PER_ROW_IMAGES),
     Family("blip-2", ("blip-2",), (("vision_model.", "vision"), ("qformer.", "qformer"), ("language_model.", LANGUAGE_MODEL)),
            prompt_inputs={"Blip2ForConditionalGeneration": (None, 0, True), "Blip2Model": (None, 0, False)},
            tasks=_generation("Blip2ForConditionalGeneration"), lora=r".*\.(query|value|qkv|q_proj|v_proj)$",
-           prompt_format="blip2"),
+           prompt_format="blip2", media=(Media("pixel_values", ROWS, towers=("vision", "qformer")),)),
     Family("instructblip", ("instructblip",),
            (("vision_model.", "vision"), ("qformer.", "qformer"), ("language_model.", LANGUAGE_MODEL)),
            prompt_inputs={"InstructBlipForConditionalGeneration": (None, 0, True)},
            tasks=_generation("InstructBlipForConditionalGeneration"), lora=r".*\.(query|value|qkv|q_proj|v_proj)$",
-           prompt_format="blip2"),
+           prompt_format="blip2", media=(Media("pixel_values", ROWS, towers=("vision", "qformer")),)),
     # GIT: a CLIP image encoder, and one text transformer over [image tokens; text] (hand-written attention).
     Family("git", ("git",), (("image_encoder.", "vision"), ("encoder.", "lm")),
            prompt_inputs={"GitForCausalLM": (None, 1, True)}, tasks=_generation("GitForCausalLM"), image_first=("lm",),
-           lora=r".*\.(q_proj|v_proj|query|value)$"),
+           lora=r".*\.(q_proj|v_proj|query|value)$", media=PER_ROW_IMAGES),  # [rows, frames, ...]: frames row by row
     _vision_lm("llava", "LlavaForConditionalGeneration", "LlavaModel"),
-    _vision_lm("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextModel", images=Images("tiles")),
+    _vision_lm("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextModel", media=(TILED_IMAGES,)),
     _vision_lm("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel",
-               images=Images("tiles")),
+               media=(TILED_IMAGES, Media("pixel_values_videos", FRAMES, "video_token_id"))),
     _vision_lm("paligemma", "PaliGemmaForConditionalGeneration", "PaliGemmaModel",
                aligned_inputs=("token_type_ids",), prompt_format="paligemma"),
     _vision_lm("gemma3", "Gemma3ForConditionalGeneration", "Gemma3Model", aligned_inputs=("token_type_ids",)),
-    _vision_lm("mistral3", "Mistral3ForConditionalGeneration", "Mistral3Model", unused=(),
+    _vision_lm("mistral3", "Mistral3ForConditionalGeneration", "Mistral3Model", unused=(), media=(),
                unroutable=(("vision", "Pixtral attends over every image of the batch in one sequence with a "
                                       "block-diagonal mask"),)),
     _vision_lm("internvl", "InternVLForConditionalGeneration", "InternVLModel", unused=()),
     _vision_lm("idefics2", "Idefics2ForConditionalGeneration", "Idefics2Model", unused=(),
                towers=(("vision_model.", "vision"), ("connector.", "resampler"), ("text_model.", LANGUAGE_MODEL)),
-               cross=("*perceiver_resampler.layers.*",), images=Images("tiles", towers=("vision", "resampler"))),
+               cross=("*perceiver_resampler.layers.*",),
+               media=(Media("pixel_values", ROW_IMAGES, towers=("vision", "resampler")),)),
     _vision_lm("idefics3", "Idefics3ForConditionalGeneration", "Idefics3Model", unused=(),
                towers=(("vision_model.", "vision"), ("connector.", "projector"), ("text_model.", LANGUAGE_MODEL)),
-               images=Images("tiles")),
+               media=(Media("pixel_values", ROW_IMAGES),)),
     _vision_lm("smolvlm", "SmolVLMForConditionalGeneration", "SmolVLMModel", unused=(),
                towers=(("vision_model.", "vision"), ("connector.", "projector"), ("text_model.", LANGUAGE_MODEL)),
-               images=Images("tiles")),
+               media=(Media("pixel_values", ROW_IMAGES),)),
     *(
         _vision_lm(name, conditional, base, unused=(), towers=(("visual.", "vision"), ("language_model.", LANGUAGE_MODEL)),
-                   images=Images("grid"), packed=("vision",), aligned_inputs=("mm_token_type_ids",))
+                   media=PACKED, aligned_inputs=("mm_token_type_ids",))
         for name, conditional, base in (
             ("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLModel"),
             ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel"),
@@ -143,22 +169,28 @@ FAMILIES: tuple[Family, ...] = (
     _vision_lm("mllama", "MllamaForConditionalGeneration", "MllamaModel", unused=(),
                towers=(("vision_model.transformer.", "vision"), ("vision_model.global_transformer.", "vision_global"),
                        ("multi_modal_projector.", "projector"), ("language_model.", LANGUAGE_MODEL)),
-               aligned_inputs=("cross_attention_mask",)),
+               aligned_inputs=("cross_attention_mask",),  # pixel_values: [rows, images, tiles, ...], padding kept
+               media=(Media("pixel_values", ROWS, towers=("vision", "vision_global")),)),
     _vision_lm("kosmos-2", "Kosmos2ForConditionalGeneration", "Kosmos2Model", unused=(),
                towers=(("vision_model.", "vision"), ("image_to_text_projection.", "projector"), ("text_model.", "lm")),
                cross=("*x_attn",), aligned_inputs=("image_embeds_position_mask",),
+               media=(Media("pixel_values", ROWS, towers=("vision", "projector")),),
                prompt_filler="bos_token_id"),  # its positions count every token that is not padding
     Family("florence2", ("florence2",), (("vision_tower.", "vision"), ("language_model.", LANGUAGE_MODEL)),
            refused=(("vision", "its DaViT channel attention attends over channels, with the number of image tokens as "
                      "head size (it changes with the image size), so a prefix has no fixed shape there"),),
-           prompt_inputs={"Florence2ForConditionalGeneration": (None, 0, False)}),
-    Family("vit", ("vit",), (("", "vision"),)),
-    Family("vision-encoder-decoder", ("vision-encoder-decoder",), (("encoder.", "vision"), ("decoder.", "text_decoder"))),
-    Family("whisper", ("whisper",), (("encoder.", "audio"), ("decoder.", "text_decoder"))),
-    Family("open_clip CLIP", ("open_clip.model.CLIP",), (("visual.", "vision"), ("transformer.", "text"))),
-    Family("open_clip CustomTextCLIP", ("open_clip.model.CustomTextCLIP",), (("visual.", "vision"), ("text.", "text"))),
+           prompt_inputs={"Florence2ForConditionalGeneration": (None, 0, False)}, media=PER_ROW_IMAGES),
+    Family("vit", ("vit",), (("", "vision"),), media=PER_ROW_IMAGES),
+    Family("vision-encoder-decoder", ("vision-encoder-decoder",), (("encoder.", "vision"), ("decoder.", "text_decoder")),
+           media=PER_ROW_IMAGES),
+    Family("whisper", ("whisper",), (("encoder.", "audio"), ("decoder.", "text_decoder")),
+           media=(Media("input_features", ROWS, towers=("audio",)),)),
+    Family("open_clip CLIP", ("open_clip.model.CLIP",), (("visual.", "vision"), ("transformer.", "text")),
+           media=PER_ROW_IMAGES),
+    Family("open_clip CustomTextCLIP", ("open_clip.model.CustomTextCLIP",), (("visual.", "vision"), ("text.", "text")),
+           media=PER_ROW_IMAGES),
     Family("open_clip CoCa", ("open_clip.coca_model.CoCa",),
-           (("visual.", "vision"), ("text.", "text"), ("text_decoder.", "text_decoder"))),
+           (("visual.", "vision"), ("text.", "text"), ("text_decoder.", "text_decoder")), media=PER_ROW_IMAGES),
 )
 
 # Plain language models: every causal or seq2seq LM of transformers (Llama, GPT-2, OPT, T5, BART, ...).

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import routing, saving, text_init
-from .architectures import Site, check_reachable, family_of, find_sites, is_open_clip, select_sites
+from . import media, routing, saving, text_init
+from .architectures import Site, check_reachable, find_sites, is_open_clip, select_sites, tower_layout
 from .attention import Prefix, install, uninstall
 from .config import PrefixConfig
 from .devices import execution_device
@@ -58,8 +58,11 @@ class PrefixModel(nn.Module):
         self._position_hook = None
         self._soft_prompts: SoftPrompts | None = None
         self._checkpoint_wired = False
-        self._family = family_of(model) if hasattr(model, "config") else None
-        self._chunk_hooks: dict[str, Any] = {}
+        self._layout = tower_layout(model)
+        self._family = self._layout.family if self._layout is not None else None
+        self._media_sites: dict[str, str] = {}  # site name -> tower, for sites that see images instead of rows
+        # module name -> (forward pre-hook, its tower, whether it is a site's): packed and multi-input towers
+        self._hooks: dict[str, tuple[Any, str, bool]] = {}
         self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -141,19 +144,31 @@ class PrefixModel(nn.Module):
             store = PrefixStore(config, sites, self._devices(sites))
         for site in sites:
             if site.name not in self._installed:
-                module = self.base_model.get_submodule(site.name)
-                install(module, site, self)
+                install(self.base_model.get_submodule(site.name), site, self)
                 self._installed[site.name] = site
-                if self._family is not None and site.tower in self._family.packed:
-                    self._chunk_hooks[site.name] = module.register_forward_pre_hook(
-                        functools.partial(routing.record_chunks, self, site.name), with_kwargs=True
-                    )
+                self._hook_media(site)
         self.prefixes[name] = store
         if config.position_offset and self._position_hook is None:
             self._position_hook = self.base_model.register_forward_pre_hook(self._shift_positions, with_kwargs=True)
         if self.active_prefix is None:
             self.active_prefix = name
         return store
+
+    def _hook_media(self, site: Site) -> None:
+        """A site in a tower that sees images: remembered for routed calls; a packed tower's attention records its
+        chunks, and a tower that several inputs feed (images, then videos) records which one it runs."""
+        if self._layout is None or site.tower not in self._layout.media_towers:
+            return
+        self._media_sites[site.name] = site.tower
+        hooks = []
+        if site.tower in self._family.packed:
+            hooks.append((site.name, functools.partial(routing.record_chunks, self, site.name)))
+        if sum(site.tower in m.towers for m in self._family.media) > 1:
+            hooks.append((self._layout.root(site.name), functools.partial(routing.tower_starts, self, site.tower)))
+        for module_name, hook in hooks:
+            if module_name not in self._hooks:
+                handle = self.base_model.get_submodule(module_name).register_forward_pre_hook(hook, with_kwargs=True)
+                self._hooks[module_name] = (handle, site.tower, module_name == site.name)
 
     def delete_prefix(self, name: str) -> None:
         """Remove a named prefix; attention sites that no other prefix uses get their original code back."""
@@ -163,8 +178,12 @@ class PrefixModel(nn.Module):
         for site_name in [n for n in self._installed if n not in used]:
             uninstall(self.base_model.get_submodule(site_name))
             del self._installed[site_name]
-            if site_name in self._chunk_hooks:
-                self._chunk_hooks.pop(site_name).remove()
+            self._media_sites.pop(site_name, None)
+        towers = set(self._media_sites.values())
+        for module_name, (handle, tower, on_site) in list(self._hooks.items()):
+            if (module_name not in self._installed) if on_site else (tower not in towers):
+                handle.remove()
+                del self._hooks[module_name]
         if self._position_hook is not None and not any(s.config.position_offset for s in self.prefixes.values()):
             self._position_hook.remove()
             self._position_hook = None
@@ -214,9 +233,8 @@ class PrefixModel(nn.Module):
             call.expansion = routing.expansion(self.base_model, kwargs)
         call.route = route = self._route(call)  # the active prefix when the call starts
         call.store = self.prefixes[route] if isinstance(route, str) else None
-        images = self._family.images if self._family is not None else None
-        if images is not None and isinstance(route, Routing):
-            call.images = routing.image_rows(images, kwargs, self.base_model.config, self._installed.values())
+        if isinstance(route, Routing):
+            call.media = self._call_media(route, kwargs)
         if self._soft_prompts is not None and not call.disabled and route is not None:
             kwargs, call.insertion = self._soft_prompts.insert(kwargs, route, self.prefixes, generating)
         with routing.inside(self, call):
@@ -229,8 +247,18 @@ class PrefixModel(nn.Module):
         route = routing.resolve(prefix, self.prefixes, (), {})
         self._check_checkpointing()
         routing.check_routable(route, self._family, self.base_model)
-        with routing.inside(self, dataclasses.replace(routing.current(self), route=route, cache=None)):
+        # the scope's calls' images are not known here: only towers whose batch is the rows can be routed
+        scope = dataclasses.replace(routing.current(self), route=route, cache=None,
+                                    media=self._call_media(route, {}) if isinstance(route, Routing) else None)
+        with routing.inside(self, scope):
             yield
+
+    def _call_media(self, route: Routing, kwargs: dict) -> media.CallMedia | None:
+        """Which row each image (tile, frame, chunk) of a routed call belongs to, for the towers that see them."""
+        if not self._media_sites:
+            return None
+        config = getattr(self.base_model, "config", None)
+        return media.call_media(self._family.media, kwargs, config, self._media_sites, len(route.names))
 
     @contextlib.contextmanager
     def disable_prefix(self) -> Iterator[None]:

@@ -18,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .attention import Prefix
+from .media import CallMedia
 from .store import PrefixStore
 
 
@@ -47,7 +48,7 @@ class Call:
     expansion: int = 1  # generation repeats each row this many times (beams x returned sequences)
     cache: dict | None = None  # built routed prefixes and widened masks; None outside a call
     captured: dict | None = None  # keys and values recorded for a text initialisation
-    images: ImageRows | None = None  # a routed call's images, for vision towers that see several per row
+    media: CallMedia | None = None  # a routed call's images (videos, audio), for the towers that see them
 
     def open(self, **changes: Any) -> Call:
         """A call inside this scope: the scope's routing, the changes, and a fresh cache."""
@@ -113,54 +114,6 @@ def expansion(model: Any, kwargs: dict) -> int:
     return beams * returned
 
 
-@dataclasses.dataclass
-class ImageRows:
-    """The images (or tiles) of a routed call, for a vision tower that does not see one image per text row:
-    how many each row has, in the order the tower sees them, and for a tower that packs them into one sequence
-    (Qwen-VL), how many tokens each image takes there."""
-
-    counts: torch.Tensor  # [rows]
-    tokens: torch.Tensor | None = None  # [images]
-    sites: frozenset[str] = frozenset()  # the sites whose batch is these images
-
-    def rows(self, size: int, expansion: int) -> list[int] | None:
-        """The text row of each of ``size`` images, None if they do not add up. Generation may run the tower on
-        the expanded batch, where each row's images come ``expansion`` times in a row."""
-        for repeat in dict.fromkeys((1, expansion)):
-            if int(self.counts.sum()) * repeat == size:
-                return torch.arange(len(self.counts)).repeat_interleave(self.counts * repeat).tolist()
-        return None
-
-    def chunk_rows(self, cu_seqlens: torch.Tensor, expansion: int) -> list[int]:
-        """The text row of each chunk of a packed sequence cut at ``cu_seqlens`` (an image, a frame, a window)."""
-        starts = self.counts.cumsum(0) - self.counts
-        per_row = [self.tokens[s : s + c] for s, c in zip(starts.tolist(), self.counts.tolist())]
-        for repeat in dict.fromkeys((1, expansion)):
-            tokens = torch.cat([t.repeat(repeat) for t in per_row])
-            if int(tokens.sum()) == int(cu_seqlens[-1]):
-                rows = torch.arange(len(self.counts)).repeat_interleave(self.counts * repeat)
-                image = torch.searchsorted(tokens.cumsum(0), cu_seqlens[:-1].cpu(), right=True)
-                return rows[image].tolist()
-        raise ValueError(
-            f"the packed vision sequence has {int(cu_seqlens[-1])} tokens, but the call's images take "
-            f"{int(self.tokens.sum())}: cannot tell which row each image belongs to"
-        )
-
-
-def image_rows(images: Any, kwargs: dict, config: Any, sites: Iterable[Any]) -> ImageRows | None:
-    """How a routed call's images reach the towers that see them (``images``: a `families.Images`), from the
-    call's inputs; ``sites``: the model's sites, of which those in ``images.towers`` see the images."""
-    pixels = kwargs.get("pixel_values")
-    seeing = frozenset(site.name for site in sites if site.tower in images.towers)
-    if images.kind == "tiles" and torch.is_tensor(pixels) and pixels.dim() == 5:
-        return ImageRows(pixels.flatten(2).ne(0).any(-1).sum(1).cpu(), sites=seeing)
-    if images.kind == "grid" and kwargs.get(images.grid) is not None and kwargs.get("input_ids") is not None:
-        ids = kwargs["input_ids"] == getattr(config, images.token)
-        runs = ids & ~torch.nn.functional.pad(ids, (1, 0))[:, :-1]  # the first token of each image's run
-        return ImageRows(runs.sum(1).cpu(), kwargs[images.grid].prod(-1).cpu(), seeing)
-    return None
-
-
 def check_routable(route: Any, family: Any, model: Any) -> None:
     """Towers where one call cannot give its rows different prefixes (``Family.unroutable``) are an error
     before any compute."""
@@ -183,16 +136,25 @@ def record_chunks(owner: Any, site_name: str, module: Any, args: tuple, kwargs: 
     route = owner.active_prefix if call.route is ACTIVE else call.route
     if call.cache is None or call.disabled or not isinstance(route, Routing) or not route.reaches(site_name):
         return
-    if call.images is None:
-        raise ValueError(f"{site_name} packs the images of a batch into one sequence; a routed call needs the "
-                         "images' grid and placeholder tokens (image_grid_thw and input_ids) to route it")
     cu_seqlens = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
     # The layers of a tower share one cu_seqlens tensor (windowed layers another): their rows are worked out once
-    known = call.cache.get(("chunk rows", id(cu_seqlens)))
+    key = ("chunk rows", id(cu_seqlens))  # the cache holds the tensor: its id is not reused while cached
+    known = call.cache.get(key)
     if known is None or known[0] is not cu_seqlens:
-        known = (cu_seqlens, call.images.chunk_rows(cu_seqlens, call.expansion))
-        call.cache[("chunk rows", id(cu_seqlens))] = known
+        known = (cu_seqlens, call.media.chunk_rows(site_name, cu_seqlens, call.expansion))
+        call.cache[key] = known
     call.cache[("chunks", site_name)] = iter(known[1])
+
+
+def tower_starts(owner: Any, tower: str, module: Any, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a tower that several inputs feed (Qwen-VL's images, then its videos): which one it
+    runs now, from the size of its batch (its first tensor argument)."""
+    call = current(owner)
+    if call.media is None or call.cache is None:
+        return
+    first = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
+    if first is not None:
+        call.media.enter(tower, first.shape[0], call.expansion)
 
 
 class Routing:
@@ -235,18 +197,14 @@ class Routing:
         rows = len(self.names)
         if chunk_row is not None:
             return [chunk_row]
-        # A tower that sees the images is mapped through them even when their number happens to equal the rows'
-        # (two images in one row, none in the other)
-        seen = call.images is not None and site_name in call.images.sites
-        if not seen and batch_size in (rows, rows * call.expansion):
+        if call.media is not None and call.media.sees_media(site_name):  # images, tiles or frames, never rows
+            return call.media.batch_rows(site_name, batch_size, call.expansion)
+        if batch_size in (rows, rows * call.expansion):
             return [row for row in range(rows) for _ in range(batch_size // rows)]
-        batch_rows = call.images.rows(batch_size, call.expansion) if call.images is not None else None
-        if batch_rows is None:
-            raise ValueError(
-                f"a routing list of {rows} prefixes does not fit a batch of {batch_size} rows at {site_name}"
-                + (f" (generation repeats each row {call.expansion} times)" if call.expansion > 1 else "")
-            )
-        return batch_rows
+        raise ValueError(
+            f"a routing list of {rows} prefixes does not fit a batch of {batch_size} rows at {site_name}"
+            + (f" (generation repeats each row {call.expansion} times)" if call.expansion > 1 else "")
+        )
 
     def _build(self, site_name: str, batch_rows: list[int], cache: dict | None) -> Prefix:
         # Each table is one stack of the rows' own tensors: few small ops per site, because on a busy CPU every

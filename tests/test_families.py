@@ -399,5 +399,5 @@ def test_a_routed_call_without_input_ids_runs_a_packed_tower_its_prefixes_skip()
         mixed = pm(**batch, prefix=["a", "b"]).logits
         for row, prefix in enumerate(["a", "b"]):
             torch.testing.assert_close(real(name, mixed, row), real(name, pm(**batch, prefix=prefix).logits, row))
-        with pytest.raises(ValueError, match="packs the images of a batch"):
+        with pytest.raises(ValueError, match="no input_ids to tell which row each of the call's 2 images"):
             pm(**batch, prefix=["default", "b"])
