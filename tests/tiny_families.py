@@ -642,3 +642,7 @@ CASES.update({
                   suppress=(tiny.IMAGE_TOKEN,))
        for name in ("mistral", "qwen2")},
 })
+
+import tiny_vlms  # noqa: E402  (issue 25's classes; it reuses the helpers above, so it comes last)
+
+CASES.update(tiny_vlms.CASES)
