@@ -643,6 +643,4 @@ CASES.update({
        for name in ("mistral", "qwen2")},
 })
 
-import tiny_vlms  # noqa: E402  (issue 25's classes; it reuses the helpers above, so it comes last)
-
-CASES.update(tiny_vlms.CASES)
+import tiny_vlms  # noqa: E402,F401  (adds issue 25's classes to CASES; it reuses the helpers above, so it comes last)

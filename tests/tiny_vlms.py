@@ -7,8 +7,8 @@ row 1 text only), ``image_video`` (row 0 an image, row 1 a video), ``sizes`` (tw
 ``audio_image`` (row 0 audio, row 1 an image), ``video_text`` (row 0 a video, row 1 text only: for models that cannot
 batch images with videos), ``two_and_one`` (two images and one: Mllama cannot batch a row without images).
 
-``tiny_families`` imports this module at its end and adds ``CASES`` to its own: import ``tiny_families`` first (an
-import of this module first finds it half-initialised there).
+Importing this module adds ``CASES`` to ``tiny_families.CASES`` (the family matrix); ``tiny_families`` imports it at
+its end, so either module can be imported first.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import transformers as tf
 
+import tiny_families
 from tiny_families import VISION, Case, chat_template, images, lm_config, seeded, word_tokenizer
 
 PROMPTS = ("what color is the shape", "describe this image")
@@ -451,7 +452,9 @@ def chameleon():
 
 def chameleon_processor():
     images_ = tf.ChameleonImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return tf.ChameleonProcessor(image_processor=images_, tokenizer=_chameleon_tokenizer(), image_seq_length=16)
+    processor = tf.ChameleonProcessor(image_processor=images_, tokenizer=_chameleon_tokenizer(), image_seq_length=16)
+    processor.chat_template = chat_template("<image>")  # its __init__ takes none
+    return processor
 
 
 def small_frames(build: Callable[[object], dict]) -> Callable[[object], dict]:
@@ -496,7 +499,8 @@ ROUTING: dict[str, dict[str, Callable[[object], dict]]] = {
     # the classes already in tiny_families.CASES
     "llava": _image_routing("<image>"),
     "llava_next": _image_routing("<image>"),
-    "llava_onevision": {**_image_routing("<image>"),
+    # nested: the processor then knows row 0 has two images (batch_num_images), and such images get no anyres tiles
+    "llava_onevision": {**_image_routing("<image>"), "two_images": two_images("<image>", nested=True),
                         "image_video": image_video("<image>", "<video>", size={"height": 32, "width": 32})},
     "paligemma": {"two_images": two_images("", nested=True), "sizes": sizes("", nested=True)},
     "gemma3": _image_routing("<start_of_image>", nested=True),
@@ -543,13 +547,17 @@ CASES: dict[str, Case] = {
         ("llava_next_video", two_rows("<image>"), {("vision", "self"): 1, ("lm", "self"): 2}, {}),  # feature layer -2
         ("glm4v", two_rows(GLM_IMAGE), VISION_LM, dict(grow={"mm_token_type_ids": 0}, positions=None)),
         ("glm4v_moe", two_rows(GLM_IMAGE), VISION_LM, dict(grow={"mm_token_type_ids": 0}, positions=None)),
-        ("qwen2_5_omni", two_rows(OMNI_IMAGE), {("audio", "self"): 2, **VISION_LM}, dict(positions=None)),
+        # audio beside an image: every tower runs (a prefix on a tower the call does not run gets no gradient)
+        ("qwen2_5_omni", audio_image(OMNI_AUDIO, OMNI_IMAGE), {("audio", "self"): 2, **VISION_LM}, dict(positions=None)),
         # today: towers "embed_tokens_extend" (vision and audio) and "layers"; vision layer 1 (after feature_layer=-2)
         # and the SigLIP head are never read
-        ("phi4_multimodal", two_rows("<|image|>"), {("vision", "self"): 1, ("audio", "self"): 2, ("lm", "self"): 2}, {}),
+        ("phi4_multimodal", audio_image("<|audio|>", "<|image|>"),
+         {("vision", "self"): 1, ("audio", "self"): 2, ("lm", "self"): 2}, {}),
         ("deepseek_vl", two_rows("<image_placeholder>"), VISION_LM, {}),
         # SAM's attention (high_res_vision) is not reachable: add_prefix without targets refuses, naming it
         ("deepseek_vl_hybrid", two_rows("<image_placeholder>"), VISION_LM, dict(targets=["vision", "lm"])),
         ("chameleon", two_rows("<image>"), {("lm", "self"): 2}, {}),  # today: tower "layers"
     )
 }
+
+tiny_families.CASES.update(CASES)
