@@ -642,3 +642,5 @@ CASES.update({
                   suppress=(tiny.IMAGE_TOKEN,))
        for name in ("mistral", "qwen2")},
 })
+
+import tiny_vlms  # noqa: E402,F401  (adds issue 25's classes to CASES; it reuses the helpers above, so it comes last)
