@@ -18,6 +18,7 @@ from functools import lru_cache
 
 from torch import nn
 
+from .reach import unread_attention
 from .families import (
     BY_KEY,
     ITEMS,
@@ -190,20 +191,44 @@ def fallback_media(config) -> tuple[Media, ...]:
 
 
 def fallback_towers(model: nn.Module) -> tuple[tuple[str, str], ...] | None:
-    """Towers of a composite model with no record, from its own sub-models: each child of its base module is a
-    tower named after the sub-config it was built from (``vision_config`` -> ``vision``, ``text_config`` -> the
-    language model's layout), or after its attribute (a projector or resampler). None if it has no sub-configs."""
+    """Towers of a composite model with no record, from what its modules are: the outermost module built from
+    each sub-config is a tower named after it (``vision_config`` -> ``vision``, ``audio_config`` -> ``audio``,
+    ``text_config`` -> the language model's layout; others: the sub-config's stem), found however deep it sits
+    (Phi-4-multimodal keeps its vision and audio towers inside one embedding module). Attention outside them runs
+    on the model's own text config: the language model (Chameleon's ``layers``). None if it has no sub-configs."""
     config = getattr(model, "config", None)
     sub_configs = getattr(config, "sub_configs", None) or {}
     if not sub_configs:
         return None
+    built = {id(getattr(config, key)): key for key in sub_configs if getattr(config, key, None) is not None}
     types = {getattr(getattr(config, key, None), "model_type", None): key for key in sub_configs}
-    base, _ = _base(model)
-    towers = []
-    for name, child in base.named_children():
-        key = types.get(getattr(getattr(child, "config", None), "model_type", None))
-        towers.append((f"{name}.", SUB_CONFIG_TOWERS.get(key, key.removesuffix("_config")) if key else name))
+    towers: list[tuple[str, str]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            child_config = getattr(child, "config", None)
+            key = built.get(id(child_config)) or types.get(getattr(child_config, "model_type", None))
+            if key is not None:
+                towers.append((f"{prefix}{name}.", SUB_CONFIG_TOWERS.get(key, key.removesuffix("_config"))))
+            elif any(attention_route(m) is not None for m in child.modules()):
+                if any(getattr(m, "config", None) is not None and id(m.config) in built for m in child.modules()):
+                    visit(child, f"{prefix}{name}.")  # a sub-config's model is inside: look for it there
+                else:
+                    towers.append((f"{prefix}{name}.", LANGUAGE_MODEL if _is_text(child, config) else name))
+
+    visit(_base(model)[0], "")
     return tuple(towers)
+
+
+def _is_text(module: nn.Module, config) -> bool:
+    """Whether ``module``'s attention runs on the model's own (text) config: its language model. (An installed
+    prefix wraps an attention module's config in a view that keeps the original as ``config``.)"""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for m in module.modules():
+        own = getattr(m, "config", None) if attention_route(m) is not None else None
+        if own is not None and vars(own).get("config", own) in (config, text):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -250,7 +275,8 @@ def _expand(model: nn.Module, towers: tuple[tuple[str, str], ...]) -> tuple[tupl
                 language_model = model.get_submodule((base + prefix).rstrip("."))
             except AttributeError:
                 continue
-            nested = ENCODER_DECODER_LM if getattr(language_model.config, "is_encoder_decoder", False) else DECODER_ONLY_LM
+            encoder_decoder = getattr(getattr(language_model, "config", None), "is_encoder_decoder", False)
+            nested = ENCODER_DECODER_LM if encoder_decoder else DECODER_ONLY_LM
             layout += [(base + prefix + p, t) for p, t in _expand(language_model, nested)]
     return tuple(layout)
 
@@ -319,10 +345,11 @@ def _kind(name: str, family: Family) -> str:
     return "cross" if cross else "self"
 
 
-def _feature_layer_cutoff(config) -> int | None:
-    """VLMs that read the vision tower's hidden states at ``vision_feature_layer`` (LLaVA: -2) never use the
-    layers after it: the first unused vision layer, or None."""
-    chosen = getattr(config, "vision_feature_layer", None)
+def _feature_layer_cutoff(config, attribute: str) -> int | None:
+    """VLMs that read the vision tower's hidden states at a chosen layer (``attribute`` of the config: LLaVA's
+    ``vision_feature_layer`` = -2) never use the layers after it: the first unused vision layer, or None."""
+    owner, _, name = attribute.rpartition(".")
+    chosen = getattr(getattr(config, owner, None) if owner else config, name, None)
     layers = getattr(getattr(config, "vision_config", None), "num_hidden_layers", None)
     if chosen is None or layers is None:
         return None
@@ -335,11 +362,16 @@ def _unused(name: str, tower: str, layer: int, layout: Layout, config) -> str | 
     for prefix, why in layout.family.unused:
         if any(name.startswith(base + prefix) for base in ("", "model.")):
             return why
-    cutoff = _feature_layer_cutoff(config)
+    cutoff = _feature_layer_cutoff(config, layout.family.feature_layer)
     if tower == "vision" and cutoff is not None and layer >= cutoff:
         return (f"the model reads the vision tower's hidden states after layer {cutoff - 1} "
-                f"(vision_feature_layer={config.vision_feature_layer})")
+                f"({layout.family.feature_layer}={_feature_layer_value(config, layout.family.feature_layer)})")
     return None
+
+
+def _feature_layer_value(config, attribute: str):
+    owner, _, name = attribute.rpartition(".")
+    return getattr(getattr(config, owner) if owner else config, name)
 
 
 def scan(model: nn.Module, target_modules: list[str] | None = None) -> tuple[list[Site], dict[str, str]]:
@@ -375,6 +407,10 @@ def scan(model: nn.Module, target_modules: list[str] | None = None) -> tuple[lis
             continue
         heads, kv_heads, head_dim = head_geometry(module)
         sites.append(Site(name, tower, _kind(name, family), layer, heads, kv_heads, head_dim, route))
+    if layout is not None:  # what a dry run finds that the record and config do not say
+        unread, _ = unread_attention(model_class(model), model, [s.name for s in sites])
+        unused.update(unread)
+        sites = [s for s in sites if s.name not in unread]
     if not sites:
         where = f"matching target_modules={target_modules}" if target_modules else "in any known tower"
         raise ValueError(

@@ -29,22 +29,24 @@ ITEMS = "items"  # the first dimension is the items, one entry each (LLaVA's ima
 ROW_IMAGES = "row_images"  # [rows, images, ...]: every image that is not all zeros (padding), row after row (Idefics)
 TILES = "tiles"  # [items, tiles, ...]: every tile that is not all zeros (padding), item after item (LLaVA-NeXT)
 FRAMES = "frames"  # [items, frames, ...]: every frame, item after item (videos)
-GRID = "grid"  # packed into one sequence cut by cu_seqlens; ``grid`` holds each item's (t, h, w) (Qwen-VL)
+GRID = "grid"  # packed into one sequence cut by cu_seqlens; ``sizes`` holds each item's (t, h, w) (Qwen-VL)
+UNMAPPED = "unmapped"  # seen in a way mmprefix does not map to rows: a routed call with such items is refused
 
 
 class Media(NamedTuple):
     """One input whose items a family's towers see instead of the text rows, and how a routed call tells which
     row each item belongs to (``mmprefix/media.py``). Unless the layout is ``ROWS`` (the model itself pairs input
     row i with text row i), the items' rows come from their placeholder tokens in ``input_ids``: ``token`` names
-    the config attribute of the placeholder id, ``count`` how many placeholders an item takes: ``"uniform"`` (the
-    same number for each), ``"runs"`` (one run of placeholders per item) or ``"grid"`` (its grid's size over the
-    vision config's ``spatial_merge_size`` squared)."""
+    the config attribute of the placeholder id (dotted for a sub-config's), ``count`` how many placeholders an item
+    takes: ``"uniform"`` (the same number for each), ``"runs"`` (one run of placeholders per item: two items that
+    touch are refused), ``"grid"`` (its ``sizes`` grid's product over the vision config's ``spatial_merge_size``
+    squared) or ``"sizes"`` (the number the input ``sizes`` gives)."""
 
     input: str
     layout: str
     token: str | None = None
     count: str = "uniform"
-    grid: str | None = None
+    sizes: str | None = None  # the input with each item's size: GRID's (t, h, w) grids, or its placeholder count
     towers: tuple[str, ...] = ("vision",)
 
 
@@ -60,6 +62,7 @@ class Family:
     towers: tuple[tuple[str, str], ...]  # (module-name prefix, tower); the first matching prefix wins
     cross: tuple[str, ...] = ()  # fnmatch patterns on module names: cross-attention with no usual name
     unused: tuple[tuple[str, str], ...] = ()  # (module-name prefix, why the model never reads its output)
+    feature_layer: str = "vision_feature_layer"  # config attribute: the vision layer the model reads (later: unused)
     refused: tuple[tuple[str, str], ...] = ()  # (tower, why mmprefix cannot reach its attention)
     # class name -> (token-embedding path or None for get_input_embeddings(), column, labels follow input_ids)
     prompt_inputs: dict[str, tuple[str | None, int, bool]] = field(default_factory=dict)
@@ -68,7 +71,9 @@ class Family:
     lora: str = DEFAULT_LORA
     prompt_format: str | None = None  # "blip", "blip2", "chat", "paligemma"; None: "lm" (data/formatting.py)
     media: tuple[Media, ...] = ()  # the inputs that towers see instead of the text rows, in the order the model runs them
-    unroutable: tuple[tuple[str, str], ...] = ()  # (tower, why one call cannot give its rows different prefixes)
+    # (tower, why one call cannot give its rows different prefixes): refused before any compute; for a tower fed by
+    # an UNMAPPED input, only in the calls that have such an input
+    unroutable: tuple[tuple[str, str], ...] = ()
     image_first: tuple[str, ...] = ()  # towers that see the image's tokens in front of input_ids (GIT)
     prompt_filler: str = "pad_token_id"  # text-config attribute: the token id a soft prompt's placeholders hold
 
@@ -88,13 +93,18 @@ def _contrastive(*classes: str) -> dict[str, tuple[str, ...]]:
 
 VISION_LM = (("vision_tower.", "vision"), ("multi_modal_projector.", "projector"), ("language_model.", LANGUAGE_MODEL))
 UNUSED_VISION_HEAD = (("vision_tower.head.", "the model reads the vision tower's patch features, not its pooled output"),)
+DEEPSEEK_TOWERS = (("vision_model.", "vision"), ("aligner.", "projector"), ("language_model.", LANGUAGE_MODEL))
 # Images in input_ids' order, each the same number of placeholder tokens (LLaVA, PaliGemma, Gemma 3; a tile each)
 IMAGES = (Media("pixel_values", ITEMS, "image_token_id"),)
 # Images split into tiles by their size, padded with all-zero tiles; an image's placeholders are one run
 TILED_IMAGES = Media("pixel_values", TILES, "image_token_id", count="runs")
 # Qwen-VL: every image and video of a call packed into one sequence, images first
-PACKED = (Media("pixel_values", GRID, "image_token_id", count="grid", grid="image_grid_thw"),
-          Media("pixel_values_videos", GRID, "video_token_id", count="grid", grid="video_grid_thw"))
+PACKED = (Media("pixel_values", GRID, "image_token_id", count="grid", sizes="image_grid_thw"),
+          Media("pixel_values_videos", GRID, "video_token_id", count="grid", sizes="video_grid_thw"))
+# GLM-4V: packed like Qwen-VL, but a video's frames hold image placeholders (a call has images or videos, not both)
+GLM_PACKED = (PACKED[0], PACKED[1]._replace(token="image_token_id"))
+VIDEOS = Media("pixel_values_videos", FRAMES, "video_token_id")  # [videos, frames, ...]; placeholders per video
+SIGLIP_HEAD = "the model reads the vision tower's patch features, not its pooled output"
 
 
 def _vision_lm(name: str, *classes: str, unused=UNUSED_VISION_HEAD, **options) -> Family:
@@ -138,7 +148,9 @@ FAMILIES: tuple[Family, ...] = (
     _vision_lm("llava", "LlavaForConditionalGeneration", "LlavaModel"),
     _vision_lm("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextModel", media=(TILED_IMAGES,)),
     _vision_lm("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel",
-               media=(TILED_IMAGES, Media("pixel_values_videos", FRAMES, "video_token_id"))),
+               media=(TILED_IMAGES, VIDEOS)),
+    _vision_lm("llava_next_video", "LlavaNextVideoForConditionalGeneration", "LlavaNextVideoModel",
+               media=(TILED_IMAGES, VIDEOS)),
     _vision_lm("paligemma", "PaliGemmaForConditionalGeneration", "PaliGemmaModel",
                aligned_inputs=("token_type_ids",), prompt_format="paligemma"),
     _vision_lm("gemma3", "Gemma3ForConditionalGeneration", "Gemma3Model", aligned_inputs=("token_type_ids",)),
@@ -165,6 +177,37 @@ FAMILIES: tuple[Family, ...] = (
             ("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLModel"),
         )
     ),
+    *(
+        _vision_lm(name, conditional, base, unused=(), towers=(("visual.", "vision"), ("language_model.", LANGUAGE_MODEL)),
+                   media=GLM_PACKED, aligned_inputs=("mm_token_type_ids",))
+        for name, conditional, base in (
+            ("glm4v", "Glm4vForConditionalGeneration", "Glm4vModel"),
+            ("glm4v_moe", "Glm4vMoeForConditionalGeneration", "Glm4vMoeModel"),
+        )
+    ),
+    # Qwen2.5-Omni's thinker (the part that reads audio, images and video and writes text)
+    _vision_lm("qwen2_5_omni_thinker", "Qwen2_5OmniThinkerForConditionalGeneration", "Qwen2_5OmniThinkerModel",
+               unused=(), towers=(("audio_tower.", "audio"), ("visual.", "vision"), ("language_model.", LANGUAGE_MODEL)),
+               media=(*PACKED, Media("input_features", UNMAPPED, towers=("audio",))),
+               unroutable=(("audio", "its audio tower packs every clip of a call into one sequence of fixed-size "
+                                     "chunks, which mmprefix does not map to rows"),)),
+    Family("phi4_multimodal", ("phi4_multimodal",),
+           (("embed_tokens_extend.image_embed.img_processor.", "vision"),
+            ("embed_tokens_extend.audio_embed.encoder.", "audio"), ("layers.", "lm")),
+           unused=(("embed_tokens_extend.image_embed.img_processor.head.", SIGLIP_HEAD),),
+           feature_layer="vision_config.feature_layer",
+           # image_pixel_values: [images, crops, ...], padding crops included; an image's placeholders: one run
+           media=(Media("image_pixel_values", FRAMES, "vision_config.image_token_id", count="runs"),
+                  Media("audio_input_features", ITEMS, "audio_config.audio_token_id", count="sizes",
+                        sizes="audio_embed_sizes", towers=("audio",))),
+           prompt_inputs={"Phi4MultimodalForCausalLM": (None, 0, True)}, tasks=_generation("Phi4MultimodalForCausalLM"),
+           prompt_format="chat"),
+    _vision_lm("deepseek_vl", "DeepseekVLForConditionalGeneration", "DeepseekVLModel", towers=DEEPSEEK_TOWERS,
+               unused=(("vision_model.head.", SIGLIP_HEAD),)),
+    _vision_lm("deepseek_vl_hybrid", "DeepseekVLHybridForConditionalGeneration", "DeepseekVLHybridModel",
+               towers=(("high_res_vision_", "high_res_vision"), *DEEPSEEK_TOWERS), unused=(("vision_model.head.", SIGLIP_HEAD),),
+               refused=(("high_res_vision", "its SAM encoder computes attention in its own code, with relative "
+                                            "position terms mmprefix does not reproduce"),)),
     # Llama 3.2 Vision: a tiled local vision transformer, a global one, and cross-attention layers in the LM.
     _vision_lm("mllama", "MllamaForConditionalGeneration", "MllamaModel", unused=(),
                towers=(("vision_model.transformer.", "vision"), ("vision_model.global_transformer.", "vision_global"),

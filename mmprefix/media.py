@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .families import FRAMES, GRID, ITEMS, ROW_IMAGES, ROWS, TILES, Media
+from .families import FRAMES, GRID, ITEMS, ROW_IMAGES, ROWS, TILES, UNMAPPED, Media
 
 
 class MediaError(ValueError):
@@ -79,6 +79,15 @@ class CallMedia:
     def sees_media(self, site_name: str) -> bool:
         return site_name in self.towers
 
+    def check(self, reached: Sequence[str], family: Any) -> None:
+        """Before any compute: an input whose items cannot be mapped, feeding a tower the routed prefixes reach
+        (``reached``: their sites), is an error now rather than inside the model."""
+        towers = {self.towers[name] for name in reached if name in self.towers}
+        for entry in family.media:
+            if entry.input in self.failures and towers & set(entry.towers):
+                tower = next(t for t in entry.towers if t in towers)
+                raise MediaError(_refusal(tower, self.failures[entry.input]))
+
     def enter(self, tower: str, size: int, expansion: int) -> None:
         """A tower fed by several inputs starts (a forward pre-hook): the next input in the record's order whose
         entries add up to its batch. Models run them in that order (Qwen-VL: images, then videos), also when an
@@ -99,12 +108,7 @@ class CallMedia:
             return self.running[tower]
         if len(feeding) == 1:
             return feeding[0]
-        why = "; ".join(self.failures.values())
-        raise MediaError(
-            f"per-row routing cannot tell which row each item of the {tower!r} tower belongs to at {site_name}"
-            + (f" ({why})" if why else "") + f"; give that tower one prefix per call, or route prefixes that "
-            "target the other towers (e.g. targets=['lm'])"
-        )
+        raise MediaError(_refusal(tower, "; ".join(self.failures.values()), site_name))
 
     def batch_rows(self, site_name: str, size: int, expansion: int) -> list[int]:
         items = self._input(site_name)
@@ -127,6 +131,13 @@ class CallMedia:
         return rows
 
 
+def _refusal(tower: str, why: str, where: str = "") -> str:
+    return (f"per-row routing cannot tell which row each item of the {tower!r} tower belongs to"
+            + (f" at {where}" if where else "") + (f" ({why})" if why else "")
+            + "; give that tower one prefix per call, or route prefixes that target the other towers "
+            "(e.g. targets=['lm'])")
+
+
 def _fits(items: Items, size: int, rows: int, expansion: int) -> bool:
     """Whether a tower batch (for a packed tower: sequence) of ``size`` can hold ``items``' entries."""
     if items.media.layout == GRID:
@@ -134,16 +145,19 @@ def _fits(items: Items, size: int, rows: int, expansion: int) -> bool:
     return items.entry_rows(size, rows, expansion) is not None
 
 
-def call_media(media: Sequence[Media], kwargs: dict, config: Any, towers: Mapping[str, str], rows: int) -> CallMedia:
-    """The items of a routed call of ``rows`` rows (``media``: the family's inputs; ``towers``: site name -> tower
-    for the sites that see media). An input whose items cannot be mapped is remembered with the reason: a site
-    that needs it raises, one that does not (its prefixes skip that tower) is not stopped by it."""
+def call_media(family: Any, kwargs: dict, config: Any, towers: Mapping[str, str], rows: int) -> CallMedia:
+    """The items of a routed call of ``rows`` rows (``family``: the record, whose media they are; ``towers``: site
+    name -> tower for the sites that see media). An input whose items cannot be mapped is remembered with the
+    reason: a site that needs it raises, one that does not (its prefixes skip that tower) is not stopped by it."""
     found, failures = [], {}
-    for entry in media:
+    for entry in family.media:
         value = kwargs.get(entry.input)
         if entry.layout != ROWS and value is None:
             continue
         try:
+            if entry.layout == UNMAPPED:
+                reasons = dict(family.unroutable)
+                raise MediaError("; ".join(reasons.get(t, "no record maps its items") for t in entry.towers))
             found.append(_items(entry, value, kwargs, config, rows))
         except MediaError as error:
             failures[entry.input] = str(error)
@@ -165,24 +179,31 @@ def _items(media: Media, value: torch.Tensor, kwargs: dict, config: Any, rows: i
     elif media.layout == FRAMES:  # [items, frames, ...]
         entries = torch.full((value.shape[0],), value.shape[1] if value.dim() >= 5 else 1)
     elif media.layout == GRID:
-        entries = kwargs.get(media.grid)
+        entries = kwargs.get(media.sizes)
         if entries is None:
-            raise MediaError(f"{media.input} without {media.grid}: cannot tell the size of each item")
+            raise MediaError(f"{media.input} without {media.sizes}: cannot tell the size of each item")
         entries = entries.prod(-1).cpu()
     else:  # ITEMS
         entries = torch.ones(value.shape[0], dtype=torch.long)
     return Items(media, _item_rows(media, len(entries), kwargs, config, rows), entries)
 
 
+def _attribute(config: Any, path: str) -> Any:
+    """A config attribute by dotted path (``vision_config.image_token_id``), or None."""
+    for name in path.split("."):
+        config = getattr(config, name, None)
+    return config
+
+
 def noun_of(media: Media) -> str:
     """What one item of ``media`` is, for messages."""
-    return "video" if "video" in media.input else "audio clip" if "audio" in media.input else "image"
+    return "audio clip" if "audio" in media.towers else "video" if "video" in media.input else "image"
 
 
 def _item_rows(media: Media, count: int, kwargs: dict, config: Any, rows: int) -> torch.Tensor:
     """Each item's text row, from its placeholder tokens in ``input_ids`` (the model fills them item by item)."""
     ids = kwargs.get("input_ids")
-    token = getattr(config, media.token, None) if media.token else None
+    token = _attribute(config, media.token) if media.token else None
     if not torch.is_tensor(ids) or token is None:
         why = "no input_ids" if not torch.is_tensor(ids) else f"the config has no {media.token}"
         raise MediaError(f"{why} to tell which row each of the call's {count} {noun_of(media)}s belongs to")
@@ -198,7 +219,11 @@ def _item_rows(media: Media, count: int, kwargs: dict, config: Any, rows: int) -
         return torch.arange(rows).repeat_interleave(per_row)
     if media.count == "grid":
         merge = config.vision_config.spatial_merge_size ** 2
-        tokens = kwargs[media.grid].prod(-1).cpu() // merge
+        tokens = kwargs[media.sizes].prod(-1).cpu() // merge
+    elif media.count == "sizes":
+        if kwargs.get(media.sizes) is None:
+            raise MediaError(f"no {media.sizes} to tell how many placeholder tokens each {noun_of(media)} takes")
+        tokens = torch.as_tensor(kwargs[media.sizes]).reshape(-1).cpu()
     else:  # uniform
         if count == 0 or len(where) % count:
             raise MediaError(f"the call has {count} {noun}s but input_ids hold {len(where)} of their placeholder "

@@ -258,7 +258,10 @@ class PrefixModel(nn.Module):
         if not self._media_sites:
             return None
         config = getattr(self.base_model, "config", None)
-        return media.call_media(self._family.media, kwargs, config, self._media_sites, len(route.names))
+        found = media.call_media(self._family, kwargs, config, self._media_sites, len(route.names))
+        if kwargs:  # a call's own inputs (a using() scope has none: its calls' sites decide)
+            found.check([name for name in self._media_sites if route.reaches(name)], self._family)
+        return found
 
     @contextlib.contextmanager
     def disable_prefix(self) -> Iterator[None]:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .attention import Prefix
+from .families import UNMAPPED
 from .media import CallMedia
 from .store import PrefixStore
 
@@ -120,8 +121,9 @@ def check_routable(route: Any, family: Any, model: Any) -> None:
     if not isinstance(route, Routing) or family is None:
         return
     towers = {site.tower for store in route.stores for site in store.sites}
+    lazy = {t for m in family.media if m.layout == UNMAPPED for t in m.towers}  # refused by the calls that feed it
     for tower, why in family.unroutable:
-        if tower in towers:
+        if tower in towers and tower not in lazy:
             raise ValueError(
                 f"per-row routing cannot reach the {tower!r} tower of {type(model).__name__} ({why}); give that "
                 "tower one prefix per call, or route prefixes that target the other towers"

@@ -22,8 +22,11 @@ from .data.images import BadImageError
 from .data.formatting import chat_prompt
 from .data.images import load_image as read_image
 from .devices import execution_device
+from .families import PER_ROW_IMAGES, Media
+from .media import noun_of
 
 GREY = (128, 128, 128)
+DEFAULT_MEDIA = (*PER_ROW_IMAGES, Media("input_features", "rows", towers=("audio",)))  # models with no record
 
 
 def load_image(path: str | None, size: int = 224):
@@ -52,15 +55,21 @@ def activation_inputs(model: nn.Module, processor: Any, text: str, image_path: s
         return {"image": transform(load_image(image_path)).unsqueeze(0), "text": tokenizer([text])}
     # A decoder that reads only targets (VisionEncoderDecoder, Whisper) gets the text as labels from the processor.
     wants_text = "input_ids" in accepted or "labels" in accepted
-    wants_image, wants_audio = "pixel_values" in accepted, "input_features" in accepted
+    media = family.media if (family := family_of(model)) is not None and family.media else DEFAULT_MEDIA
+    takes = {noun_of(m) for m in media if m.input in accepted}
+    wants_image, wants_audio = "image" in takes, "audio clip" in takes
     kwargs: dict[str, Any] = {"return_tensors": "pt"}
     if wants_text:
         chat = wants_image and "input_ids" in accepted and getattr(processor, "chat_template", None)
         kwargs["text"] = chat_prompt(processor, text) if chat else text
     if wants_image:
         kwargs["images"] = load_image(image_path)
-    if wants_audio:  # one second of silence
-        kwargs["audio"] = np.zeros(processor.feature_extractor.sampling_rate, dtype=np.float32)
+    if wants_audio:  # one second of faint noise (silence gives some towers all-zero keys), where the text says
+        features = getattr(processor, "feature_extractor", None) or getattr(processor, "audio_processor", None)
+        kwargs["audio"] = np.random.default_rng(0).normal(0, 1e-2, features.sampling_rate).astype(np.float32)
+        marker = getattr(processor, "audio_token", None)
+        if wants_text and marker and marker not in kwargs["text"]:
+            kwargs["text"] = f"{marker}{kwargs['text']}"
     try:
         inputs = dict(processor(**kwargs))
     except TypeError as err:
@@ -70,6 +79,8 @@ def activation_inputs(model: nn.Module, processor: Any, text: str, image_path: s
             f"(got {type(processor).__name__}: {err})"
         ) from None
     inputs = {k: v for k, v in inputs.items() if k in accepted}
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    inputs = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and dtype else v for k, v in inputs.items()}
     if "labels" in accepted and "input_ids" in inputs:
         inputs["labels"] = inputs["input_ids"]
     return inputs

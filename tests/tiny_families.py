@@ -91,6 +91,7 @@ class Case:
     suppress: tuple = ()  # tokens generation never picks (default: the processor's added tokens but end of text)
     positions: int | None = 0  # generate() numbers a left-padded prompt from its mask, from this (None: the model does)
     routable: list | None = None  # targets that per-row routing can reach, where some tower is refused
+    beams: bool = True  # False: the model's own beam search fails (tests/test_families.py shows it on the bare model)
 
 
 def seeded(build: Callable[[], Any]) -> Callable[[], Any]:

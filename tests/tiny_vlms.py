@@ -533,30 +533,34 @@ ROUTING: dict[str, dict[str, Callable[[object], dict]]] = {
 
 
 VISION_LM = {("vision", "self"): 2, ("lm", "self"): 2}
-# What the sites must be once issue 25 is done (today's fallback differs where noted): every tower named for what
-# it is, attention whose output the model never reads left out. No class here has a record yet, so no soft prompt.
+# Every tower named for what it is, attention whose output the model never reads left out. A soft prompt needs a
+# record (where its text input is): the classes the generic fallback covers take none.
+RECORDED = ("llava_next_video", "glm4v", "glm4v_moe", "qwen2_5_omni", "phi4_multimodal", "deepseek_vl", "deepseek_vl_hybrid")
 CASES: dict[str, Case] = {
-    name: Case(seeded(globals()[name]), globals()[f"{name}_processor"], inputs, sites, prompt=False, **options)
+    name: Case(seeded(globals()[name]), globals()[f"{name}_processor"], inputs, sites,
+               **{"prompt": name in RECORDED, **options})
     for name, inputs, sites, options in (
         ("llama4", two_rows(LLAMA4_IMAGE), VISION_LM, {}),
-        # SigLIP's pooling head (vision_tower.head.attention) is never read: today a site without gradient
+        # SigLIP's pooling head (vision_tower.head.attention) is never read: left out
         ("aya_vision", two_rows("<image>"), VISION_LM, {}),
         ("cohere2_vision", two_rows("<image>"), VISION_LM, {}),
         ("ovis2", two_rows("<image>"), VISION_LM, {}),
-        ("fuyu", fuyu_inputs(images(2)), {("lm", "self"): 2}, {}),  # patches reach the LM through a linear layer
+        # patches reach the LM through a linear layer; transformers' own beam search fails on Fuyu
+        ("fuyu", fuyu_inputs(images(2)), {("lm", "self"): 2}, dict(beams=False)),
         ("llava_next_video", two_rows("<image>"), {("vision", "self"): 1, ("lm", "self"): 2}, {}),  # feature layer -2
         ("glm4v", two_rows(GLM_IMAGE), VISION_LM, dict(grow={"mm_token_type_ids": 0}, positions=None)),
         ("glm4v_moe", two_rows(GLM_IMAGE), VISION_LM, dict(grow={"mm_token_type_ids": 0}, positions=None)),
         # audio beside an image: every tower runs (a prefix on a tower the call does not run gets no gradient)
-        ("qwen2_5_omni", audio_image(OMNI_AUDIO, OMNI_IMAGE), {("audio", "self"): 2, **VISION_LM}, dict(positions=None)),
-        # today: towers "embed_tokens_extend" (vision and audio) and "layers"; vision layer 1 (after feature_layer=-2)
-        # and the SigLIP head are never read
+        # its audio tower cannot be routed per row (its record says why): rows route through the other towers
+        ("qwen2_5_omni", audio_image(OMNI_AUDIO, OMNI_IMAGE), {("audio", "self"): 2, **VISION_LM},
+         dict(positions=None, routable=["vision", "lm"])),
+        # vision layer 1 (after feature_layer=-2) and the SigLIP head are never read
         ("phi4_multimodal", audio_image("<|audio|>", "<|image|>"),
          {("vision", "self"): 1, ("audio", "self"): 2, ("lm", "self"): 2}, {}),
         ("deepseek_vl", two_rows("<image_placeholder>"), VISION_LM, {}),
         # SAM's attention (high_res_vision) is not reachable: add_prefix without targets refuses, naming it
         ("deepseek_vl_hybrid", two_rows("<image_placeholder>"), VISION_LM, dict(targets=["vision", "lm"])),
-        ("chameleon", two_rows("<image>"), {("lm", "self"): 2}, {}),  # today: tower "layers"
+        ("chameleon", two_rows("<image>"), {("lm", "self"): 2}, {}),  # images are VQ tokens: only the LM attends
     )
 }
 
