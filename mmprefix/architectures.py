@@ -407,8 +407,8 @@ def scan(model: nn.Module, target_modules: list[str] | None = None) -> tuple[lis
             continue
         heads, kv_heads, head_dim = head_geometry(module)
         sites.append(Site(name, tower, _kind(name, family), layer, heads, kv_heads, head_dim, route))
-    if layout is not None:  # what a dry run finds that the record and config do not say
-        unread, _ = unread_attention(model_class(model), model, [s.name for s in sites])
+    if layout is not None and layout.fallback:  # no record says what the model reads: a dry run finds out
+        unread = _unread(model, sites)
         unused.update(unread)
         sites = [s for s in sites if s.name not in unread]
     if not sites:
@@ -417,6 +417,14 @@ def scan(model: nn.Module, target_modules: list[str] | None = None) -> tuple[lis
             f"{type(model).__name__} has no supported attention module {where}. Supported: {supported_families()}."
         )
     return sites, unused
+
+
+def _unread(model: nn.Module, sites: list[Site]) -> dict[str, str]:
+    """The sites a dry run shows the model never reads (see `mmprefix.reach`). A tower left with no site at all
+    means the dry run read the wrong output: then nothing is left out on its account."""
+    unread, _ = unread_attention(model_class(model), model, [s.name for s in sites])
+    emptied = {s.tower for s in sites} - {s.tower for s in sites if s.name not in unread}
+    return {} if emptied else unread
 
 
 def find_sites(model: nn.Module, target_modules: list[str] | None = None) -> list[Site]:

@@ -26,7 +26,7 @@ DEFAULT_LORA = r".*\.(q_proj|v_proj)$"  # Llama, Mistral, Qwen2, OPT, BART, and 
 # How the items of one input (images, videos, audio clips) reach the towers that see them (`Media.layout`):
 ROWS = "rows"  # the input's first dimension is the text rows: the towers' batch is a whole number of entries per row
 ITEMS = "items"  # the first dimension is the items, one entry each (LLaVA's images; a tiling processor's tiles)
-ROW_IMAGES = "row_images"  # [rows, images, ...]: every image that is not all zeros (padding), row after row (Idefics)
+PADDED = "padded"  # [groups, images, ...]: every image that is not all zeros (padding), in order (Idefics' rows, videos)
 TILES = "tiles"  # [items, tiles, ...]: every tile that is not all zeros (padding), item after item (LLaVA-NeXT)
 FRAMES = "frames"  # [items, frames, ...]: every frame, item after item (videos)
 GRID = "grid"  # packed into one sequence cut by cu_seqlens; ``sizes`` holds each item's (t, h, w) (Qwen-VL)
@@ -161,13 +161,13 @@ FAMILIES: tuple[Family, ...] = (
     _vision_lm("idefics2", "Idefics2ForConditionalGeneration", "Idefics2Model", unused=(),
                towers=(("vision_model.", "vision"), ("connector.", "resampler"), ("text_model.", LANGUAGE_MODEL)),
                cross=("*perceiver_resampler.layers.*",),
-               media=(Media("pixel_values", ROW_IMAGES, towers=("vision", "resampler")),)),
+               media=(Media("pixel_values", PADDED, "image_token_id", towers=("vision", "resampler")),)),
     _vision_lm("idefics3", "Idefics3ForConditionalGeneration", "Idefics3Model", unused=(),
                towers=(("vision_model.", "vision"), ("connector.", "projector"), ("text_model.", LANGUAGE_MODEL)),
-               media=(Media("pixel_values", ROW_IMAGES),)),
+               media=(Media("pixel_values", PADDED, "image_token_id"),)),
     _vision_lm("smolvlm", "SmolVLMForConditionalGeneration", "SmolVLMModel", unused=(),
                towers=(("vision_model.", "vision"), ("connector.", "projector"), ("text_model.", LANGUAGE_MODEL)),
-               media=(Media("pixel_values", ROW_IMAGES),)),
+               media=(Media("pixel_values", PADDED, "image_token_id"),)),
     *(
         _vision_lm(name, conditional, base, unused=(), towers=(("visual.", "vision"), ("language_model.", LANGUAGE_MODEL)),
                    media=PACKED, aligned_inputs=("mm_token_type_ids",))

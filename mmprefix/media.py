@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .families import FRAMES, GRID, ITEMS, ROW_IMAGES, ROWS, TILES, UNMAPPED, Media
+from .families import FRAMES, GRID, ITEMS, PADDED, ROWS, TILES, UNMAPPED, Media
 
 
 class MediaError(ValueError):
@@ -78,6 +78,11 @@ class CallMedia:
 
     def sees_media(self, site_name: str) -> bool:
         return site_name in self.towers
+
+    def running_input(self, site_name: str) -> str | None:
+        """The input the site's tower runs now, where several feed it (None otherwise)."""
+        items = self.running.get(self.towers.get(site_name))
+        return items.media.input if items is not None else None
 
     def check(self, reached: Sequence[str], family: Any) -> None:
         """Before any compute: an input whose items cannot be mapped, feeding a tower the routed prefixes reach
@@ -167,12 +172,9 @@ def call_media(family: Any, kwargs: dict, config: Any, towers: Mapping[str, str]
 def _items(media: Media, value: torch.Tensor, kwargs: dict, config: Any, rows: int) -> Items:
     if media.layout == ROWS:
         return Items(media)
-    if media.layout == ROW_IMAGES:  # [rows, images, ...]: all-zero images are padding, which the model drops
-        if value.dim() < 5:
-            raise MediaError(f"{media.input} of shape {tuple(value.shape)} has no per-row images")
-        real = value.flatten(2).ne(0).any(-1)
-        return Items(media, torch.arange(rows).repeat_interleave(real.sum(1).cpu()), torch.ones(int(real.sum()), dtype=torch.long))
-    if media.layout == TILES:  # [items, tiles, ...]: all-zero tiles are padding
+    if media.layout == PADDED:  # [groups, images, ...]: all-zero images are padding, which the model drops
+        entries = torch.ones(int(value.flatten(value.dim() - 3).ne(0).any(-1).sum()), dtype=torch.long)
+    elif media.layout == TILES:  # [items, tiles, ...]: all-zero tiles are padding
         if value.dim() < 5:
             raise MediaError(f"{media.input} of shape {tuple(value.shape)} does not say how many tiles each image has")
         entries = value.flatten(2).ne(0).any(-1).sum(1).cpu()

@@ -184,7 +184,9 @@ class Routing:
         autograd (generation) it is built once per site and batch for the whole call: the decoding steps reuse
         it, without working out the rows again."""
         cacheable = call.cache is not None and not torch.is_grad_enabled()
-        key = ("routed", site_name, (batch_size, chunk_row))  # the size and chunk determine the rows within a call
+        # the size, the chunk and the input a tower runs (images, then videos) determine the rows within a call
+        running = call.media.running_input(site_name) if call.media is not None else None
+        key = ("routed", site_name, (batch_size, chunk_row, running))
         if cacheable and key in call.cache:
             return call.cache[key]
         # a site no routed prefix reaches needs no rows (for a packed tower they may not be known)

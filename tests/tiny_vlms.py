@@ -50,6 +50,17 @@ def two_images(marker: str, nested: bool = False, size: int = 32) -> Callable[[o
     return build
 
 
+def two_images_apart(marker: str, nested: bool = False) -> Callable[[object], dict]:
+    """As `two_images`, with a word between the two images: their placeholder runs do not touch."""
+
+    def build(processor) -> dict:
+        pictures = images(2)
+        text = [f"{marker} and {marker} {PROMPTS[0]}", PROMPTS[1]]
+        return call(processor, text, images=[pictures, []] if nested else pictures)
+
+    return build
+
+
 def two_and_one(marker: str, nested: bool = False) -> Callable[[object], dict]:
     """Row 0: two images, row 1: one (Mllama's processor cannot batch a row without images: its aspect ratios
     then have fewer rows than its pixels)."""
@@ -498,9 +509,10 @@ def _qwen_routing(image: str, video: str, **videos) -> dict:
 ROUTING: dict[str, dict[str, Callable[[object], dict]]] = {
     # the classes already in tiny_families.CASES
     "llava": _image_routing("<image>"),
-    "llava_next": _image_routing("<image>"),
+    "llava_next": {**_image_routing("<image>"), "two_images_apart": two_images_apart("<image>")},
     # nested: the processor then knows row 0 has two images (batch_num_images), and such images get no anyres tiles
     "llava_onevision": {**_image_routing("<image>"), "two_images": two_images("<image>", nested=True),
+                        "two_images_apart": two_images_apart("<image>", nested=True),
                         "image_video": image_video("<image>", "<video>", size={"height": 32, "width": 32})},
     "paligemma": {"two_images": two_images("", nested=True), "sizes": sizes("", nested=True)},
     "gemma3": _image_routing("<start_of_image>", nested=True),
@@ -521,11 +533,13 @@ ROUTING: dict[str, dict[str, Callable[[object], dict]]] = {
     "cohere2_vision": _image_routing("<image>"),
     "ovis2": _image_routing("<image>"),
     "fuyu": {"sizes": fuyu_inputs([images(1)[0], images(1, seed=6)[0].resize((16, 32))])},
-    "llava_next_video": {**_image_routing("<image>"), "image_video": image_video("<image>", "<video>", count=2)},
+    "llava_next_video": {**_image_routing("<image>"), "image_video": image_video("<image>", "<video>", count=2),
+                         "two_images_apart": two_images_apart("<image>")},
     "glm4v": {**_image_routing(GLM_IMAGE), "video_text": video_text(GLM_VIDEO)},
     "glm4v_moe": {**_image_routing(GLM_IMAGE), "video_text": video_text(GLM_VIDEO)},
     "qwen2_5_omni": {**_qwen_routing(OMNI_IMAGE, OMNI_VIDEO), "audio_image": audio_image(OMNI_AUDIO, OMNI_IMAGE)},
-    "phi4_multimodal": {**_image_routing("<|image|>"), "audio_image": audio_image("<|audio|>", "<|image|>")},
+    "phi4_multimodal": {**_image_routing("<|image|>"), "audio_image": audio_image("<|audio|>", "<|image|>"),
+                        "two_images_apart": two_images_apart("<|image|>")},
     "deepseek_vl": {"two_images": two_images("<image_placeholder>")},
     "deepseek_vl_hybrid": {"two_images": two_images("<image_placeholder>")},
     "chameleon": {"two_images": two_images("<image>")},
