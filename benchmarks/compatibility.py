@@ -35,7 +35,12 @@ CHECKS = {
     "test_save_and_load_reproduce_the_outputs": "save/load",
     "test_text_initialisation_through_the_family_processor_reaches_every_site": "init text",
     "test_a_soft_prompt_equals_the_same_vectors_read_as_tokens": "soft prompt",
+    # tests/test_media_routing.py: several images in a row, text-only rows, images of other sizes, image + video
+    "test_each_row_sees_its_own_prefix_in_every_tower_or_the_call_is_refused": "mixed media rows",
+    "test_generation_keeps_each_rows_prefix_through_the_cache_and_the_beams": "mixed media generation",
 }
+MEDIA_TESTS = ("test_each_row_sees_its_own_prefix_in_every_tower_or_the_call_is_refused",
+               "test_generation_keeps_each_rows_prefix_through_the_cache_and_the_beams")
 
 
 class Outcomes:
@@ -48,8 +53,9 @@ class Outcomes:
         if report.when != "call" and not (report.when == "setup" and report.failed):
             return
         function, _, parameters = report.nodeid.split("::")[-1].partition("[")
-        if function in CHECKS:
-            family = parameters.rstrip("]").split("-")[-1]
+        if function in CHECKS:  # ids: "a-b-llava" (family matrix), "llava-two_images-a-b" (media routing)
+            parts = parameters.rstrip("]").split("-")
+            family = parts[0] if function in MEDIA_TESTS else parts[-1]
             self.results[(CHECKS[function], family)].append(report.passed)
 
 
@@ -63,25 +69,30 @@ def main() -> int:
     import transformers
 
     outcomes = Outcomes()
-    code = pytest.main([str(ROOT / "tests" / "test_families.py"), "-q", "-p", "no:cacheprovider"],
-                       plugins=[outcomes])
+    from mmprefix.architectures import tower_layout
+
+    tests = [str(ROOT / "tests" / f) for f in ("test_families.py", "test_media_routing.py")]
+    code = pytest.main([*tests, "-q", "-p", "no:cacheprovider"], plugins=[outcomes])
     columns = list(CHECKS.values())
     lines = [
-        f"transformers {transformers.__version__}; tiny configs, tests/test_families.py",
+        f"transformers {transformers.__version__}; tiny configs, tests/test_families.py and tests/test_media_routing.py",
         "",
-        "| family | class | sites (tower.kind count) | " + " | ".join(columns) + " | notes |",
-        "|---|---|---|" + "---|" * (len(columns) + 1),
+        "| family | class | covered by | sites (tower.kind count) | " + " | ".join(columns) + " | notes |",
+        "|---|---|---|---|" + "---|" * (len(columns) + 1),
     ]
     for name, case in sorted(tiny_families.CASES.items()):
         cells = []
         for column in columns:
             runs = outcomes.results.get((column, name))
             cells.append("-" if not runs else "pass" if all(runs) else "FAIL")
-        model_class = type(case.build()).__name__
+        model = case.build()
+        layout = tower_layout(model)
+        covered = "generic fallback" if layout is None or layout.fallback else f"record `{layout.family.name}`"
         notes = [f"prefixes target {', '.join(case.targets)} (the other tower is refused)"] if case.targets else []
         notes += [f"per-row routing reaches {', '.join(case.routable)} only"] if case.routable else []
-        lines.append(f"| {name} | `{model_class}` | {sites_text(case.sites)} | " + " | ".join(cells)
-                     + f" | {'; '.join(notes)} |")
+        notes += ["transformers' own beam search fails on this class"] if not case.beams else []
+        lines.append(f"| {name} | `{type(model).__name__}` | {covered} | {sites_text(case.sites)} | "
+                     + " | ".join(cells) + f" | {'; '.join(notes)} |")
     print("\n".join(lines))
     return int(code)
 

@@ -126,13 +126,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def coverage_notes(model: Any, sites: list, unused: dict[str, str]) -> list[str]:
     """Which record covers the model (or that the generic fallback named its towers), and what was left out."""
-    from .architectures import tower_layout, unreachable_towers
+    from .architectures import model_class, tower_layout, unreachable_towers
+    from .reach import unread_attention
 
     layout = tower_layout(model)
     if layout is None:
         notes = ["towers: none known (sites chosen by target_modules, in one tower called 'model')"]
     elif layout.fallback:
         notes = ["towers: generic fallback (no tested record for this family; towers named after its sub-models)"]
+        _, why_not = unread_attention(model_class(model), model, [site.name for site in sites])
+        if why_not:
+            notes.append(f"not checked: whether the model reads every vision attention's output ({why_not})")
     else:
         notes = [f"towers: the tested record of family {layout.family.name!r}"]
     notes += [f"left out: {name}: {why}" for name, why in unused.items()]

@@ -181,3 +181,56 @@ def test_sites_command_names_the_record_and_what_it_leaves_out(tmp_path, capsys)
     assert "towers: the tested record of family 'llava'" in out
     assert ("left out: vision_tower.encoder.layers.1.self_attn: the model reads the vision tower's hidden "
             "states after layer 0 (vision_feature_layer=-2)") in out  # LlavaModel: the config names no head
+
+
+def test_the_fallback_leaves_out_what_a_dry_run_shows_the_model_never_reads(tmp_path, capsys):
+    """Aya Vision has no record; its SigLIP tower keeps a pooling head whose output the model never reads. A dry run
+    of get_image_features on the meta device finds it: left out, and `mmprefix sites` says so and why."""
+    import tiny_families
+    import tiny_vlms  # noqa: F401 (adds the fallback classes to the matrix)
+
+    aya = tiny_families.CASES["aya_vision"].build()
+    names = {s.name for s in add_prefix(aya, PrefixConfig(num_virtual_tokens=2)).sites}
+    assert "model.vision_tower.head.attention" not in names and "model.vision_tower.encoder.layers.1.self_attn" in names
+    aya.config.save_pretrained(tmp_path)
+    assert cli(["sites", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "towers: generic fallback (no tested record for this family; towers named after its sub-models)" in out
+    assert ("left out: vision_tower.head.attention: the model never reads its output (a dry run of "
+            "get_image_features follows no path from it)") in out
+
+
+def test_fallback_towers_are_named_for_what_they_are_and_never_share_a_name():
+    """Built from the sub-config each comes from, however deep: Phi-4-multimodal's vision and audio towers sit in one
+    embedding module, Chameleon's language model is its own config's layers (not "layers", not one name twice)."""
+    import tiny_families
+    import tiny_vlms  # noqa: F401
+    from mmprefix import families
+    from mmprefix.architectures import find_sites, tower_layout
+
+    records = {k: v for k, v in families.BY_KEY.items() if k != "phi4_multimodal"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("mmprefix.architectures.BY_KEY", records)
+        phi4 = tiny_families.CASES["phi4_multimodal"].build()
+        assert tower_layout(phi4).fallback
+        sites = find_sites(phi4)
+    roots = {"vision": "model.embed_tokens_extend.image_embed.img_processor.",
+             "audio": "model.embed_tokens_extend.audio_embed.encoder.", "lm": "model.layers."}
+    assert {s.tower for s in sites} == set(roots)
+    assert all(s.name.startswith(roots[s.tower]) for s in sites)
+    chameleon = tiny_families.CASES["chameleon"].build()
+    assert tower_layout(chameleon).fallback and {s.tower for s in find_sites(chameleon)} == {"lm"}
+
+
+def test_a_fallback_the_dry_run_cannot_shape_inputs_for_says_it_was_not_checked(tmp_path, capsys):
+    import tiny_families
+    import tiny_vlms  # noqa: F401
+    from mmprefix import families
+
+    tiny_families.CASES["glm4v"].build().config.save_pretrained(tmp_path)
+    records = {k: v for k, v in families.BY_KEY.items() if k != "glm4v"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("mmprefix.architectures.BY_KEY", records)
+        assert cli(["sites", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "not checked: whether the model reads every vision attention's output (get_image_features did not run" in out
