@@ -150,13 +150,18 @@ def _fits(items: Items, size: int, rows: int, expansion: int) -> bool:
     return items.entry_rows(size, rows, expansion) is not None
 
 
-def call_media(family: Any, kwargs: dict, config: Any, towers: Mapping[str, str], rows: int) -> CallMedia:
+def call_media(family: Any, kwargs: dict | None, config: Any, towers: Mapping[str, str], rows: int) -> CallMedia:
     """The items of a routed call of ``rows`` rows (``family``: the record, whose media they are; ``towers``: site
-    name -> tower for the sites that see media). An input whose items cannot be mapped is remembered with the
-    reason: a site that needs it raises, one that does not (its prefixes skip that tower) is not stopped by it."""
+    name -> tower for the sites that see media; ``kwargs`` None: a ``using()`` scope, whose calls' inputs are not
+    known). An input whose items cannot be mapped is remembered with the reason: a site that needs it raises, one
+    that does not (its prefixes skip that tower) is not stopped by it."""
     found, failures = [], {}
     for entry in family.media:
-        value = kwargs.get(entry.input)
+        if kwargs is None and entry.layout != ROWS:
+            failures[entry.input] = (f"inside using() the calls' {noun_of(entry)}s are not known: pass prefix= to "
+                                     "forward or generate")
+            continue
+        value = (kwargs or {}).get(entry.input)
         if entry.layout != ROWS and value is None:
             continue
         try:
@@ -217,7 +222,7 @@ def _item_rows(media: Media, count: int, kwargs: dict, config: Any, rows: int) -
         per_row = starts.sum(1).cpu()
         if int(per_row.sum()) != count:
             raise MediaError(f"the call has {count} {noun}s but input_ids hold {int(per_row.sum())} runs of their "
-                             "placeholder tokens (were some cut off by max_length, or do two images touch?)")
+                             f"placeholder tokens (were some cut off by max_length, or do two {noun}s touch?)")
         return torch.arange(rows).repeat_interleave(per_row)
     if media.count == "grid":
         merge = config.vision_config.spatial_merge_size ** 2

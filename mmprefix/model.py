@@ -249,17 +249,18 @@ class PrefixModel(nn.Module):
         routing.check_routable(route, self._family, self.base_model)
         # the scope's calls' images are not known here: only towers whose batch is the rows can be routed
         scope = dataclasses.replace(routing.current(self), route=route, cache=None,
-                                    media=self._call_media(route, {}) if isinstance(route, Routing) else None)
+                                    media=self._call_media(route, None) if isinstance(route, Routing) else None)
         with routing.inside(self, scope):
             yield
 
-    def _call_media(self, route: Routing, kwargs: dict) -> media.CallMedia | None:
-        """Which row each image (tile, frame, chunk) of a routed call belongs to, for the towers that see them."""
+    def _call_media(self, route: Routing, kwargs: dict | None) -> media.CallMedia | None:
+        """Which row each image (tile, frame, chunk) of a routed call belongs to, for the towers that see them
+        (``kwargs`` None: a ``using()`` scope, whose calls' images are not known)."""
         if not self._media_sites:
             return None
         config = getattr(self.base_model, "config", None)
         found = media.call_media(self._family, kwargs, config, self._media_sites, len(route.names))
-        if kwargs:  # a call's own inputs (a using() scope has none: its calls' sites decide)
+        if kwargs is not None:  # a scope's calls may not run the towers at all: their sites decide
             found.check([name for name in self._media_sites if route.reaches(name)], self._family)
         return found
 

@@ -189,5 +189,15 @@ def test_a_using_scope_routes_per_row_only_towers_whose_batch_is_the_rows():
     whose batch is the rows by the model's construction (CLIP) routes."""
     llava = routed("llava")
     pixels = batch("llava", "two_images")["pixel_values"]
-    with llava.using(["a", None]), pytest.raises(ValueError, match="cannot tell which row each item of the 'vision'"):
+    with llava.using(["a", None]), pytest.raises(ValueError, match="inside using.. the calls' images are not known"):
         llava.get_image_features(pixel_values=pixels)
+    clip = add_prefix(CASES["clip"].build(), PrefixConfig(num_virtual_tokens=3, init_std=1.0), "a")
+    pixels = CASES["clip"].inputs(processor("clip"))["pixel_values"]
+    def features(prefix):
+        with torch.no_grad(), clip.using(prefix):
+            out = clip.get_image_features(pixel_values=pixels)
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    mixed = features(["a", None])
+    for row, prefix in enumerate(["a", None]):
+        torch.testing.assert_close(mixed[row], features(prefix)[row])
