@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import tiny
+from mmprefix import PrefixConfig, add_prefix
 from mmprefix.training import TrainConfig, TrainingInterrupted, checkpoints, train
 from train_tiny import Rows, build, make_collate
 
@@ -103,9 +105,14 @@ def test_a_run_that_finished_cleanly_leaves_no_lock_to_take_over(tmp_path):
     assert "taking over" in third.stderr, "a killed holder is still named"
 
 
-def test_an_empty_training_set_is_one_line_not_a_sampler_traceback(tmp_path):
+def test_an_empty_training_set_or_prefix_is_one_line_not_a_traceback_from_inside(tmp_path):
+    """Before: the sampler's "num_samples should be a positive integer", autograd's "element 0 of tensors does not
+    require grad"."""
     with pytest.raises(ValueError, match=r"the dataset has 0 rows, fewer than one batch of 4"):
         train(build(0.0), Rows(0), make_collate(False), config(tmp_path, 2))
+    empty = add_prefix(tiny.gpt2(), PrefixConfig(num_virtual_tokens=0))
+    with pytest.raises(ValueError, match="the model has no trainable parameters"):
+        train(empty, Rows(), make_collate(False), config(tmp_path, 2))
 
 
 @pytest.mark.slow  # four recipe runs in their own processes

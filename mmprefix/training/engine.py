@@ -120,7 +120,7 @@ def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     parameters = [p for p in model.parameters() if p.requires_grad]
-    if not parameters:
+    if not sum(p.numel() for p in parameters):  # none, or only empty ones (a prefix of 0 virtual tokens)
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
