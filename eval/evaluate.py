@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,33 +86,46 @@ def settings_from(argv: list[str] | None) -> EvaluationSettings:
     if "data_options" in flags:  # KEY=VALUE strings from the command line
         flags["data_options"] = dict(key_value(item, "--data-option") for item in flags["data_options"])
     try:
-        return layering.evaluation_settings(config, flags, overrides)
+        settings = layering.evaluation_settings(config, flags, overrides)
     except SettingsError as err:
         raise UsageError(str(err)) from None
+    prefix_runs(settings.prefix, settings.base)  # a bad --prefix is refused here, not after the model loaded
+    return settings
 
 
 # -- prefixes and runs -----------------------------------------------------------------------------------------
+
+
+def prefix_runs(prefixes: list[str], base: bool) -> dict[str, str | None]:
+    """``{run: prefix folder}`` from the ``NAME=DIR`` items (the base model's run ``"base"``: None), each a folder
+    that exists; checked before anything loads."""
+    runs: dict[str, str | None] = {"base": None} if base else {}
+    for item in prefixes:
+        name, folder = key_value(item, "--prefix")
+        if name in runs:
+            raise UsageError(f"run {name!r} is given twice (the base model's run is called 'base')")
+        if not os.path.isdir(folder):
+            raise UsageError(f"--prefix {item}: {folder or 'DIR'} is not a folder (a prefix folder, e.g. out/vqa/prefix)")
+        runs[name] = folder
+    if not runs:
+        raise UsageError("nothing to evaluate: give --prefix NAME=DIR or --base")
+    return runs
 
 
 def add_prefixes(model: Any, prefixes: list[str], base: bool) -> tuple[Any, dict[str, str | None]]:
     """Load every ``NAME=DIR`` onto one PrefixModel; the runs: ``{"base": None, NAME: NAME, ...}``."""
     from mmprefix import PrefixModel
 
-    runs: dict[str, str | None] = {"base": None} if base else {}
+    runs = prefix_runs(prefixes, base)
     if prefixes:
         model = model if isinstance(model, PrefixModel) else PrefixModel(model)
-    for item in prefixes:
-        name, folder = key_value(item, "--prefix")
-        if name in runs:
-            raise UsageError(f"run {name!r} is given twice (the base model's run is called 'base')")
-        try:
-            model.load_prefix(name, folder)
-        except (OSError, ValueError) as err:
-            raise UsageError(f"cannot load prefix {name!r} from {folder}: {err}") from None
-        runs[name] = name
-    if not runs:
-        raise UsageError("nothing to evaluate: give --prefix NAME=DIR or --base")
-    return model, runs
+    for name, folder in runs.items():
+        if folder is not None:
+            try:
+                model.load_prefix(name, folder)
+            except (OSError, ValueError) as err:
+                raise UsageError(f"cannot load prefix {name!r} from {folder}: {err}") from None
+    return model, {name: None if folder is None else name for name, folder in runs.items()}
 
 
 # -- data ------------------------------------------------------------------------------------------------------

@@ -134,6 +134,25 @@ def test_evaluate_uses_the_same_layering(tmp_path):
         cli.settings_from(["--task", "vqa", "--model", "m"])
 
 
+@pytest.mark.parametrize("prefix, words", [
+    ("justaname", "--prefix must look like KEY=VALUE, got 'justaname'"),
+    ("p=", "--prefix p=: DIR is not a folder"),
+    ("p={missing}", "--prefix p={missing}: {missing} is not a folder"),
+])
+def test_evaluate_refuses_a_bad_prefix_before_the_model_loads(prefix, words, tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "eval" / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    from mmprefix.experiment import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *args: pytest.fail("the model loaded"))
+    missing = str(tmp_path / "nowhere")
+    argv = ["--task", "vqa", "--model", "m", "--data", "d", "--output-dir", str(tmp_path), "--prefix",
+            prefix.format(missing=missing)]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"evaluate: error: {words.format(missing=missing)}"
+
+
 @pytest.mark.parametrize("command", [
     ["recipes/vqa.py", "--help"], ["recipes/classification.py", "--help"], ["eval/evaluate.py", "--help"],
     ["-m", "mmprefix.cli", "sites", "--help"], ["recipes/textgen.py", "trian.max_steps=2"],
