@@ -136,8 +136,8 @@ def test_evaluate_uses_the_same_layering(tmp_path):
 
 @pytest.mark.parametrize("prefix, words", [
     ("justaname", "--prefix must look like KEY=VALUE, got 'justaname'"),
-    ("p=", "--prefix p=: DIR is not a folder"),
-    ("p={missing}", "--prefix p={missing}: {missing} is not a folder"),
+    ("p=", "--prefix p=: DIR is not a folder (a prefix folder, e.g. out/vqa/prefix)"),
+    ("p={missing}", "--prefix p={missing}: {missing} is not a folder (a prefix folder, e.g. out/vqa/prefix)"),
 ])
 def test_evaluate_refuses_a_bad_prefix_before_the_model_loads(prefix, words, tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "eval" / "evaluate.py")
