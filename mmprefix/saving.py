@@ -127,12 +127,12 @@ def detect_format(directory: str | os.PathLike) -> str:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"no prefix folder at {directory}")
+    if (directory / WEIGHTS_NAME).is_file():
+        return "mmprefix"
     for name in (WEIGHTS_NAME, peft_compat.CONFIG_NAME, peft_compat.WEIGHTS_NAME):
         found = not_a_file(directory / name)
         if found:
             raise ValueError(f"{directory / name} is {found}, not a file: replace it with the saved file")
-    if (directory / WEIGHTS_NAME).is_file():
-        return "mmprefix"
     if peft_compat.is_peft_folder(directory):
         return "peft"
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)

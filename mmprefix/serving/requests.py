@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.images import BadImageError, load_image
 
+CHARS_PER_TOKEN = 16  # far above any tokenizer's average for text (English ~4): it bounds only pathological input
+
 
 @dataclass
 class Limits:
@@ -35,9 +37,6 @@ class Limits:
         small = [f"{name}={value}" for name, value in vars(self).items() if value < 1]
         if small:
             raise ValueError(f"limits must be >= 1, got {', '.join(small)}")
-
-
-CHARS_PER_TOKEN = 16  # far above any tokenizer's average for text (English ~4): it bounds only pathological input
 
 
 class ApiError(Exception):

@@ -122,6 +122,8 @@ def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not sum(p.numel() for p in parameters):  # none, or only empty ones (a prefix of 0 virtual tokens)
         raise ValueError("the model has no trainable parameters")
+    if len(dataset) < config.batch_size:  # before the sampler, which fails on an empty dataset with its own words
+        raise ValueError(f"the dataset has {len(dataset)} rows, fewer than one batch of {config.batch_size}")
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
     model.train()
@@ -156,8 +158,6 @@ def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save
     progress = tqdm(total=config.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
                     desc="training", unit="step")
     window, window_start = [], time.perf_counter()
-    if len(dataset) < config.batch_size:  # before the sampler, which fails on an empty dataset with its own words
-        raise ValueError(f"the dataset has {len(dataset)} rows, fewer than one batch of {config.batch_size}")
     while state["step"] < config.max_steps:
         loader = DataLoader(
             dataset,
