@@ -89,7 +89,8 @@ def settings_from(argv: list[str] | None) -> EvaluationSettings:
         settings = layering.evaluation_settings(config, flags, overrides)
     except SettingsError as err:
         raise UsageError(str(err)) from None
-    prefix_runs(settings.prefix, settings.base)  # a bad --prefix is refused here, not after the model loaded
+    for item in settings.prefix:  # the form here; the folders before the model loads (run)
+        key_value(item, "--prefix")
     return settings
 
 
@@ -112,12 +113,12 @@ def prefix_runs(prefixes: list[str], base: bool) -> dict[str, str | None]:
     return runs
 
 
-def add_prefixes(model: Any, prefixes: list[str], base: bool) -> tuple[Any, dict[str, str | None]]:
-    """Load every ``NAME=DIR`` onto one PrefixModel; the runs: ``{"base": None, NAME: NAME, ...}``."""
+def add_prefixes(model: Any, runs: dict[str, str | None]) -> tuple[Any, dict[str, str | None]]:
+    """Load every prefix of ``runs`` (see `prefix_runs`) onto one PrefixModel; the runs as ``evaluate_runs`` takes
+    them: ``{"base": None, NAME: NAME, ...}``."""
     from mmprefix import PrefixModel
 
-    runs = prefix_runs(prefixes, base)
-    if prefixes:
+    if any(folder is not None for folder in runs.values()):
         model = model if isinstance(model, PrefixModel) else PrefixModel(model)
     for name, folder in runs.items():
         if folder is not None:
@@ -172,11 +173,12 @@ def run(settings: EvaluationSettings) -> dict[str, dict]:
     task, output_dir = settings.task, Path(settings.output_dir)
 
     # 1. the frozen model and its processor, then every prefix on it: one run per prefix (and the base model)
+    runs = prefix_runs(settings.prefix, settings.base)  # a bad --prefix is refused before the model loads
     try:
         model, processor = loading.load_model(settings.model, task)
     except LoadError as err:
         raise UsageError(str(err)) from None
-    model, runs = add_prefixes(model, settings.prefix, settings.base)
+    model, runs = add_prefixes(model, runs)
 
     # 2. the samples, in any reader format
     samples, classnames = read_data(settings)
