@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,33 +86,47 @@ def settings_from(argv: list[str] | None) -> EvaluationSettings:
     if "data_options" in flags:  # KEY=VALUE strings from the command line
         flags["data_options"] = dict(key_value(item, "--data-option") for item in flags["data_options"])
     try:
-        return layering.evaluation_settings(config, flags, overrides)
+        settings = layering.evaluation_settings(config, flags, overrides)
     except SettingsError as err:
         raise UsageError(str(err)) from None
+    for item in settings.prefix:  # the form here; the folders before the model loads (run)
+        key_value(item, "--prefix")
+    return settings
 
 
 # -- prefixes and runs -----------------------------------------------------------------------------------------
 
 
-def add_prefixes(model: Any, prefixes: list[str], base: bool) -> tuple[Any, dict[str, str | None]]:
-    """Load every ``NAME=DIR`` onto one PrefixModel; the runs: ``{"base": None, NAME: NAME, ...}``."""
-    from mmprefix import PrefixModel
-
+def prefix_runs(prefixes: list[str], base: bool) -> dict[str, str | None]:
+    """``{run: prefix folder}`` from the ``NAME=DIR`` items (the base model's run ``"base"``: None), each a folder
+    that exists; checked before anything loads."""
     runs: dict[str, str | None] = {"base": None} if base else {}
-    if prefixes:
-        model = model if isinstance(model, PrefixModel) else PrefixModel(model)
     for item in prefixes:
         name, folder = key_value(item, "--prefix")
         if name in runs:
             raise UsageError(f"run {name!r} is given twice (the base model's run is called 'base')")
-        try:
-            model.load_prefix(name, folder)
-        except (OSError, ValueError) as err:
-            raise UsageError(f"cannot load prefix {name!r} from {folder}: {err}") from None
-        runs[name] = name
+        if not os.path.isdir(folder):
+            raise UsageError(f"--prefix {item}: {folder or 'DIR'} is not a folder (a prefix folder, e.g. out/vqa/prefix)")
+        runs[name] = folder
     if not runs:
         raise UsageError("nothing to evaluate: give --prefix NAME=DIR or --base")
-    return model, runs
+    return runs
+
+
+def add_prefixes(model: Any, runs: dict[str, str | None]) -> tuple[Any, dict[str, str | None]]:
+    """Load every prefix of ``runs`` (see `prefix_runs`) onto one PrefixModel; the runs as ``evaluate_runs`` takes
+    them: ``{"base": None, NAME: NAME, ...}``."""
+    from mmprefix import PrefixModel
+
+    if any(folder is not None for folder in runs.values()):
+        model = model if isinstance(model, PrefixModel) else PrefixModel(model)
+    for name, folder in runs.items():
+        if folder is not None:
+            try:
+                model.load_prefix(name, folder)
+            except (OSError, ValueError) as err:
+                raise UsageError(f"cannot load prefix {name!r} from {folder}: {err}") from None
+    return model, {name: None if folder is None else name for name, folder in runs.items()}
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -158,11 +173,12 @@ def run(settings: EvaluationSettings) -> dict[str, dict]:
     task, output_dir = settings.task, Path(settings.output_dir)
 
     # 1. the frozen model and its processor, then every prefix on it: one run per prefix (and the base model)
+    runs = prefix_runs(settings.prefix, settings.base)  # a bad --prefix is refused before the model loads
     try:
         model, processor = loading.load_model(settings.model, task)
     except LoadError as err:
         raise UsageError(str(err)) from None
-    model, runs = add_prefixes(model, settings.prefix, settings.base)
+    model, runs = add_prefixes(model, runs)
 
     # 2. the samples, in any reader format
     samples, classnames = read_data(settings)

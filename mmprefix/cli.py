@@ -10,11 +10,16 @@ argument errors answer at once.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .config import PrefixConfig
+
+
+DEFAULT_PREFIXES = "out"  # where the recipes write their runs
 
 
 class CommandError(Exception):
@@ -81,14 +86,21 @@ def format_sites(sites: list, num_virtual_tokens: int, total_parameters: int | N
     return "\n".join([*lines, summary])
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a prefix needs at least one virtual token, got {value}")
-    return value
+def _bounded(least: float, most: float | None = None, kind: type = int) -> Callable[[str], Any]:
+    """An argparse type: a finite number (a whole one for ``kind=int``) from ``least`` to ``most``, else one line."""
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < least or (most is not None and value > most):
+            bounds = f"from {least} to {most}" if most is not None else f">= {least}"
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {text}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     sites = commands.add_parser("sites", help="list the attention sites of a model and their prefix sizes",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sites.add_argument("model", help="Hugging Face id, local folder with config.json, or embedded:NAME[:HEAD]")
-    sites.add_argument("-p", "--num-virtual-tokens", type=_positive, default=PrefixConfig.num_virtual_tokens,
+    sites.add_argument("-p", "--num-virtual-tokens", type=_bounded(1), default=PrefixConfig.num_virtual_tokens,
                        metavar="P", help="prefix length used for the sizes (default: %(default)s)")
     sites.add_argument("--targets", nargs="+", help="e.g. vision.self 'lm.self[-4:]' (default: all)")
     sites.add_argument("--target-modules", nargs="+", help="regular expressions on module names")
@@ -151,20 +163,24 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", action="append", dest="models", metavar="SPEC",
                        help="embedded:NAME[:HEAD], a local folder, a Hugging Face id or open_clip:MODEL[:PRETRAINED]; "
                             "repeat for several (default: embedded:blip)")
-    serve.add_argument("--prefixes", default="out", help="folder of prefix folders, each named after its folder")
+    serve.add_argument("--prefixes", help=f"folder of prefix folders, each named after its folder (default: "
+                                          f"{DEFAULT_PREFIXES}, if it exists)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_bounded(0, 65535), default=8000)
     serve.add_argument("--admin-token", default=os.environ.get("MMPREFIX_ADMIN_TOKEN"),
                        help="enables /admin/* for this bearer token (default: $MMPREFIX_ADMIN_TOKEN; none: off)")
-    serve.add_argument("--rescan-seconds", type=float, help="rescan the prefix folder this often")
-    serve.add_argument("--max-batch-size", type=int, default=16)
-    serve.add_argument("--window-ms", type=float, default=5.0, help="how long a request waits for others to join it")
-    serve.add_argument("--max-new-tokens", type=int, default=64, help="the most a request may ask for")
-    serve.add_argument("--max-beams", type=int, default=4, help="the most num_beams a request may ask for")
-    serve.add_argument("--max-input-tokens", type=int, default=256)
-    serve.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
-    serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
-    serve.add_argument("--max-body-bytes", type=int, default=16 * 2**20)
+    serve.add_argument("--rescan-seconds", type=_bounded(0.001, kind=float), help="rescan the prefix folder this often")
+    serve.add_argument("--max-batch-size", type=_bounded(1), default=16)
+    serve.add_argument("--window-ms", type=_bounded(0, kind=float), default=5.0,
+                       help="how long a request waits for others to join it")
+    serve.add_argument("--max-new-tokens", type=_bounded(1), default=64, help="the most a request may ask for")
+    serve.add_argument("--max-beams", type=_bounded(1), default=4, help="the most num_beams a request may ask for")
+    serve.add_argument("--max-input-tokens", type=_bounded(1), default=256)
+    serve.add_argument("--max-input-chars", type=_bounded(1), help="the longest text, checked before it is tokenised "
+                                                                 "(default: 16 x --max-input-tokens)")
+    serve.add_argument("--max-image-bytes", type=_bounded(1), default=10 * 2**20)
+    serve.add_argument("--max-image-pixels", type=_bounded(1), default=4096 * 4096)
+    serve.add_argument("--max-body-bytes", type=_bounded(1), default=16 * 2**20)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -175,10 +191,19 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     from .experiment.loading import LoadError
 
+    prefixes = args.prefixes or DEFAULT_PREFIXES
+    if not os.path.isdir(prefixes):
+        if args.prefixes is not None:  # a mistyped folder must not serve the base model without a word
+            print(f"mmprefix serve: --prefixes {prefixes} is not a folder (give the folder that holds the prefix "
+                  "folders, e.g. a recipe's out/)", file=sys.stderr)
+            return 2
+        print(f"mmprefix serve: no folder {prefixes} here (the default --prefixes): serving the base model alone; "
+              "prefixes saved there later come with --rescan-seconds or POST /admin/rescan", file=sys.stderr)
     limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
-                    max_image_pixels=args.max_image_pixels, max_input_tokens=args.max_input_tokens)
+                    max_image_pixels=args.max_image_pixels, max_input_tokens=args.max_input_tokens,
+                    max_input_chars=args.max_input_chars)
     try:
-        run(args.models or ["embedded:blip"], args.prefixes, args.host, args.port, args.admin_token,
+        run(args.models or ["embedded:blip"], prefixes, args.host, args.port, args.admin_token,
             args.max_batch_size, args.window_ms / 1000, args.rescan_seconds, limits, args.max_new_tokens, args.max_beams)
     except (LoadError, ValueError) as err:
         print(f"mmprefix serve: {err}", file=sys.stderr)

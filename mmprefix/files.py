@@ -1,7 +1,8 @@
 """Writing files so that a reader never sees half of one: a temporary file beside the target, flushed to
 disk, then renamed over it (``os.replace`` is atomic on POSIX and Windows), and the folder flushed so that the
 rename survives a power cut. Temporary files carry the writer's host and process id, so that the temporary
-file of a process killed mid-write can be told from one a live process is still writing."""
+file of a process killed mid-write can be told from one a live process is still writing; they are created with
+the mode of any new file (0666 less the umask), which the renamed file keeps."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import socket
-import tempfile
+import stat
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,15 +23,18 @@ _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
 _TEMPORARY = re.compile(r"\.(?P<target>.+)\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)\.[a-z0-9_]+\.tmp")
 # .<target>.<random>.tmp: what versions before the host and pid were added left behind
 _UNTAGGED = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
+FLOATS = ("F16", "BF16", "F32", "F64")  # the safetensors dtypes a prefix tensor may have
 UNTAGGED_AGE = 3600  # seconds after which an untagged temporary file is surely abandoned
+# .tmpXXXXXX: the temporary file of safetensors' own save_file, which a save killed inside it left behind (before
+# mmprefix wrote prefix weights itself)
+_SAFETENSORS = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Create or replace ``path`` with what ``write(temporary_path)`` writes; on any error the old file stays
     and the temporary file is removed (a process killed here leaves it: see `remove_stale_temporaries`)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _new_temporary(path)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -40,6 +45,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         raise
     sync_folder(path.parent)
     return path
+
+
+def _new_temporary(path: Path) -> str:
+    """An empty new file beside ``path``, named for this host and process, with the mode of any new file (mkstemp's
+    0600 would make every saved file private whatever the umask)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return str(tmp)
+        except FileExistsError:
+            continue
 
 
 def sync_folder(folder: str | os.PathLike) -> None:
@@ -85,10 +102,15 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_temporaries(folder: str | os.PathLike, targets: tuple[str, ...]) -> list[Path]:
     """Remove the temporary files that writers of ``targets`` (file names in ``folder``) killed mid-write left
-    behind: those of dead processes on this host, and untagged ones over an hour old. A live writer's
-    temporary file is left alone. Returns what was removed."""
+    behind: those of dead processes on this host, untagged ones over an hour old, and safetensors' own
+    ``.tmpXXXXXX`` when a target is a ``.safetensors`` file (the caller holds the folder's `locked_folder`, so no
+    writer of this folder is alive). A live writer's temporary file is left alone. Returns what was removed."""
     folder = Path(folder)
     removed = []
+    for entry in folder.glob(".tmp*") if folder.is_dir() else []:
+        if _SAFETENSORS.fullmatch(entry.name) and any(t.endswith(".safetensors") for t in targets):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
     for entry in folder.glob(".*.tmp") if folder.is_dir() else []:
         tagged = _TEMPORARY.fullmatch(entry.name)
         if tagged:
@@ -167,7 +189,6 @@ def safetensors_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[st
 def load_finite(path: str | os.PathLike) -> dict[str, Any]:
     """The tensors of a safetensors file (whose header the caller checked); a non-finite value is refused
     naming its tensor, a damaged file naming the file."""
-    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -175,8 +196,34 @@ def load_finite(path: str | os.PathLike) -> dict[str, Any]:
         tensors = load_file(os.fspath(path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} cannot be read ({err}): damaged or cut short?") from None
+    refuse_non_finite(tensors, str(path), "refusing it")
+    return tensors
+
+
+def refuse_non_finite(tensors: dict[str, Any], source: str, outcome: str) -> None:
+    """A ``ValueError`` naming ``source`` and the first tensor that holds NaN or infinity, and ``outcome``."""
+    import torch
+
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"{path}: tensor {name!r} holds {bad} non-finite value(s) (NaN or infinity); refusing it")
-    return tensors
+            raise ValueError(f"{source}: tensor {name!r} holds {bad} non-finite value(s) (NaN or infinity); {outcome}")
+
+
+def not_a_file(path: Path) -> str | None:
+    """What stands at ``path`` when it is not a regular file (a dangling symlink, a symlink loop, a folder, a FIFO,
+    a device...), in words; None for a regular file or nothing at all."""
+    if not os.path.lexists(path):
+        return None
+    link = f"a symlink to {os.readlink(path)}, " if path.is_symlink() else ""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"a dangling symlink to {os.readlink(path)}"
+    except OSError as err:  # ELOOP
+        return f"a symlink that cannot be followed ({err.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+    return link + next((kind for test, kind in kinds.items() if test(mode)), "not a regular file")

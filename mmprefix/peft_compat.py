@@ -18,7 +18,7 @@ from torch import nn
 from . import typed
 from .architectures import POSITIONS_FROM_MASK, Site, find_sites
 from .config import PrefixConfig
-from .files import load_finite, read_json, safetensors_header
+from .files import FLOATS, load_finite, read_json, safetensors_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -78,6 +78,9 @@ def read_peft_prefix(
     _, header = safetensors_header(weights)
     if "prompt_embeddings" not in header:
         raise ValueError(f"{weights}: no 'prompt_embeddings' tensor (it holds {sorted(header)[:5]})")
+    if header["prompt_embeddings"][0] not in FLOATS:
+        raise ValueError(f"{weights}: prompt_embeddings is {header['prompt_embeddings'][0]}, expected floating point "
+                         f"({', '.join(FLOATS)})")
     p, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
     head_dim = config.token_dim // heads
     expected = (p, layers * 2 * heads * head_dim)

@@ -15,25 +15,22 @@ values refused, each with a one-line ``ValueError`` that names the file, the fie
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 from torch import nn
 
 from . import peft_compat, typed
 from .architectures import Site, find_sites, model_class, prompt_input, select_sites
 from .config import PrefixConfig
-from .files import (atomic_write, load_finite, locked_folder, parse_json_object, read_json, remove_stale_temporaries,
-                    safetensors_header, write_text)
+from .files import (FLOATS, atomic_write, load_finite, locked_folder, not_a_file, parse_json_object, read_json,
+                    refuse_non_finite, remove_stale_temporaries, safetensors_header, write_text)
 
 CONFIG_NAME = "prefix_config.json"
 WEIGHTS_NAME = "prefix.safetensors"
@@ -41,7 +38,6 @@ FORMAT = "mmprefix"
 FORMAT_VERSION = 2
 METADATA_KEY = "mmprefix"  # the metadata's JSON, in the safetensors header
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-FLOATS = ("F16", "BF16", "F32", "F64")
 
 
 @dataclass
@@ -107,29 +103,23 @@ def _file_sha256(path: Path) -> str:
 
 def write_prefix(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Save tensors and metadata: the weights file (tensors + metadata) replaced in one atomic rename, then
-    its readable JSON copy. Temporary files that killed saves left in the folder are removed first."""
+    its readable JSON copy. Temporary files that killed saves left in the folder are removed first. Tensors
+    holding NaN or infinity are refused before anything is written (the folder keeps what it held)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in tensors.items()}
+    refuse_non_finite(tensors, f"the prefix to save in {directory}", "nothing was written")
+    directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "tensors_sha256": tensors_digest(tensors)}
     text = json.dumps(meta, indent=2) + "\n"
     header = {"format": FORMAT, METADATA_KEY: text}
     with locked_folder(directory):  # two savers into one folder: the JSON always describes the weights
         remove_stale_temporaries(directory, (WEIGHTS_NAME, CONFIG_NAME))
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: _save_file(tensors, tmp, header))
+        # serialized here and written by atomic_write: safetensors' save_file would add its own temporary file
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(serialize(tensors, header)))
         # From here on the folder loads as the new prefix; a JSON left from the old one would misdescribe it.
         (directory / CONFIG_NAME).unlink(missing_ok=True)
         write_text(directory / CONFIG_NAME, text)
     return directory
-
-
-def _save_file(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """safetensors' writer, its I/O errors (a full disk) raised as the ``OSError`` they are."""
-    try:
-        save_file(tensors, path, metadata=metadata)
-    except SafetensorError as err:
-        code = re.search(r"os error (\d+)", str(err))
-        raise OSError(int(code[1]) if code else errno.EIO, f"cannot write {path}: {err}") from None
 
 
 def detect_format(directory: str | os.PathLike) -> str:
@@ -139,6 +129,10 @@ def detect_format(directory: str | os.PathLike) -> str:
         raise FileNotFoundError(f"no prefix folder at {directory}")
     if (directory / WEIGHTS_NAME).is_file():
         return "mmprefix"
+    for name in (WEIGHTS_NAME, peft_compat.CONFIG_NAME, peft_compat.WEIGHTS_NAME):
+        found = not_a_file(directory / name)
+        if found:
+            raise ValueError(f"{directory / name} is {found}, not a file: replace it with the saved file")
     if peft_compat.is_peft_folder(directory):
         return "peft"
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -209,7 +203,28 @@ def _check_header(meta: PrefixMeta, header: dict[str, tuple[str, tuple[int, ...]
 
 def read_prefix(directory: str | os.PathLike) -> tuple[PrefixMeta, dict[str, torch.Tensor]]:
     """Metadata and tensors of an mmprefix prefix folder, checked against each other before the tensors are
-    read; then their checksum and finiteness."""
+    read; then their checksum and finiteness. The file is opened twice (header, then tensors): when a save
+    replaced it in between and the two parts do not match, it is read once more."""
+    weights = Path(directory) / WEIGHTS_NAME
+    before = _identity(weights)
+    try:
+        return _read_prefix(directory)
+    except ValueError:
+        if _identity(weights) == before:
+            raise
+    return _read_prefix(directory)
+
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    """Changes when ``path`` is replaced (a rename brings another inode) or rewritten."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino, found.st_mtime_ns, found.st_size
+
+
+def _read_prefix(directory: str | os.PathLike) -> tuple[PrefixMeta, dict[str, torch.Tensor]]:
     directory = Path(directory)
     weights = directory / WEIGHTS_NAME
     header_meta, header = safetensors_header(weights)
@@ -288,12 +303,17 @@ def match_sites(saved: list[SavedSite], available: list[Site], expected: list[Si
         if tower not in towers:
             problems.append(f"this model has no {tower!r} tower (it has {', '.join(towers)})")
         elif saved_layers != model_layers:
-            problems.append(
-                f"layers: the prefix has {len(saved_layers)} sites in tower {tower!r}, this model {len(model_layers)}"
-            )
+            problems.append(f"layers of tower {tower!r}: the prefix has sites at {_layers(saved_layers)}, this model at "
+                            f"{_layers(model_layers)} (only in the prefix: {_layers(saved_layers - model_layers)}; "
+                            f"only in this model: {_layers(model_layers - saved_layers)})")
     if missing and not problems:
         problems.append(f"{len(missing)} saved attention sites have no counterpart here (e.g. {missing[0].name})")
     return matched, problems
+
+
+def _layers(sites: set[tuple[str, int]]) -> str:
+    """``{("self", 0), ("self", 7)}`` as ``"self 0, self 7"``."""
+    return ", ".join(f"{kind} {layer}" for kind, layer in sorted(sites)) or "none"
 
 
 def read_for(model: nn.Module, directory: str | os.PathLike) -> tuple[PrefixConfig, list[Site], dict[str, torch.Tensor]]:

@@ -69,3 +69,12 @@ def test_quantized_weights_are_counted_as_stored():
     quantize_(model, Int8WeightOnlyConfig())
     # int8 values; per output channel a float32 scale and an int8 zero point
     assert weight_bytes(model) == 256 * 128 + 128 * (4 + 1)
+
+
+@pytest.mark.slow
+def test_the_hostile_input_benchmark_runs_and_the_huge_questions_are_refused():
+    output = run(ROOT / "benchmarks" / "hostile_input.py", "--requests", "16", "--clients", "4", "--rounds", "2",
+                 "--hostile-clients", "1")
+    rows = table(output, "| mode | wall seconds")
+    assert [r[0] for r in rows] == ["alone", "with hostile requests"] and all(float(r[1]) > 0 for r in rows)
+    assert "hostile requests answered: {'HTTP 400': 8}" in output

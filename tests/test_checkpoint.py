@@ -67,8 +67,10 @@ def _gpt2(**overrides):
 @pytest.mark.parametrize(
     "other, words",
     [
-        (dict(n_layer=3), "layers: the prefix has 2 sites in tower 'lm', this model 3"),
-        (dict(n_layer=1), "layers: the prefix has 2 sites in tower 'lm', this model 1"),
+        (dict(n_layer=3), "layers of tower 'lm': the prefix has sites at self 0, self 1, this model at self 0, self 1, "
+                          "self 2 (only in the prefix: none; only in this model: self 2)"),
+        (dict(n_layer=1), "the prefix has sites at self 0, self 1, this model at self 0 (only in the prefix: self 1; "
+                          "only in this model: none)"),
         (dict(n_head=8), "heads differs at transformer.h.0.attn: saved 4, model 8"),
         (dict(n_embd=64, n_head=4), "head_dim differs at transformer.h.0.attn: saved 8, model 16"),
     ],
@@ -78,6 +80,14 @@ def test_prefix_for_another_geometry_is_refused_with_what_differs(tmp_path, othe
     with pytest.raises(ValueError) as err:
         load_prefix(_gpt2(**other), tmp_path)
     assert words in str(err.value) and "saved for GPT2LMHeadModel" in str(err.value)
+
+
+def test_a_site_at_a_layer_the_model_lacks_is_named(tmp_path):
+    """Before: "the prefix has 1 sites in tower 'lm', this model 1", which says nothing of what differs."""
+    add_prefix(_gpt2(n_layer=8), PrefixConfig(num_virtual_tokens=2, targets="lm.self[-1:]")).save_prefix(tmp_path)
+    with pytest.raises(ValueError, match=r"the prefix has sites at self 7, this model at self 1 \(only in the prefix: "
+                                         r"self 7; only in this model: self 1\)"):
+        load_prefix(_gpt2(n_layer=2), tmp_path)
 
 
 def test_prefix_for_another_architecture_is_refused(tmp_path):
@@ -121,7 +131,7 @@ def test_interrupted_save_keeps_the_previous_prefix(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(saving, "save_file", crash)
+    monkeypatch.setattr(saving, "serialize", crash)
     with pytest.raises(KeyboardInterrupt):
         pm.save_prefix(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files left, old files intact

@@ -62,7 +62,8 @@ def which(folder, candidates):
 
 
 def temporaries(folder):
-    return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp"))
+    """Temporary files: ours (``.<target>....tmp``) and safetensors' own (``.tmpXXXXXX``)."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp") or p.name.startswith(".tmp"))
 
 
 def run_in_child(work):
@@ -157,7 +158,7 @@ def kill_randomly(folder, two, kills, seed):
 
 
 def test_random_kills_during_saves_never_leave_a_broken_folder(two, tmp_path):
-    leaked = kill_randomly(tmp_path / "prefix", two, kills=6, seed=0)
+    leaked = kill_randomly(tmp_path / "prefix", two, kills=12, seed=0)  # ~40% of kills land mid-write
     assert leaked >= 1, "some kills landed mid-write (and their temporary files were cleaned up)"
 
 
@@ -265,7 +266,7 @@ def test_a_full_disk_simulated_by_a_writer_that_raises(two, tmp_path, monkeypatc
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(saving, "save_file" if failing == "weights" else "write_text", no_space)
+    monkeypatch.setattr(saving, "serialize" if failing == "weights" else "write_text", no_space)
     with pytest.raises(OSError):
         new.save_prefix(folder)
     assert which(folder, candidates) == (0 if failing == "weights" else 1) and temporaries(folder) == []
@@ -415,11 +416,13 @@ def test_a_tampered_tensor_is_refused_even_without_the_checksum_field(tmp_path, 
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_values_are_refused_naming_the_tensor(bad, tmp_path):
+def test_non_finite_values_are_refused_naming_the_tensor(bad, tmp_path, monkeypatch):
     model = add_prefix(tiny.gpt2(), PrefixConfig(num_virtual_tokens=4))
     with torch.no_grad():
         model.prefixes["default"].values["transformer-h-1-attn"][0, 2, 3] = bad
-    model.save_prefix(tmp_path)
+    with monkeypatch.context() as unchecked:  # a file that an older version (or another tool) wrote
+        unchecked.setattr(saving, "refuse_non_finite", lambda *args: None)
+        model.save_prefix(tmp_path)
     refused(tmp_path, str(tmp_path / saving.WEIGHTS_NAME), "'transformer.h.1.attn.value' holds 1 non-finite value")
 
 

@@ -122,7 +122,7 @@ def test_evaluate_uses_the_same_layering(tmp_path):
     assert (run.task, run.num_beams, run.limit, run.max_new_tokens, run.output_dir) == ("vqa", 2, 5, 3, "out/e")
     assert run.data_options == {"split": "val"}
     for argv, words in [(["num_beam=3"], "num_beam is not a setting (did you mean 'num_beams'?)"),
-                        (["--limit", "0"], "limit, batch_size and num_beams must be >= 1"),
+                        (["--limit", "0"], "limit, batch_size, num_beams and max_new_tokens must be >= 1"),
                         (["task=captioning"], "task must be one of vqa, caption, text, classification, retrieval"),
                         (["examples=many"], "examples must be an integer, got text 'many'")]:
         with pytest.raises(cli.UsageError, match=words.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
@@ -132,6 +132,25 @@ def test_evaluate_uses_the_same_layering(tmp_path):
         cli.settings_from(["--config", str(config), "--data", "x", "--output-dir", "y"])
     with pytest.raises(cli.UsageError, match="missing --data, --output-dir"):
         cli.settings_from(["--task", "vqa", "--model", "m"])
+
+
+@pytest.mark.parametrize("prefix, words", [
+    ("justaname", "--prefix must look like KEY=VALUE, got 'justaname'"),
+    ("p=", "--prefix p=: DIR is not a folder (a prefix folder, e.g. out/vqa/prefix)"),
+    ("p={missing}", "--prefix p={missing}: {missing} is not a folder (a prefix folder, e.g. out/vqa/prefix)"),
+])
+def test_evaluate_refuses_a_bad_prefix_before_the_model_loads(prefix, words, tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "eval" / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    from mmprefix.experiment import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *args: pytest.fail("the model loaded"))
+    missing = str(tmp_path / "nowhere")
+    argv = ["--task", "vqa", "--model", "m", "--data", "d", "--output-dir", str(tmp_path), "--prefix",
+            prefix.format(missing=missing)]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"evaluate: error: {words.format(missing=missing)}"
 
 
 @pytest.mark.parametrize("command", [
@@ -183,3 +202,44 @@ def test_every_flag_has_help_and_the_examples_are_a_list():
 def test_resume_compares_the_quantization_of_the_base():
     # a run resumed on an int8 base is another run (before: quantize was missing from identity())
     assert parse("quantize=int8").identity() != parse().identity()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["prefix.learning_rate=0"], ["settings: prefix: learning_rate must be > 0, got 0"]),
+    (["--method", "prompt", "prompt.learning_rate=-0.1"], ["prompt: learning_rate must be > 0, got -0.1"]),
+    (["--method", "full", "full.learning_rate=-1"], ["full: learning_rate must be > 0, got -1"]),
+    (["--method", "lora", "lora.learning_rate=-1"], ["settings: lora.learning_rate must be > 0, got -1.0"]),
+    (["lora.learning_rate=0"], ["lora.learning_rate must be > 0"]),  # refused whichever method runs
+    (["prefix.num_virtual_tokens=0"], ["num_virtual_tokens must be >= 1 to train, got 0"]),
+    (["eval.generation.num_beams=abc"], ["eval.generation.num_beams must be an integer >= 1, got 'abc'"]),
+    (["eval.generation.max_new_tokens=-5"], ["eval.generation.max_new_tokens must be an integer >= 1, got -5"]),
+    (["eval.generation={max_new_tokens: 2.5}"], ["eval.generation.max_new_tokens must be an integer"]),
+    (["output_dir="], ["output_dir is empty: name the folder the run writes into"]),
+    (["--output-dir", " "], ["output_dir is empty"]),
+])
+def test_settings_that_used_to_crash_after_the_model_loaded_are_refused_first(argv, words):
+    message = refused(*argv)
+    assert all(w in message for w in words), message
+
+
+def test_a_repeated_yaml_key_is_refused_naming_it_and_both_lines(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: embedded:blip\ntrain:\n  learning_rate: 0.1\n  max_steps: 4\n  learning_rate: 0.5\n")
+    assert refused(config=config) == (f"{config} is not valid YAML at line 5, column 3: 'learning_rate' is set twice "
+                                      "(lines 3 and 5); keep one")
+    config.write_text("base: &base {max_steps: 4, learning_rate: 0.1}\nmodel: embedded:blip\ntrain:\n  <<: *base\n"
+                      "  learning_rate: 0.2\n")  # overriding a merged key is YAML's own way, not a repeat
+    with pytest.raises(SettingsError, match="base is not a setting"):
+        parse(config=config)
+
+
+def test_the_engine_and_evaluate_refuse_an_empty_output_dir(tmp_path):
+    from mmprefix.training import TrainConfig
+
+    with pytest.raises(ValueError, match="output_dir is empty"):
+        TrainConfig(output_dir="")
+    with pytest.raises(SettingsError, match="output_dir is empty"):
+        settings.evaluation_settings(None, {"task": "vqa", "model": "m", "data": "d", "output_dir": ""}, [])
+    with pytest.raises(SettingsError, match="max_new_tokens must be >= 1"):
+        settings.evaluation_settings(None, {"task": "vqa", "model": "m", "data": "d", "output_dir": "o"},
+                                     ["max_new_tokens=-5"])

@@ -3,9 +3,10 @@ folder with one subfolder of images per class."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from .readers import AnnotationError, _Record, _read_jsonl
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -27,15 +28,12 @@ def read_classification(path: str | os.PathLike) -> tuple[list[tuple[str, str]],
     if not path.is_file():
         raise FileNotFoundError(f"{path} is neither a JSONL file nor a folder of class subfolders")
     samples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            image, label = row["image"], row["label"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}, line {number}: expected a JSON object with image and label ({err!r})") from None
+    for _, where, row in _read_jsonl(path):
+        record = _Record(row, path, where)
+        image, label = record.get("image", "str"), record.get("label", "id")  # an integer label names its class too
+        if not image.strip() or not str(label).strip():
+            record.fail("'image' and 'label' must not be empty")
         samples.append((str((path.parent / image).resolve()), str(label)))
     if not samples:
-        raise ValueError(f"{path} holds no records")
+        raise AnnotationError(path, "the whole file", "holds no records")
     return samples, sorted({label for _, label in samples})

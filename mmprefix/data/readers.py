@@ -174,7 +174,7 @@ class _Record:
         if value is None:
             if default is not ...:
                 return default
-            self.fail(f"missing key {key!r}")
+            self.fail(f"{key!r} is null" if key in self.record else f"missing key {key!r}")
         check, description = _CHECKS[kind]
         if not check(value):
             self.fail(f"{key!r} must be {description}, got {type(value).__name__} {_short(value)}")
@@ -585,7 +585,13 @@ def _hf_dataset(dataset: Any, split: str | None, load_kwargs: Mapping[str, Any])
     name = None
     if isinstance(dataset, (str, os.PathLike)):
         name = os.fspath(dataset)
-        dataset = datasets.load_dataset(name, split=split, **load_kwargs)
+        try:
+            dataset = datasets.load_dataset(name, split=split, **load_kwargs)
+        except datasets.exceptions.DatasetGenerationError as error:  # says neither which file nor where
+            cause = error.__cause__ or error
+            files = load_kwargs.get("data_files") or name
+            raise AnnotationError(files if isinstance(files, (str, os.PathLike)) else f"one of {files}", "reading",
+                                  f"{type(cause).__name__}: {cause}") from None
     elif load_kwargs:
         raise TypeError(f"load_dataset arguments {sorted(load_kwargs)} given with a dataset object")
     if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):

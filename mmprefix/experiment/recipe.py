@@ -101,6 +101,8 @@ def load_splits(task: str, data: DataSettings) -> dict[str, list]:
             samples, _ = read_classification(path)
         else:
             samples = read_samples(task, path, format=spec.format, **options)
+        if not samples:  # else training ends in the sampler and scoring in a division by zero, with other words
+            raise loading.LoadError(f"the {split} data {spec.path!r} ({path}) holds no samples; fix data.{split}.path")
         splits[split] = samples[: spec.limit] if spec.limit else samples
     return splits
 

@@ -32,6 +32,9 @@ from .loading import QUANTIZATIONS, LoadError
 
 METHODS = ("prefix", "prompt", "lora", "full")
 ON_BAD_IMAGE = ("error", "skip")
+# generate() settings of eval.generation that are whole numbers, and their least values (the rest go to generate)
+GENERATION_INTEGERS = {"max_new_tokens": 1, "min_new_tokens": 0, "num_beams": 1, "max_length": 1, "min_length": 0,
+                       "no_repeat_ngram_size": 0}
 
 
 class SettingsError(ValueError):
@@ -43,6 +46,18 @@ class SettingsError(ValueError):
 
 class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2's booleans (true/false only) and numbers (``3e-3``, ``1.0e+5``)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        """A mapping whose keys are unique, as YAML requires (PyYAML would keep the last value of a repeated key)."""
+        seen: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = seen.setdefault((key.tag, key.value), key.start_mark.line + 1)
+                if line != key.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key.value!r} is set twice (lines {line} and {key.start_mark.line + 1}); keep one",
+                        key.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 _REPLACED = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
@@ -280,6 +295,10 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.examples < 0:
             raise ValueError("eval.batch_size must be >= 1 and eval.examples >= 0")
+        for key, least in GENERATION_INTEGERS.items():
+            value = self.generation.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise ValueError(f"eval.generation.{key} must be an integer >= {least}, got {value!r}")
 
 
 @dataclass
@@ -292,6 +311,7 @@ class PrefixOptions(PrefixConfig):
         super().__post_init__()
         if self.method != "prefix":
             raise ValueError("prefix.method must stay 'prefix' (choose a soft prompt with method: prompt)")
+        _check_trainable(self)
 
     def config(self) -> PrefixConfig:
         """The prefix's `PrefixConfig`."""
@@ -309,6 +329,19 @@ class PromptOptions(PrefixOptions):
         PrefixConfig.__post_init__(self)
         if self.method != "prompt":
             raise ValueError("prompt.method must stay 'prompt'")
+        _check_trainable(self)
+
+
+def _check_trainable(options: PrefixOptions) -> None:
+    """What a run trains with: at least one virtual token (0 is the base model unchanged) and a rate above 0."""
+    if options.num_virtual_tokens < 1:
+        raise ValueError(f"num_virtual_tokens must be >= 1 to train, got {options.num_virtual_tokens}")
+    _check_rate(options.learning_rate)
+
+
+def _check_rate(rate: float | None) -> None:
+    if rate is not None and not rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {rate}")
 
 
 @dataclass
@@ -316,6 +349,9 @@ class FullOptions:
     """The ``full:`` section: full fine-tuning takes only its learning rate."""
 
     learning_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_rate(self.learning_rate)
 
 
 @dataclass
@@ -344,6 +380,8 @@ class RecipeSettings:
         if self.quantize is not None and self.train.fsdp:  # found out here, before a model is loaded
             raise ValueError(f"quantize={self.quantize!r} and train.fsdp=true do not combine: FSDP cannot split "
                              "quantized weights; choose one")
+        if not self.output_dir.strip():
+            raise ValueError("output_dir is empty: name the folder the run writes into")
         self.output_dir = self.output_dir.replace("{method}", self.method)
 
     def method_options(self) -> Any:
@@ -415,6 +453,12 @@ def recipe_settings(argv: Sequence[str] | None, task: str, default_config: Path,
     overrides = override_layer(RecipeSettings, args.overrides)
     settings = layered(RecipeSettings, [(str(args.config), read_yaml(args.config)), ("command line", flags),
                                         ("command line", overrides)])
+    try:  # checked like the other sections' rates, which their dataclasses check
+        _check_rate(typed.check(settings.lora.get("learning_rate"), float | None, "settings", "lora.learning_rate"))
+    except typed.FieldError as err:
+        raise SettingsError(str(err)) from None
+    except ValueError as err:
+        raise SettingsError(f"settings: lora.{err}") from None
     # the method's own learning rate, unless the command line sets train.learning_rate
     rate = (settings.lora.get("learning_rate") if settings.method == "lora"
             else getattr(settings, settings.method).learning_rate)
@@ -484,8 +528,11 @@ class EvaluationSettings:
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}")
         if isinstance(self.prefix, dict):
             self.prefix = [f"{name}={folder}" for name, folder in self.prefix.items()]
-        if (self.limit is not None and self.limit < 1) or self.batch_size < 1 or self.num_beams < 1:
-            raise ValueError("limit, batch_size and num_beams must be >= 1")
+        if (self.limit is not None and self.limit < 1) or self.batch_size < 1 or self.num_beams < 1 or \
+                (self.max_new_tokens is not None and self.max_new_tokens < 1):
+            raise ValueError("limit, batch_size, num_beams and max_new_tokens must be >= 1")
+        if not self.output_dir.strip():
+            raise ValueError("output_dir is empty: name the folder the results go to")
 
 
 REQUIRED_FOR_EVALUATION = ("task", "model", "data", "output_dir")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,16 +15,28 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..data.images import BadImageError, load_image
 
+CHARS_PER_TOKEN = 16  # far above any tokenizer's average for text (English ~4): it bounds only pathological input
+
 
 @dataclass
 class Limits:
-    """What one request may send. Images arrive base64-encoded in JSON, so a body is about 4/3 of its image."""
+    """What one request may send. Images arrive base64-encoded in JSON, so a body is about 4/3 of its image. A
+    text is bounded in characters before it is tokenised (default: ``CHARS_PER_TOKEN`` per allowed token), so that
+    one huge word, a single token, cannot hold the tokenizer for seconds."""
 
     max_body_bytes: int = 16 * 2**20
     max_image_bytes: int = 10 * 2**20
     max_image_pixels: int = 4096 * 4096
     max_input_tokens: int = 256
     max_classes: int = 256
+    max_input_chars: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_input_chars is None:
+            self.max_input_chars = CHARS_PER_TOKEN * self.max_input_tokens
+        small = [f"{name}={value}" for name, value in vars(self).items() if value < 1]
+        if small:
+            raise ValueError(f"limits must be >= 1, got {', '.join(small)}")
 
 
 class ApiError(Exception):
@@ -146,7 +159,7 @@ def decode_image(data: str, limits: Limits) -> Image.Image:
     except (binascii.Error, ValueError):
         raise ApiError(400, "the image is not valid base64") from None
     try:
-        with Image.open(io.BytesIO(raw)) as image:
+        with _opened(raw, limits) as image:
             width, height = image.size
             if width * height > limits.max_image_pixels:
                 raise ApiError(413, f"the image is {width}x{height} pixels; this server takes at most "
@@ -158,3 +171,14 @@ def decode_image(data: str, limits: Limits) -> Image.Image:
         raise ApiError(400, f"the image does not decode: {error.reason}") from None
     except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for bytes that are not an image
         raise ApiError(400, f"the image does not decode: {type(error).__name__}: {error}") from None
+
+
+def _opened(raw: bytes, limits: Limits) -> Image.Image:
+    """Pillow's image of ``raw``; one too large for Pillow to open at all (a decompression bomb) is over the
+    pixel limit too: 413, as any image over it."""
+    try:
+        return Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as error:
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        raise ApiError(413, f"the image has {pixels[1] if pixels else 'too many'} pixels; this server takes at most "
+                            f"{limits.max_image_pixels} pixels") from None

@@ -2,9 +2,10 @@
 Prometheus metrics, token-protected prefix administration, and the comparison page at ``/``.
 
 Every error is JSON ``{"error": {"message", "type", "code"}}`` with a one-line message: 400 bad input (an image
-that does not decode, too many tokens, an invalid prefix name), 401/403 admin without the right token, 404 an
-unknown prefix (the message lists the known ones), 413 a body or image over the limits, 422 malformed JSON or
-fields, 500 a batch that failed (only that batch's requests), 503 while shutting down.
+that does not decode, too many characters or tokens, an invalid prefix name), 401/403 admin without the right
+token, 404 an unknown prefix (the message lists the known ones) or route, 405 a method the route does not take,
+413 a body or image over the limits, 422 malformed JSON (not UTF-8, nested too deeply) or fields, 500 a batch that
+failed (only that batch's requests), 503 while shutting down.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from .batcher import Closed
 from .engine import Job
@@ -63,6 +65,7 @@ def create_app(service: PrefixService, admin_token: str | None = None, limits: L
     app.add_middleware(_Guard, limit=limits.max_body_bytes, responses=api.responses)
     app.exception_handler(ApiError)(_api_error)
     app.exception_handler(RequestValidationError)(_invalid)
+    app.exception_handler(HTTPException)(_http_error)
     api.routes(app)
     return app
 
@@ -78,6 +81,22 @@ async def _invalid(request: Request, error: RequestValidationError) -> JSONRespo
         return _error(422, f"the body is not valid JSON ({reason}, at character {first['loc'][-1]})")
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
     return _error(422, f"{where + ': ' if where else ''}{first.get('msg')}")
+
+
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own errors in this API's shape: an unknown route or method, a body that does not parse."""
+    cause, status, kind = error.__cause__, error.status_code, "invalid_request_error"
+    if isinstance(cause, UnicodeDecodeError):
+        status, message = 422, f"the body is not valid JSON (not UTF-8 text, at byte {cause.start})"
+    elif isinstance(cause, RecursionError):
+        status, message = 422, "the body is not valid JSON for this server (it nests too deeply)"
+    elif status == 404:
+        message, kind = f"no endpoint {request.method} {request.url.path} (see /docs)", "not_found_error"
+    elif status == 405:
+        message = f"{request.url.path} takes {(error.headers or {}).get('Allow', 'other methods')}, not {request.method}"
+    else:
+        message = str(error.detail)
+    return JSONResponse(error_body(status, message, kind), status_code=status, headers=error.headers)
 
 
 async def _rescan_every(service: PrefixService, seconds: float) -> None:
@@ -210,8 +229,8 @@ class _Api:
         job = await self._job("classify", body.prefix, body.image, None)
         job.classnames = tuple(body.classnames)
         job.templates = tuple(body.templates) if body.templates else job.templates
-        for text in {template.format(name) for name in job.classnames for template in job.templates}:
-            self._check_tokens("classify", text)
+        texts = {template.format(name) for name in job.classnames for template in job.templates}
+        await run_in_threadpool(self._check_tokens, "classify", texts)
         result = await self._result(request, self._submit(job))
         return {"prefix": body.prefix or BASE, **result}
 
@@ -291,8 +310,8 @@ class _Api:
                 if generation is not None else ()
         except ValueError as error:
             raise ApiError(400, str(error)) from None
-        if text is not None:
-            self._check_tokens(task, text)
+        if text is not None:  # tokenised in a worker thread: the event loop keeps accepting other requests
+            await run_in_threadpool(self._check_tokens, task, [text])
         decoded = await run_in_threadpool(decode_image, image, self.limits) if image is not None else None
         return Job(task, prefix, decoded, text, generation=settings)
 
@@ -302,11 +321,17 @@ class _Api:
         except ValueError as error:
             raise ApiError(400, str(error)) from None
 
-    def _check_tokens(self, task: str, text: str) -> None:
-        count = self._engine(task).token_count(text)
-        if count > self.limits.max_input_tokens:
-            raise ApiError(400, f"the text has {count} tokens; this server takes at most {self.limits.max_input_tokens}",
-                           "context_length_exceeded")
+    def _check_tokens(self, task: str, texts: Iterable[str]) -> None:
+        """Each text within the limits: characters first (never tokenised when over), then tokens."""
+        engine = self._engine(task)
+        for text in texts:
+            if len(text) > self.limits.max_input_chars:
+                raise ApiError(400, f"the text has {len(text)} characters; this server takes at most "
+                                    f"{self.limits.max_input_chars}", "context_length_exceeded")
+            count = engine.token_count(text)
+            if count > self.limits.max_input_tokens:
+                raise ApiError(400, f"the text has {count} tokens; this server takes at most "
+                                    f"{self.limits.max_input_tokens}", "context_length_exceeded")
 
     def _submit(self, job: Job) -> Future:
         try:

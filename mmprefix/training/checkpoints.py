@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ import torch
 from safetensors.torch import save_file
 
 from .. import typed
-from ..files import load_finite
+from ..files import load_finite, sync_folder
 
 PREFIX = "step-"
+SET_ASIDE = "set-aside-"  # OUTPUT_DIR/set-aside-<when>/: an earlier run's checkpoints, never deleted by a run
 
 
 def _split(state: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
@@ -222,7 +224,8 @@ def complete_checkpoints(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.name.startswith(PREFIX) and (p / "complete").is_file())
+    return sorted(p for p in directory.iterdir()
+                  if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and (p / "complete").is_file())
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
@@ -236,3 +239,43 @@ def clean_staging(directory: str | os.PathLike) -> None:
     if directory.is_dir():
         for stale in directory.glob(f".tmp-{PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name[len(PREFIX):])
+
+
+def set_aside(out: Path, paths: list[Path]) -> Path | None:
+    """Move ``paths`` (inside ``out``) into a new ``out/set-aside-<now>/``, each at its place below ``out``, so
+    that the checkpoints left in ``out/checkpoints`` are the current run's alone; None when there is nothing."""
+    paths = [p for p in paths if p.exists()]
+    if not paths:
+        return None
+    stamp, number = time.strftime("%Y%m%d-%H%M%S"), 1
+    while (target := out / f"{SET_ASIDE}{stamp}{'' if number == 1 else f'-{number}'}").exists():
+        number += 1
+    for path in paths:
+        (target / path.relative_to(out)).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target / path.relative_to(out))
+    sync_folder(out)
+    return target
+
+
+def set_aside_earlier_run(out: Path) -> str | None:
+    """Before a fresh run's first step: the checkpoints an earlier run left in ``out`` (with its ``best/`` and
+    ``log.jsonl``) go to ``out/set-aside-<now>/``; otherwise their higher step numbers would outrank this run's
+    in the rotation and in ``--resume``. Returns the line that says so (None when there were none)."""
+    found = complete_checkpoints(out / "checkpoints")
+    if not found:
+        return None
+    target = set_aside(out, [out / "checkpoints", out / "best", out / "log.jsonl"])
+    return (f"note: {out} held the checkpoints of an earlier run (steps {', '.join(str(step_of(p)) for p in found)}); "
+            f"moved them to {target} so that this run's checkpoints are its own (delete that folder when not needed)")
+
+
+def set_aside_after(out: Path, step: int) -> str | None:
+    """After resuming from ``step``: the later checkpoints (those that could not be read back) go to
+    ``out/set-aside-<now>/``, so that the rotation never keeps them over the ones this run writes next."""
+    later = [p for p in complete_checkpoints(out / "checkpoints") if step_of(p) > step]
+    target = set_aside(out, later)
+    return target and f"note: moved the unreadable checkpoints after step {step} to {target}"

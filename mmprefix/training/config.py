@@ -69,3 +69,8 @@ class TrainConfig(TrainSettings):
     """`TrainSettings` and the folder the run owns: checkpoints, logs, the trained model (see `train`)."""
 
     output_dir: str
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not str(self.output_dir).strip():  # Path("") is the working directory: never written into by accident
+            raise ValueError("output_dir is empty: name the folder the run owns")

@@ -120,8 +120,10 @@ def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     parameters = [p for p in model.parameters() if p.requires_grad]
-    if not parameters:
+    if not sum(p.numel() for p in parameters):  # none, or only empty ones (a prefix of 0 virtual tokens)
         raise ValueError("the model has no trainable parameters")
+    if len(dataset) < config.batch_size:  # before the sampler, which fails on an empty dataset with its own words
+        raise ValueError(f"the dataset has {len(dataset)} rows, fewer than one batch of {config.batch_size}")
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
     model.train()
@@ -141,12 +143,14 @@ def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             checkpoints.clean_staging(checkpoint_dir)
-            if not config.resume:
+            if not config.resume:  # this run's checkpoints must be its own: an earlier run's are set aside
+                _note(checkpoints.set_aside_earlier_run(out))
                 (out / "log.jsonl").unlink(missing_ok=True)
     if config.resume:
         state = _resume(checkpoint_dir, unwrapped, optimizer, scheduler, accelerator, config, settings) or state
         if accelerator.is_main_process:
             _keep_log_until(out / "log.jsonl", state["step"])  # a resumed step is logged again: once
+            _note(checkpoints.set_aside_after(out, state["step"]))
     if config.trackers:
         accelerator.init_trackers("mmprefix", config=_flat(dataclasses.asdict(config)))
 
@@ -164,8 +168,6 @@ def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save
             drop_last=True,
             num_workers=config.num_workers,
         )
-        if len(loader) == 0:
-            raise ValueError(f"the dataset has {len(dataset)} rows, fewer than one batch of {config.batch_size}")
         loader = accelerator.prepare_data_loader(loader, device_placement=True)
         if state["batch_in_epoch"]:
             loader = accelerator.skip_first_batches(loader, state["batch_in_epoch"])
@@ -444,6 +446,11 @@ def _apply(path: Path, parts: dict[str, Any], parameters: dict[str, nn.Parameter
     checkpoints.set_rng_state(parts["rng"])
     return {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "best": state.best,
             "samples": state.samples}
+
+
+def _note(line: str | None) -> None:
+    if line:
+        print(line, file=sys.stderr)
 
 
 def _log(out: Path, record: dict[str, Any], accelerator: Accelerator) -> None:

@@ -2,13 +2,15 @@
 
 A second run on the folder is refused with the holder's process id and command. The operating system releases
 the lock when its process ends, however it ends, so the lock of a killed run is taken over (with a note) rather
-than blocking the folder forever. Within one process the lock is re-entrant: a recipe claims its folder before it
+than blocking the folder forever; a process that exits normally (at the end, by an error or ``sys.exit``) releases
+its locks, leaving nothing to take over. Within one process the lock is re-entrant: a recipe claims its folder before it
 writes anything, and the training engine's own claim inside it is then a no-op. Another thread of the same
 process is refused like another process.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -22,6 +24,7 @@ from .config import TrainingError
 
 LOCK_NAME = ".lock"
 _held: dict[Path, tuple[int, int]] = {}  # folder -> (the open lock file, the thread that claimed it)
+_holder = {"pid": os.getpid()}  # the process that claimed them (a forked child inherits _held, not the locks' runs)
 
 
 class FolderInUse(TrainingError):
@@ -61,8 +64,16 @@ def claim(folder: str | os.PathLike) -> bool:
     command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:200]
     os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} ({command}), since "
                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-    _held[key] = (fd, threading.get_ident())
+    _held[key], _holder["pid"] = (fd, threading.get_ident()), os.getpid()
     return True
+
+
+@atexit.register
+def _release_all() -> None:
+    """At a normal exit: a run that ended (finished, failed or was stopped by a signal it handled) is not a crash."""
+    if os.getpid() == _holder["pid"]:
+        for folder in list(_held):
+            release(folder)
 
 
 def release(folder: str | os.PathLike) -> None:
