@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .families import FRAMES, GRID, ITEMS, PADDED, ROWS, TILES, UNMAPPED, Media
+from .families import FRAMES, GRID, PADDED, ROWS, TILES, UNMAPPED, Media
 
 
 class MediaError(ValueError):

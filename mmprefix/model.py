@@ -200,8 +200,7 @@ class PrefixModel(nn.Module):
 
     def merge_reparam(self, name: str | None = None) -> PrefixStore:
         """Replace a reparameterised prefix by the flat keys and values its MLP produces (same outputs)."""
-        name = name or self.active_prefix
-        routing.check_names([name], self.prefixes)
+        name = self._named(name, "merge_reparam")
         store = self.prefixes[name]
         if store.config.reparam is None:
             return store
@@ -218,7 +217,7 @@ class PrefixModel(nn.Module):
     # -- routing ----------------------------------------------------------------------------------------
     def _route(self, call: Call) -> str | None | Routing:
         """What ``call`` routes to: its own route, or the active prefix."""
-        return self.active_prefix if call.route is ACTIVE else call.route
+        return routing.route_of(call, self.active_prefix)
 
     @contextlib.contextmanager
     def _call(self, prefix: Any, args: tuple, kwargs: dict, generating: bool) -> Iterator[dict]:
@@ -380,9 +379,17 @@ class PrefixModel(nn.Module):
 
         A reparameterised prefix is saved as the flat keys and values its MLP produces; ``keep_reparam=True``
         also keeps the embedding and MLP, to resume training it."""
-        name = name or self.active_prefix
-        routing.check_names([name], self.prefixes)
+        name = self._named(name, "save_prefix")
         saving.save(directory, self.base_model, name, self.prefixes[name], keep_reparam)
+
+    def _named(self, name: str | None, method: str) -> str:
+        """``name``, or the active prefix; one line when there is neither (after ``set_prefix(None)``)."""
+        name = name or self.active_prefix
+        if name is None:
+            raise ValueError(f"no prefix is active (set_prefix(None)); name one: {method}(..., name=...) with one of "
+                             f"{sorted(self.prefixes)}")
+        routing.check_names([name], self.prefixes)
+        return name
 
     def load_prefix(self, name: str, directory: str | os.PathLike) -> PrefixStore | PromptStore:
         """Add a prefix saved with ``save_prefix`` (or a PEFT prefix-tuning adapter) under ``name``."""

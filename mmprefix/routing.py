@@ -60,6 +60,11 @@ _CALLS: contextvars.ContextVar[dict[int, Call]] = contextvars.ContextVar("mmpref
 _OUTSIDE = Call()
 
 
+def route_of(call: Call, active: str | None) -> Any:
+    """What ``call`` routes to: its own route, or (``ACTIVE``) the model's ``active`` prefix."""
+    return active if call.route is ACTIVE else call.route
+
+
 def current(owner: object) -> Call:
     """The call (or scope) ``owner`` is in, in this thread or task; a default one outside any."""
     return _CALLS.get().get(id(owner), _OUTSIDE)
@@ -135,7 +140,7 @@ def record_chunks(owner: Any, site_name: str, module: Any, args: tuple, kwargs: 
     per chunk of ``cu_seqlens`` (an image, a frame, a window), in order; a routed call gives each chunk its row's
     prefix (``PrefixModel.prefix_for`` takes them one by one)."""
     call = current(owner)
-    route = owner.active_prefix if call.route is ACTIVE else call.route
+    route = route_of(call, owner.active_prefix)
     if call.cache is None or call.disabled or not isinstance(route, Routing) or not route.reaches(site_name):
         return
     cu_seqlens = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)

@@ -1,4 +1,4 @@
-"""Tests for mmprefix.metrics.
+"""Tests for mmprefix.evaluation.metrics.
 
 VQA cases are worked out by hand from the official VQAv2 rules (vqaEval.py, GT-Vision-Lab/VQA);
 caption metrics and BLEU are compared with pycocoevalcap called directly.

@@ -193,3 +193,14 @@ def test_is_a_prefix_model_and_moves_with_to():
     assert all(p.dtype == torch.float64 for p in pm.parameters())
     with torch.no_grad():
         assert pm(input_ids=tiny.tokens()).logits.dtype == torch.float64
+
+
+def test_saving_or_merging_with_no_active_prefix_names_what_to_do(tmp_path):
+    """After set_prefix(None), save_prefix() and merge_reparam() without a name raised KeyError: None."""
+    model = add_prefix(tiny.gpt2(), PrefixConfig(num_virtual_tokens=2), name="a")
+    model.set_prefix(None)
+    for call in (lambda: model.save_prefix(tmp_path), model.merge_reparam):
+        with pytest.raises(ValueError, match=r"no prefix is active \(set_prefix\(None\)\); name one: .*\['a'\]"):
+            call()
+    model.save_prefix(tmp_path, name="a")
+    assert (tmp_path / "prefix.safetensors").exists()

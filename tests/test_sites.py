@@ -187,7 +187,6 @@ def test_the_fallback_leaves_out_what_a_dry_run_shows_the_model_never_reads(tmp_
     """Aya Vision has no record; its SigLIP tower keeps a pooling head whose output the model never reads. A dry run
     of get_image_features on the meta device finds it: left out, and `mmprefix sites` says so and why."""
     import tiny_families
-    import tiny_vlms  # noqa: F401 (adds the fallback classes to the matrix)
 
     aya = tiny_families.CASES["aya_vision"].build()
     names = {s.name for s in add_prefix(aya, PrefixConfig(num_virtual_tokens=2)).sites}
@@ -204,7 +203,6 @@ def test_fallback_towers_are_named_for_what_they_are_and_never_share_a_name():
     """Built from the sub-config each comes from, however deep: Phi-4-multimodal's vision and audio towers sit in one
     embedding module, Chameleon's language model is its own config's layers (not "layers", not one name twice)."""
     import tiny_families
-    import tiny_vlms  # noqa: F401
     from mmprefix import families
     from mmprefix.architectures import find_sites, tower_layout
 
@@ -224,7 +222,6 @@ def test_fallback_towers_are_named_for_what_they_are_and_never_share_a_name():
 
 def test_a_fallback_the_dry_run_cannot_shape_inputs_for_says_it_was_not_checked(tmp_path, capsys):
     import tiny_families
-    import tiny_vlms  # noqa: F401
     from mmprefix import families
 
     tiny_families.CASES["glm4v"].build().config.save_pretrained(tmp_path)

@@ -1,7 +1,7 @@
 """Open an image the way a vision model expects it: upright, 8-bit RGB, transparency on white.
 
 ``PIL.Image.open(path).convert("RGB")`` is silently wrong for several ordinary files (measured with
-Pillow 13, see the environment notes): EXIF orientation is ignored, transparent areas turn black,
+Pillow 13; tests/test_data.py shows each case): EXIF orientation is ignored, transparent areas turn black,
 16-bit greyscale is clipped (almost every pixel of a 0..65535 ramp becomes 255), and a truncated JPEG
 opens fine and then raises ``OSError`` only when its pixels are read, which kills a DataLoader worker
 with no file name. :func:`load_image` fixes these and turns every unreadable file into a

@@ -10,7 +10,6 @@ pretraining takes minutes of CPU per backbone; the script stays in the package s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +93,3 @@ def load_backbone(name: str, head: str | None = None) -> tuple[Any, Any]:
     finally:
         tf.logging.set_verbosity(verbosity)
     return model.eval(), processor_class.from_pretrained(folder)
-
-
-def pretraining_scores(name: str) -> dict[str, float]:
-    """The scores the backbone reached on its pretraining tasks (validation split), as measured when built."""
-    return json.loads((backbone_dir(name) / "metrics.json").read_text())

@@ -2,7 +2,7 @@
 (``report.html``) with sample images, inputs, references and every run's prediction side by side.
 
 ``results`` is what :func:`mmprefix.evaluation.evaluate_runs` returns: ``{label: {"metrics", "predictions",
-"errors", ...}}``. :func:`markdown_table` alone is what the recipes print.
+"errors", ...}}``. :func:`markdown_table` alone is what ``eval/evaluate.py`` prints.
 """
 
 from __future__ import annotations
