@@ -134,3 +134,27 @@ def test_left_padded_batch_equals_each_sample_alone(family, settings):
                                 pad_token_id=pad, **settings, **single_extra)
             generated = batch[i, ids.shape[1]:]
             assert torch.equal(generated[: alone.shape[1] - len(row)], alone[0, len(row):]), f"row {i}"
+
+
+def test_routed_generation_widens_each_kind_of_mask_once_per_step_on_models_with_many_sites(monkeypatch):
+    """A decoder with self- and cross-attention in 40 layers (120 sites): routed generation builds the self and the
+    cross mask once per step. The mask cache's size limit counted every entry of the call's cache (a routed prefix
+    per site), so past 64 sites each miss emptied it and the two kinds of mask were rebuilt at every layer."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from mmprefix.attention import mechanism
+
+    config = BartConfig(vocab_size=64, d_model=16, encoder_layers=40, decoder_layers=40, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, max_position_embeddings=32,
+                        forced_eos_token_id=None, forced_bos_token_id=None)
+    model = add_prefix(BartForConditionalGeneration(config).eval(), PrefixConfig(num_virtual_tokens=2), name="a")
+    model.add_prefix("b", PrefixConfig(num_virtual_tokens=3))
+    assert len(model.sites) == 120
+    widened = []
+    original = mechanism._widen
+    monkeypatch.setattr(mechanism, "_widen", lambda *args: widened.append(1) or original(*args))
+    ids = torch.randint(4, 64, (2, 5))
+    with torch.no_grad():
+        model.generate(input_ids=ids, prefix=["a", "b"], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    steps = 4
+    assert len(widened) <= 3 * steps, len(widened)  # encoder once, then per step a self mask and a cross mask

@@ -28,6 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..architectures import Site
 
 ATTENTION_NAME = "mmprefix"
+MASKS_KEPT = 64  # widened masks one call keeps (a step of generation makes one per kind of mask: self, cross)
 SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
@@ -144,14 +145,14 @@ def widen_mask(
     if prefix.cache is None:
         return _widen(mask, prefix.visible, num_slots, query, kv_len, causal, boolean)
     # The cache holds the mask and visibility tensors themselves, so their ids cannot be reused while cached.
-    key = ("mask", id(mask), id(prefix.visible), num_slots, q_len, kv_len, causal, boolean, query.dtype, query.device)
-    entry = prefix.cache.get(key)
+    key = (id(mask), id(prefix.visible), num_slots, q_len, kv_len, causal, boolean, query.dtype, query.device)
+    masks = prefix.cache.setdefault("masks", {})  # apart from the call's other entries, which it must not count
+    entry = masks.get(key)
     if entry is None or entry[0] is not mask or entry[1] is not prefix.visible:
-        if len(prefix.cache) > 64:  # generation makes a new mask per step: keep the cache small
-            for stale in [k for k in prefix.cache if k[0] == "mask"]:
-                del prefix.cache[stale]
+        if len(masks) >= MASKS_KEPT:  # generation makes new masks at every step: keep the last steps' only
+            masks.clear()
         entry = (mask, prefix.visible, _widen(mask, prefix.visible, num_slots, query, kv_len, causal, boolean))
-        prefix.cache[key] = entry
+        masks[key] = entry
     return entry[2]
 
 
