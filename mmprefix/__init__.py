@@ -4,9 +4,17 @@
 ``--help`` and refuse bad settings before torch is imported."""
 
 import importlib
+import logging
 from typing import Any
 
 from .config import PrefixConfig
+
+# transformers imports torchao whenever it is installed (its quantizer registry), and torchao's import makes torch
+# log two deprecation notices addressed to torchao's authors ("<enum ...> is an Enum subclass and is now natively
+# supported by torch.compile"). They would open every run; nothing else torch logs there is filtered.
+logging.getLogger("torch.utils._pytree").addFilter(
+    lambda record: "is an Enum subclass and is now natively supported" not in record.getMessage()
+)
 
 _LAZY = {"PrefixModel": ".model", "add_prefix": ".model", "load_prefix": ".model", "compose": ".compose",
          "Site": ".architectures"}

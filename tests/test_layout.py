@@ -79,3 +79,13 @@ def test_the_core_never_imports_the_harness():
     core = {name: deps for name, deps in graph().items() if not name.startswith(HARNESS + ENTRY_POINTS)}
     offending = {name: sorted(d for d in deps if d.startswith(HARNESS)) for name, deps in core.items()}
     assert not {k: v for k, v in offending.items() if v}
+
+
+def test_importing_the_recipe_helpers_prints_nothing():
+    """transformers imports torchao when it is installed, and torchao's import made torch log two deprecation notices
+    (torch/utils/_pytree.py) at the start of every recipe run."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "import mmprefix.experiment.loading"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == "", result.stderr
