@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .readers import AnnotationError, _Record, _read_jsonl
+from .readers.common import AnnotationError, Record, read_jsonl
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -28,8 +28,8 @@ def read_classification(path: str | os.PathLike) -> tuple[list[tuple[str, str]],
     if not path.is_file():
         raise FileNotFoundError(f"{path} is neither a JSONL file nor a folder of class subfolders")
     samples = []
-    for _, where, row in _read_jsonl(path):
-        record = _Record(row, path, where)
+    for _, where, row in read_jsonl(path):
+        record = Record(row, path, where)
         image, label = record.get("image", "str"), record.get("label", "id")  # an integer label names its class too
         if not image.strip() or not str(label).strip():
             record.fail("'image' and 'label' must not be empty")
