@@ -6,7 +6,7 @@
 Models, built from their configs with random weights in bf16 (cost does not depend on the values): BLIP-VQA base
 (384 px), BLIP-2 OPT-2.7b (ViT-g, Q-Former, OPT-2.7b), InstructBLIP Vicuna-7B-sized (ViT-g, Q-Former, a
 Llama-7B-shaped LM) and LLaVA-1.5-7B-sized (CLIP ViT-L/14 at 336 px, Llama-7B-shaped LM; its prefix targets
-every ``self_attn`` by name). Three tables, in README's format:
+every ``self_attn`` by name). Three tables, in the format of docs/benchmarks.md:
 
 1. Training: one step (forward, backward, AdamW) of a prefix (P=10 in every attention site), LoRA (PEFT, r=16 on
    all linear layers) and full fine-tuning, median time and peak memory (``max_memory_allocated``, weights

@@ -7,7 +7,7 @@ the embedded recipes' tuned scores.
 Memory is the bytes of the frozen base's weights as stored (a torchao int8 weight: its int8 values and its
 per-channel scales). Step time is one prefix-tuning step (forward, backward, AdamW) on a batch of 32 from the
 recipe's data, the float32 and the int8 model alternated step by step in one process so that background load
-hits both alike (medians). The recipes run one after the other, each as the README command with
+hits both alike (medians). The recipes run one after the other, each as its documented command with
 ``quantize=int8`` added for the int8 run, and their ``metrics.json`` is read back.
 """
 

@@ -1,5 +1,5 @@
 """The shipped backbones of the embedded default: they load offline, they really were pretrained (their scores,
-recomputed here from the shipped weights, are the ones in their metrics.json and in README, and far above a
+recomputed here from the shipped weights, are the ones in their metrics.json and in the docs, and far above a
 baseline)."""
 
 import json
@@ -14,9 +14,9 @@ from mmprefix import embedded
 from mmprefix.data import synthetic
 from mmprefix.embedded import pretrain
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+GUIDE = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "embedded.md").read_text()
 
-# backbone -> (its headline score, the least it must reach over the baseline, how README shows it)
+# backbone -> (its headline score, the least it must reach over the baseline, how the guide shows it)
 HEADLINE = {
     "blip": ("vqa_accuracy", 30, "VQA accuracy {:.1f}%"),
     "blip2": ("vqa_accuracy", 30, "VQA accuracy {:.1f}%"),
@@ -33,7 +33,7 @@ def world():
 
 
 def commonest_answer_accuracy(world) -> float:
-    """The VQA baseline README names: each question type answered with its commonest training answer, scored
+    """The VQA baseline the guide names: each question type answered with its commonest training answer, scored
     on the validation questions the backbones are scored on."""
     rows = {split: [json.loads(line) for line in (world / f"vqa_pretrain_{split}.jsonl").read_text().splitlines()]
             for split in ("train", "val")}
@@ -45,8 +45,8 @@ def commonest_answer_accuracy(world) -> float:
     return 100 * sum(commonest[row["question_type"]] == row["answers"][0] for row in scored) / len(scored)
 
 
-def test_the_vqa_baseline_is_the_one_readme_names(world):
-    assert f"VQA {commonest_answer_accuracy(world):.1f}% by answering each question type's most common answer" in README
+def test_the_vqa_baseline_is_the_one_the_guide_names(world):
+    assert f"VQA {commonest_answer_accuracy(world):.1f}% by answering each question type's most common answer" in GUIDE
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in HEADLINE])
@@ -57,7 +57,7 @@ def test_shipped_scores_are_reproduced_and_far_above_the_baseline(name, world):
     assert scores == pytest.approx({k: shipped[k] for k in scores}, abs=0.01)
     metric, margin, shown = HEADLINE[name]
     assert scores[metric] > margin + (commonest_answer_accuracy(world) if metric == "vqa_accuracy" else 0)
-    assert shown.format(shipped[metric]) in README
+    assert shown.format(shipped[metric]) in GUIDE
 
 
 

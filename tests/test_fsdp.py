@@ -24,7 +24,7 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-# README's accelerate config for FSDP
+# the accelerate config for FSDP that docs/guides/large-models.md shows
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples" / "fsdp.yaml"),
               "--num_processes", "2"]
 # A sharded run sums the same gradients in another order (per-process means, then their average); measured
@@ -69,7 +69,7 @@ def test_every_family_sharded_gives_the_unsharded_loss_gradients_and_tokens(tmp_
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two processes launched with README's accelerate config for FSDP (gradient checkpointing on), and the same
+    """Two processes launched with the docs' accelerate config for FSDP (gradient checkpointing on), and the same
     run in this process unsharded: 10 steps of 2 micro-steps."""
     folder = tmp_path_factory.mktemp("fsdp")
     launch([*ACCELERATE, str(HERE / "train_tiny.py"), str(folder / "sharded"), "10", "--dropout", "0",

@@ -167,7 +167,7 @@ def test_flags_and_overrides():
     assert rates == {"prefix": 0.03, "lora": 1e-3, "full": 3e-4}  # a method's own rate, else train's
     full = parse("--method", "full", "train.learning_rate=0.1")
     assert full.train.learning_rate == 0.1 and full.method_options() == {}  # the command line wins
-    assert parse("train.learning_rate=3e-3").train.learning_rate == 0.003  # README's override: a number
+    assert parse("train.learning_rate=3e-3").train.learning_rate == 0.003  # the docs' override: a number
     with pytest.raises(settings.SettingsError, match="'no_equals_sign' is not key=value"):
         parse("no_equals_sign")
     with pytest.raises(settings.SettingsError, match="config file /nowhere.yaml does not exist"):
