@@ -101,6 +101,17 @@ def read_part(folder: Path, name: str) -> Any:
 
 
 @dataclass
+class Position:
+    """Where a run stands: its step, where it is in the data, and its best evaluation so far."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    samples: int = 0
+    best: dict[str, Any] | None = None
+
+
+@dataclass
 class RunState:
     """Where a run stood when its checkpoint was written."""
 

@@ -20,9 +20,7 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,10 +36,12 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from ..devices import placed_by_hooks
-from ..files import write_text
 from ..model import PrefixModel
 from . import checkpoints, distributed, lock
+from .checkpoints import Position
 from .config import TrainConfig, TrainingError, TrainingInterrupted
+from .resume import keep_log_until, resume
+from .signals import StopSignals
 
 
 def default_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -96,259 +96,249 @@ def train(
     # The folder is claimed first, before accelerate's process-wide state is touched; by global rank 0 only.
     with lock.holding(out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext(), \
             StopSignals() as stop:
-        return _train(model, dataset, collate, config, evaluate, loss_fn, save, settings, stop)
+        run = Run(model, dataset, collate, config, evaluate=evaluate, loss_fn=loss_fn, save=save, settings=settings)
+        run.setup()
+        return run.train(stop)
 
 
-def _train(model, dataset, collate, config: TrainConfig, evaluate, loss_fn, save, settings,
-           stop: StopSignals) -> dict[str, Any]:
-    out = Path(config.output_dir)
-    distributed.refuse_deepspeed()
-    # One process may train several times (comparisons, tests): each run sets its own mixed precision.
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        cpu=not torch.cuda.is_available(),  # without it, processes on a GPU-less machine never synchronise
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-        log_with=config.trackers or None,
-        project_dir=str(out),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    if config.batch_size % accelerator.num_processes:
-        raise ValueError(f"batch_size {config.batch_size} must divide among {accelerator.num_processes} processes")
-    set_seed(config.seed)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    if not sum(p.numel() for p in parameters):  # none, or only empty ones (a prefix of 0 virtual tokens)
-        raise ValueError("the model has no trainable parameters")
-    if len(dataset) < config.batch_size:  # before the sampler, which fails on an empty dataset with its own words
-        raise ValueError(f"the dataset has {len(dataset)} rows, fewer than one batch of {config.batch_size}")
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
-    model.train()
-    sharded = distributed.wanted(config.fsdp, accelerator)
-    if sharded:  # sharded by torch's fully_shard, not wrapped by accelerate (see distributed.py)
-        distributed.shard(model, accelerator.device)
-        if accelerator.is_main_process:
-            print(f"FSDP: the frozen base is sharded across {accelerator.num_processes} processes, the prefix whole on each")
-        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-    else:  # a dispatched or offloaded model stays where accelerate's hooks put it
-        placement = [not placed_by_hooks(model), True, True]
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler, device_placement=placement)
-    unwrapped = accelerator.unwrap_model(model)
-    checkpoint_dir = out / "checkpoints"
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "samples": 0}
-    with distributed.together(accelerator, f"preparing {out}"):
-        if accelerator.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            checkpoints.clean_staging(checkpoint_dir)
-            if not config.resume:  # this run's checkpoints must be its own: an earlier run's are set aside
-                _note(checkpoints.set_aside_earlier_run(out))
-                (out / "log.jsonl").unlink(missing_ok=True)
-    if config.resume:
-        state = _resume(checkpoint_dir, unwrapped, optimizer, scheduler, accelerator, config, settings) or state
-        if accelerator.is_main_process:
-            _keep_log_until(out / "log.jsonl", state["step"])  # a resumed step is logged again: once
-            _note(checkpoints.set_aside_after(out, state["step"]))
-    if config.trackers:
-        accelerator.init_trackers("mmprefix", config=_flat(dataclasses.asdict(config)))
+class Run:
+    """One training run: ``setup`` (accelerate, optimizer, scheduler, the folder, resuming), then ``train``, which
+    takes a ``step`` per batch and, on their schedules, logs, ``evaluate``s and writes a ``checkpoint``; ``finish``
+    saves what was trained."""
 
-    metrics: dict[str, float] = {}
-    progress = tqdm(total=config.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
-                    desc="training", unit="step")
-    window, window_start = [], time.perf_counter()
-    while state["step"] < config.max_steps:
-        loader = DataLoader(
-            dataset,
-            batch_size=config.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(config.seed + state["epoch"]),
-            collate_fn=collate,
-            drop_last=True,
-            num_workers=config.num_workers,
+    def __init__(self, model: nn.Module, dataset: Dataset, collate: Callable[[list], dict[str, Any]],
+                 config: TrainConfig, *, evaluate: Callable[[nn.Module], dict[str, float]] | None,
+                 loss_fn: Callable[[nn.Module, dict[str, Any]], torch.Tensor],
+                 save: Callable[[nn.Module, str | os.PathLike], None], settings: dict[str, Any] | None) -> None:
+        self.model, self.dataset, self.collate, self.config = model, dataset, collate, config
+        self.evaluate_fn, self.loss_fn, self.save_fn, self.settings = evaluate, loss_fn, save, settings
+        self.out = Path(config.output_dir)
+        self.checkpoint_dir = self.out / "checkpoints"
+        self.position = Position()
+        self.metrics: dict[str, float] = {}
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        config = self.config
+        distributed.refuse_deepspeed()
+        # One process may train several times (comparisons, tests): each run sets its own mixed precision.
+        AcceleratorState._reset_state()
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            cpu=not torch.cuda.is_available(),  # without it, processes on a GPU-less machine never synchronise
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+            log_with=config.trackers or None,
+            project_dir=str(self.out),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
-        loader = accelerator.prepare_data_loader(loader, device_placement=True)
-        if state["batch_in_epoch"]:
-            loader = accelerator.skip_first_batches(loader, state["batch_in_epoch"])
-        for batch in loader:
-            with accelerator.accumulate(model):
-                with accelerator.autocast() if sharded else contextlib.nullcontext():
-                    loss = loss_fn(model, batch)
-                _refuse_non_finite("loss", loss.detach().float()[None], state["step"] + 1, accelerator, config)
-                accelerator.backward(loss)
-                if sharded and accelerator.sync_gradients:
-                    distributed.average_gradients(parameters)
-                if accelerator.sync_gradients:
-                    _check_gradients(parameters, state["step"] + 1, accelerator, config)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            state["batch_in_epoch"] += 1
-            state["samples"] += config.batch_size
-            window.append(loss.detach().float())
-            if not accelerator.sync_gradients:
-                continue
-            state["step"] += 1
-            progress.update(1)
-            step = state["step"]
-            if step % config.log_every == 0 or step == config.max_steps:
-                mean = accelerator.gather(torch.stack(window).mean()[None]).mean().item()
-                rate = len(window) * config.batch_size / (time.perf_counter() - window_start)
-                record = {"step": step, "loss": mean, "lr": scheduler.get_last_lr()[0], "samples_per_second": rate}
-                _log(out, record, accelerator)
-                progress.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:.1f}")
-                window, window_start = [], time.perf_counter()
-            final = step == config.max_steps
-            if evaluate is not None and (final or (config.eval_every and step % config.eval_every == 0)):
-                metrics = _evaluate(evaluate, unwrapped, step, state, config, accelerator, save, out, sharded)
-            saved_now = bool(config.save_every) and (step % config.save_every == 0 or final)
-            if saved_now:
-                _save(checkpoint_dir, state, unwrapped, optimizer, scheduler, accelerator, config, settings)
-            signal_number = stop.agreed(accelerator)
-            if signal_number and not final:
-                if not saved_now:
-                    _save(checkpoint_dir, state, unwrapped, optimizer, scheduler, accelerator, config, settings)
-                progress.close()
-                latest = checkpoints.latest_checkpoint(checkpoint_dir)
-                raise TrainingInterrupted(f"{signal.Signals(signal_number).name} stopped training after step {step}; "
-                                          f"checkpoint {latest} holds it: run the same command with --resume to "
-                                          "continue", signal_number, str(latest))
-            if final:
-                break
-        else:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-    progress.close()
-    saved = out / saved_name(unwrapped)
-    with distributed.together(accelerator, f"saving {saved}"):
-        if accelerator.is_main_process:
-            save(unwrapped, saved)
-            if config.plot:
-                plot_curves(out / "log.jsonl", out / "curves.png")
-    if config.trackers:
-        accelerator.end_training()
-    unwrapped.eval()
-    return {"step": state["step"], "metrics": metrics, "best": state["best"], "output_dir": str(out),
-            "saved": str(saved)}
+        if config.batch_size % accelerator.num_processes:
+            raise ValueError(f"batch_size {config.batch_size} must divide among {accelerator.num_processes} processes")
+        set_seed(config.seed)
+        if config.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        if not sum(p.numel() for p in self.parameters):  # none, or only empty ones (a prefix of 0 virtual tokens)
+            raise ValueError("the model has no trainable parameters")
+        if len(self.dataset) < config.batch_size:  # before the sampler, which fails on an empty dataset in its words
+            raise ValueError(f"the dataset has {len(self.dataset)} rows, fewer than one batch of {config.batch_size}")
+        self._prepare()
+        self._claim_folder()
+        if config.trackers:
+            accelerator.init_trackers("mmprefix", config=_flat(dataclasses.asdict(config)))
 
+    def _prepare(self) -> None:
+        """The optimizer and scheduler, and the model sharded or placed by accelerate."""
+        config, accelerator = self.config, self.accelerator
+        optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
+        self.model.train()
+        self.sharded = distributed.wanted(config.fsdp, accelerator)
+        if self.sharded:  # sharded by torch's fully_shard, not wrapped by accelerate (see distributed.py)
+            distributed.shard(self.model, accelerator.device)
+            if accelerator.is_main_process:
+                print(f"FSDP: the frozen base is sharded across {accelerator.num_processes} processes, the prefix "
+                      "whole on each")
+            self.optimizer, self.scheduler = accelerator.prepare(optimizer, scheduler)
+        else:  # a dispatched or offloaded model stays where accelerate's hooks put it
+            placement = [not placed_by_hooks(self.model), True, True]
+            self.model, self.optimizer, self.scheduler = accelerator.prepare(
+                self.model, optimizer, scheduler, device_placement=placement)
+        self.unwrapped = accelerator.unwrap_model(self.model)
 
-class StopSignals:
-    """While training, SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) ask the loop to stop after the
-    current step, with a checkpoint; a second one of either stops at once. Installed only in the main thread."""
+    def _claim_folder(self) -> None:
+        """The output folder made this run's: an earlier run's checkpoints set aside, or resumed from."""
+        accelerator, out = self.accelerator, self.out
+        with distributed.together(accelerator, f"preparing {out}"):
+            if accelerator.is_main_process:
+                out.mkdir(parents=True, exist_ok=True)
+                checkpoints.clean_staging(self.checkpoint_dir)
+                if not self.config.resume:  # this run's checkpoints must be its own: an earlier run's are set aside
+                    _note(checkpoints.set_aside_earlier_run(out))
+                    (out / "log.jsonl").unlink(missing_ok=True)
+        if self.config.resume:
+            resumed = resume(self.checkpoint_dir, self.unwrapped, self.optimizer, self.scheduler, accelerator,
+                             self.config, self.settings)
+            self.position = resumed or self.position
+            if accelerator.is_main_process:
+                keep_log_until(out / "log.jsonl", self.position.step)  # a resumed step is logged again: once
+                _note(checkpoints.set_aside_after(out, self.position.step))
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def train(self, stop: StopSignals) -> dict[str, Any]:
+        config, position = self.config, self.position
+        self.progress = tqdm(total=config.max_steps, initial=position.step, desc="training", unit="step",
+                             disable=not self.accelerator.is_local_main_process)
+        self.window, self.window_start = [], time.perf_counter()
+        while position.step < config.max_steps:
+            for batch in self._batches():
+                loss = self.step(batch)
+                position.batch_in_epoch += 1
+                position.samples += config.batch_size
+                self.window.append(loss)
+                if not self.accelerator.sync_gradients:
+                    continue
+                position.step += 1
+                self.progress.update(1)
+                if self._after_step(stop):
+                    break
+            else:
+                position.epoch += 1
+                position.batch_in_epoch = 0
+        self.progress.close()
+        return self.finish()
 
-    def __init__(self) -> None:
-        self.received = 0
-        self._previous: dict[int, Any] = {}
+    def _batches(self) -> Any:
+        """This epoch's batches (epoch ``e`` shuffles with seed ``seed + e``), from the run's place in it."""
+        config, position = self.config, self.position
+        loader = DataLoader(self.dataset, batch_size=config.batch_size, shuffle=True, collate_fn=self.collate,
+                            generator=torch.Generator().manual_seed(config.seed + position.epoch), drop_last=True,
+                            num_workers=config.num_workers)
+        loader = self.accelerator.prepare_data_loader(loader, device_placement=True)
+        if position.batch_in_epoch:
+            loader = self.accelerator.skip_first_batches(loader, position.batch_in_epoch)
+        return loader
 
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for number in self.SIGNALS:
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
+    def step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Forward, backward and (at the end of an accumulation) the update; refused before the update when the
+        loss or the gradient is not finite. Returns the detached loss."""
+        accelerator, step = self.accelerator, self.position.step + 1
+        with accelerator.accumulate(self.model):
+            with accelerator.autocast() if self.sharded else contextlib.nullcontext():
+                loss = self.loss_fn(self.model, batch)
+            _refuse_non_finite("loss", loss.detach().float()[None], step, accelerator, self.config)
+            accelerator.backward(loss)
+            if self.sharded and accelerator.sync_gradients:
+                distributed.average_gradients(self.parameters)
+            if accelerator.sync_gradients:
+                _check_gradients(self.parameters, step, accelerator, self.config)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        return loss.detach().float()
 
-    def __exit__(self, *exc: Any) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous = {}
+    def _after_step(self, stop: StopSignals) -> bool:
+        """Log, evaluate and checkpoint on their schedules; stop on a signal. True after the last step."""
+        config, step = self.config, self.position.step
+        final = step == config.max_steps
+        if step % config.log_every == 0 or final:
+            self._log_window()
+        if self.evaluate_fn is not None and (final or (config.eval_every and step % config.eval_every == 0)):
+            self.metrics = self.evaluate(step)
+        saved_now = bool(config.save_every) and (step % config.save_every == 0 or final)
+        if saved_now:
+            self.checkpoint()
+        signal_number = stop.agreed(self.accelerator)
+        if signal_number and not final:
+            if not saved_now:
+                self.checkpoint()
+            self.progress.close()
+            latest = checkpoints.latest_checkpoint(self.checkpoint_dir)
+            raise TrainingInterrupted(f"{signal.Signals(signal_number).name} stopped training after step {step}; "
+                                      f"checkpoint {latest} holds it: run the same command with --resume to "
+                                      "continue", signal_number, str(latest))
+        return final
 
-    def _handle(self, number: int, frame: Any) -> None:
-        if self.received:  # asked twice: no more waiting for the step to end
-            self.__exit__()
-            signal.raise_signal(number)
+    def _log_window(self) -> None:
+        """The mean loss and the throughput since the last log line."""
+        accelerator = self.accelerator
+        mean = accelerator.gather(torch.stack(self.window).mean()[None]).mean().item()
+        rate = len(self.window) * self.config.batch_size / (time.perf_counter() - self.window_start)
+        record = {"step": self.position.step, "loss": mean, "lr": self.scheduler.get_last_lr()[0],
+                  "samples_per_second": rate}
+        _log(self.out, record, accelerator)
+        self.progress.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:.1f}")
+        self.window, self.window_start = [], time.perf_counter()
+
+    # -- evaluation, checkpoints, the end ------------------------------------------------------------------
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The evaluation hook's metrics (on the main process, or every process of a sharded model); the best
+        model so far saved into ``best/`` by the chosen metric."""
+        accelerator, model = self.accelerator, self.unwrapped
+        metrics: dict[str, float] = {}
+        model.eval()
+        with distributed.together(accelerator, f"evaluating at step {step}"):
+            if self.sharded or accelerator.is_main_process:  # a sharded model needs every process in each forward
+                with torch.no_grad():
+                    metrics = {k: float(v) for k, v in self.evaluate_fn(model).items()}
+            if accelerator.is_main_process:
+                _log(self.out, {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}, accelerator)
+                self._keep_best(step, metrics)
+        model.train()
+        best = [self.position.best]
+        if accelerator.num_processes > 1:
+            torch.distributed.broadcast_object_list(best, src=0)
+        self.position.best = best[0]
+        return metrics
+
+    def _keep_best(self, step: int, metrics: dict[str, float]) -> None:
+        config = self.config
+        name = config.metric or next(iter(metrics), None)
+        if name is None:
             return
-        self.received = number
-        print(f"\n{signal.Signals(number).name}: stopping after this step, with a checkpoint (again to stop now)",
-              file=sys.stderr)
+        if name not in metrics:
+            raise ValueError(f"metric {name!r} is not among the evaluation results {sorted(metrics)}")
+        value, best = metrics[name], self.position.best
+        if best is None or (value > best["value"] if config.greater_is_better else value < best["value"]):
+            self.position.best = {"step": step, "metric": name, "value": value}
+            self.save_fn(self.unwrapped, self.out / "best")
 
-    def agreed(self, accelerator: Accelerator) -> int:
-        """The signal any process received (every process must stop at the same step)."""
-        if accelerator.num_processes == 1:
-            return self.received
-        flag = torch.tensor([self.received], device=accelerator.device)
-        return int(accelerator.reduce(flag, reduction="max").item())
+    def checkpoint(self) -> None:
+        """Write and publish the checkpoint of this step: every process its random state, the main process the
+        trainable weights, the optimizer, the scheduler and the run's position and settings."""
+        accelerator, step = self.accelerator, self.position.step
+        with distributed.together(accelerator, f"writing the checkpoint of step {step}"):
+            parts: dict[str, Any] = {f"rng-rank{accelerator.process_index}": checkpoints.rng_state()}
+            if accelerator.is_main_process:
+                parts["trainable"] = {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+                broken = [n for n, p in parts["trainable"].items() if not torch.isfinite(p).all()]
+                if broken:  # the guards of the loop make this unreachable; a checkpoint must never hold it
+                    raise TrainingError(f"weights {broken[:3]} are not finite at step {step}; no checkpoint written")
+                parts["optimizer"] = self.optimizer.state_dict()
+                parts["scheduler"] = self.scheduler.state_dict()
+                parts["state"] = {**dataclasses.asdict(self.position), "processes": accelerator.num_processes,
+                                  "config": dataclasses.asdict(self.config), "settings": self.settings}
+                if accelerator.scaler is not None:
+                    parts["scaler"] = accelerator.scaler.state_dict()
+            checkpoints.stage_checkpoint(self.checkpoint_dir, step, parts)
+        with distributed.together(accelerator, f"publishing the checkpoint of step {step}"):
+            if accelerator.is_main_process:
+                checkpoints.publish_checkpoint(self.checkpoint_dir, step, self.config.keep_checkpoints)
 
-
-def _resume(directory: Path, model, optimizer, scheduler, accelerator, config: TrainConfig,
-            settings: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Load the latest checkpoint that reads back whole (damaged ones are skipped with a warning), after checking
-    that it was written with this run's settings; None when there is none (the run starts fresh, and says so).
-    Every process resumes from the same one: a checkpoint any process cannot read (each reads its own random
-    state) is skipped by all."""
-    found = checkpoints.complete_checkpoints(directory)
-    if not found:
-        accelerator.print(f"--resume: no checkpoint in {directory}; starting fresh from step 0")
-        return None
-    parameters = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    damaged = []
-    for path in reversed(found):
-        unreadable = None
-        with distributed.together(accelerator, f"reading {path}"):
-            try:
-                parts = checkpoints.read_checkpoint(path, parameters, optimizer, accelerator.process_index)
-            except checkpoints.DamagedCheckpoint as err:
-                unreadable = str(err)
-        reasons = distributed.gathered(accelerator, unreadable)
-        if any(reasons):
-            why = "; ".join(reason if len(reasons) == 1 else f"process {rank}: {reason}"
-                            for rank, reason in enumerate(reasons) if reason)
-            damaged.append(why)
-            warnings.warn(f"checkpoint {path.name} cannot be read back ({why}); trying the one before", stacklevel=2)
-            continue
-        _compare(path, parts["state"], config, settings)
-        state = _apply(path, parts, parameters, optimizer, scheduler, accelerator)
-        accelerator.print(f"resuming from {path} (step {state['step']})")
-        return state
-    raise checkpoints.DamagedCheckpoint(f"no checkpoint in {directory} reads back whole: {'; '.join(damaged)}")
-
-
-# Settings that may change when a run is resumed: how long it goes on, how often it logs, evaluates and saves.
-RESUMABLE_CHANGES = ("output_dir", "max_steps", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                     "resume", "resume_with_changes", "trackers", "num_workers", "plot")
-
-
-def _compare(path: Path, saved: checkpoints.RunState, config: TrainConfig, settings: dict[str, Any] | None) -> None:
-    """Refuse to resume a checkpoint written with other settings (unless told to), naming every difference."""
-    now = dataclasses.asdict(config)
-    differences = [f"train.{key}: checkpoint {saved.config.get(key)!r}, now {value!r}" for key, value in now.items()
-                   if key not in RESUMABLE_CHANGES and saved.config.get(key) != value]
-    if saved.settings is not None:  # checkpoints of versions that did not record them are compared on train only
-        before, after = _dotted(saved.settings), _dotted(settings or {})
-        differences += [f"{key}: checkpoint {before.get(key)!r}, now {after.get(key)!r}"
-                        for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
-    if not differences:
-        return
-    listed = "; ".join(differences)
-    if not config.resume_with_changes:
-        raise TrainingError(f"{path} was written with other settings ({listed}): resume with the same settings, or "
-                            "pass --resume-with-changes (train.resume_with_changes=true) to continue anyway")
-    warnings.warn(f"resuming {path} with changed settings: {listed}", stacklevel=3)
-
-
-def _dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as ``{"a.b": value}``, values as JSON gives them back (tuples become lists)."""
-    if isinstance(tree, dict) and tree:
-        return {k: v for key, value in tree.items() for k, v in _dotted(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): json.loads(json.dumps(tree))} if prefix else {}
-
-
-def _keep_log_until(log: Path, step: int) -> None:
-    """Drop what a killed run logged after the checkpoint it is resumed from: each step is logged once."""
-    if log.is_file():
-        lines = [line for line in log.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if _logged_step(line) <= step]
-        if len(kept) != len(lines):
-            write_text(log, "".join(line + "\n" for line in kept))
-
-
-def _logged_step(line: str) -> float:
-    """The step a log line records; a line cut short by a kill counts as after every checkpoint (dropped)."""
-    try:
-        return json.loads(line).get("step", 0)
-    except json.JSONDecodeError:
-        return math.inf
+    def finish(self) -> dict[str, Any]:
+        """Save what was trained (and the curves); the run's result."""
+        accelerator, out = self.accelerator, self.out
+        saved = out / saved_name(self.unwrapped)
+        with distributed.together(accelerator, f"saving {saved}"):
+            if accelerator.is_main_process:
+                self.save_fn(self.unwrapped, saved)
+                if self.config.plot:
+                    plot_curves(out / "log.jsonl", out / "curves.png")
+        if self.config.trackers:
+            accelerator.end_training()
+        self.unwrapped.eval()
+        return {"step": self.position.step, "metrics": self.metrics, "best": self.position.best,
+                "output_dir": str(out), "saved": str(saved)}
 
 
 def _refuse_non_finite(what: str, values: torch.Tensor, step: int, accelerator: Accelerator,
@@ -377,75 +367,6 @@ def _check_gradients(parameters: list[nn.Parameter], step: int, accelerator: Acc
     if accelerator.scaler is None:
         _refuse_non_finite("gradient norm", torch.as_tensor(norm, dtype=torch.float32).reshape(1), step, accelerator,
                            config)
-
-
-def _evaluate(evaluate, model, step, state, config, accelerator, save, out: Path, sharded: bool) -> dict[str, float]:
-    metrics: dict[str, float] = {}
-    model.eval()
-    with distributed.together(accelerator, f"evaluating at step {step}"):
-        if sharded or accelerator.is_main_process:  # a sharded model needs every process in each forward
-            with torch.no_grad():
-                metrics = {k: float(v) for k, v in evaluate(model).items()}
-        if accelerator.is_main_process:
-            _log(out, {"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}, accelerator)
-            name = config.metric or next(iter(metrics), None)
-            if name is not None:
-                if name not in metrics:
-                    raise ValueError(f"metric {name!r} is not among the evaluation results {sorted(metrics)}")
-                value, best = metrics[name], state["best"]
-                better = best is None or (value > best["value"] if config.greater_is_better else value < best["value"])
-                if better:
-                    state["best"] = {"step": step, "metric": name, "value": value}
-                    save(model, out / "best")
-    model.train()
-    best = [state["best"]]
-    if accelerator.num_processes > 1:
-        torch.distributed.broadcast_object_list(best, src=0)
-    state["best"] = best[0]
-    return metrics
-
-
-def _save(directory: Path, state, model, optimizer, scheduler, accelerator, config: TrainConfig,
-          settings: dict[str, Any] | None) -> None:
-    rank = accelerator.process_index
-    with distributed.together(accelerator, f"writing the checkpoint of step {state['step']}"):
-        parts: dict[str, Any] = {f"rng-rank{rank}": checkpoints.rng_state()}
-        if accelerator.is_main_process:
-            parts["trainable"] = {n: p for n, p in model.named_parameters() if p.requires_grad}
-            broken = [n for n, p in parts["trainable"].items() if not torch.isfinite(p).all()]
-            if broken:  # the guards of the loop make this unreachable; a checkpoint must never hold it
-                raise TrainingError(f"weights {broken[:3]} are not finite at step {state['step']}; no checkpoint written")
-            parts["optimizer"] = optimizer.state_dict()
-            parts["scheduler"] = scheduler.state_dict()
-            parts["state"] = {**state, "processes": accelerator.num_processes, "config": dataclasses.asdict(config),
-                              "settings": settings}
-            if accelerator.scaler is not None:
-                parts["scaler"] = accelerator.scaler.state_dict()
-        checkpoints.stage_checkpoint(directory, state["step"], parts)
-    with distributed.together(accelerator, f"publishing the checkpoint of step {state['step']}"):
-        if accelerator.is_main_process:
-            checkpoints.publish_checkpoint(directory, state["step"], config.keep_checkpoints)
-
-
-def _apply(path: Path, parts: dict[str, Any], parameters: dict[str, nn.Parameter], optimizer, scheduler,
-           accelerator) -> dict[str, Any]:
-    """Put a read and checked checkpoint into the model, optimizer, scheduler and random generators."""
-    state = parts["state"]
-    if state.processes != accelerator.num_processes:
-        raise checkpoints.CheckpointMismatch(
-            f"{path} was written by {state.processes} processes; resume with the same number "
-            f"(now {accelerator.num_processes}) so that every process gets its random state back"
-        )
-    with torch.no_grad():
-        for name, tensor in parts["trainable"].items():
-            parameters[name].copy_(tensor)
-    optimizer.load_state_dict(parts["optimizer"])
-    scheduler.load_state_dict(parts["scheduler"])
-    if accelerator.scaler is not None and "scaler" in parts:
-        accelerator.scaler.load_state_dict(parts["scaler"])
-    checkpoints.set_rng_state(parts["rng"])
-    return {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "best": state.best,
-            "samples": state.samples}
 
 
 def _note(line: str | None) -> None:
