@@ -153,8 +153,11 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--admin-token", default=os.environ.get("MMPREFIX_ADMIN_TOKEN"),
                        help="enables /admin/* for this bearer token (default: $MMPREFIX_ADMIN_TOKEN; none: off)")
     serve.add_argument("--rescan-seconds", type=float, help="rescan the prefix folder this often")
-    serve.add_argument("--max-batch-size", type=int, default=16)
+    serve.add_argument("--max-batch-size", type=int, default=16, help="the most rows decoding (or requests batched) at once")
     serve.add_argument("--window-ms", type=float, default=5.0, help="how long a request waits for others to join it")
+    serve.add_argument("--batching", choices=("step", "request"), default="step",
+                       help="step: requests join and leave the running batch at every decoding step (continuous "
+                            "batching); request: a batch is formed once and runs to its end")
     serve.add_argument("--max-new-tokens", type=int, default=64, help="the most a request may ask for")
     serve.add_argument("--max-beams", type=int, default=4, help="the most num_beams a request may ask for")
     serve.add_argument("--max-input-tokens", type=int, default=256)
@@ -175,7 +178,8 @@ def serve(args: argparse.Namespace) -> int:
                     max_image_pixels=args.max_image_pixels, max_input_tokens=args.max_input_tokens)
     try:
         run(args.models or ["embedded:blip"], args.prefixes, args.host, args.port, args.admin_token,
-            args.max_batch_size, args.window_ms / 1000, args.rescan_seconds, limits, args.max_new_tokens, args.max_beams)
+            args.max_batch_size, args.window_ms / 1000, args.rescan_seconds, limits, args.max_new_tokens, args.max_beams,
+            batching=args.batching)
     except (LoadError, ValueError) as err:
         print(f"mmprefix serve: {err}", file=sys.stderr)
         return 2

@@ -77,6 +77,8 @@ class Batcher:
         self._numbers = itertools.count()
         self._condition = threading.Condition()
         self._closing = False
+        self._refusing = False  # drain(): no new items, the accepted ones go on
+        self._busy = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -86,7 +88,7 @@ class Batcher:
         key = self._group(item)  # raises here, in the caller, for an item that cannot be grouped
         future: Future = Future()
         with self._condition:
-            if self._closing:
+            if self._refusing:
                 raise Closed("the batcher is shutting down and takes no new requests")
             self._waiting.append(_Waiting(item, key, future, next(self._numbers)))
             self._condition.notify_all()
@@ -97,7 +99,7 @@ class Batcher:
         what ``fn`` returns or raises."""
         future: Future = Future()
         with self._condition:
-            if self._closing:
+            if self._refusing:
                 raise Closed("the batcher is shutting down")
             self._barriers.append(_Barrier(fn, future, next(self._numbers)))
             self._condition.notify_all()
@@ -109,11 +111,22 @@ class Batcher:
         with self._condition:
             return len(self._waiting)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting and no batch running."""
+        with self._condition:
+            return not self._waiting and not self._barriers and not self._busy
+
+    def drain(self) -> None:
+        """Take no new items (`submit` raises `Closed`); the accepted ones go on."""
+        with self._condition:
+            self._refusing = True
+
     def close(self, timeout: float | None = None) -> bool:
         """Take no new items, finish every accepted one (and pending barriers), stop the worker. True when
         the worker stopped within ``timeout``."""
         with self._condition:
-            self._closing = True
+            self._closing = self._refusing = True
             self._condition.notify_all()
         self._thread.join(timeout)
         return not self._thread.is_alive()
@@ -125,9 +138,11 @@ class Batcher:
             if work is None:
                 return
             if isinstance(work, _Barrier):
-                self._settle(work.future, work.fn)
+                settle(work.future, work.fn)
             else:
-                self._run_batch(work)
+                run_batch(self._run, work, self._on_batch)
+            with self._condition:
+                self._busy = False
 
     def _next(self) -> _Barrier | list[_Waiting] | None:
         """The next barrier that is due, or the next batch; None when closing and nothing is left."""
@@ -137,6 +152,7 @@ class Batcher:
                 for barrier in self._barriers:
                     if oldest is None or barrier.number < oldest:
                         self._barriers.remove(barrier)
+                        self._busy = True
                         return barrier
                 if not self._waiting:
                     if self._closing:
@@ -150,33 +166,40 @@ class Batcher:
                     batch = group[: self.max_batch_size]
                     taken = {id(w) for w in batch}
                     self._waiting = [w for w in self._waiting if id(w) not in taken]
+                    self._busy = True
                     return batch
                 self._condition.wait(wait)
 
-    def _run_batch(self, batch: list[_Waiting]) -> None:
-        live = [w for w in batch if w.future.set_running_or_notify_cancel()]  # cancelled: the client left
-        if not live:
-            return
-        started = time.perf_counter()
-        try:
-            results = list(self._run([w.item for w in live]))
-            if len(results) != len(live):
-                raise RuntimeError(f"a batch of {len(live)} requests gave {len(results)} results")
-        except BaseException as error:  # noqa: BLE001 - the batch's requests get it, the worker goes on
-            logger.exception("a batch of %d requests failed", len(live))
-            for waiting in live:
-                waiting.future.set_exception(error)
-        else:
-            for waiting, result in zip(live, results):
-                waiting.future.set_result(result)
-        if self._on_batch is not None:
-            self._on_batch(len(live), time.perf_counter() - started)
 
-    @staticmethod
-    def _settle(future: Future, fn: Callable[[], Any]) -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(fn())
-        except BaseException as error:  # noqa: BLE001
-            future.set_exception(error)
+
+def run_batch(run: Callable[[list[Any]], Sequence[Any]], batch: Sequence[_Waiting],
+              on_batch: Callable[[int, float], None] | None) -> None:
+    """Run one batch: its live items (a cancelled future is a client that left) get their results, or all of
+    them the batch's exception."""
+    live = [w for w in batch if w.future.set_running_or_notify_cancel()]
+    if not live:
+        return
+    started = time.perf_counter()
+    try:
+        results = list(run([w.item for w in live]))
+        if len(results) != len(live):
+            raise RuntimeError(f"a batch of {len(live)} requests gave {len(results)} results")
+    except BaseException as error:  # noqa: BLE001 - the batch's requests get it, the worker goes on
+        logger.exception("a batch of %d requests failed", len(live))
+        for waiting in live:
+            waiting.future.set_exception(error)
+    else:
+        for waiting, result in zip(live, results):
+            waiting.future.set_result(result)
+    if on_batch is not None:
+        on_batch(len(live), time.perf_counter() - started)
+
+
+def settle(future: Future, fn: Callable[[], Any]) -> None:
+    """Run a barrier's ``fn`` into its future."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as error:  # noqa: BLE001
+        future.set_exception(error)

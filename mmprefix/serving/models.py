@@ -15,7 +15,7 @@ from .engine import Engine
 DEFAULT_MODEL = "embedded:blip"
 # Tasks tried in turn to pick a transformers class for a model spec; embedded backbones have one task each.
 SPEC_TASKS = ("vqa", "caption", "classification", "text")
-EMBEDDED_TASKS = {"blip2": "vqa", "clip": "classification", "lm": "text"}
+EMBEDDED_TASKS = {"blip2": "vqa", "clip": "classification", "lm": "text", "llava": "vqa"}
 # Backbones whose heads share one set of weights: each head is served, the weights are held once.
 SHARED_HEADS = {"embedded:blip": (("embedded:blip:vqa", "vqa"), ("embedded:blip:caption", "caption"))}
 

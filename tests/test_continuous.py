@@ -1,0 +1,465 @@
+"""Step-level (continuous) batching without HTTP: requests join a running batch at the next decoding step and
+leave it when they finish, each row with its own prefix, prompt length and position, and every answer equals
+the same request run alone on a model that carries only its prefix (greedy; with sampling, the same seed alone).
+The failure modes of the issue: prefixes removed or replaced while their rows decode, a row that raises, a
+client that leaves, prompts over the context, rows that end at their first token."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+import serve_tiny
+import tiny
+from mmprefix import PrefixConfig, PrefixModel, add_prefix
+from mmprefix.data.formatting import chat_prompt
+from mmprefix.embedded import load_backbone
+from mmprefix.evaluation import decode
+from mmprefix.serving import ClientGone, Engine, Job, PrefixService, UnknownPrefix
+from mmprefix.serving.inputs import ContextTooLong
+
+QUESTIONS = ["what is red?", "what color is the circle?", "how many shapes are there on the left?", "what?"]
+
+
+class Spy:
+    """Wraps an engine's stepper: records each prefill's rows and each step's rows, padding and cross padding,
+    and how many rows were running when a prefill happened (rows joining mid-decode)."""
+
+    def __init__(self, engine, scheduler=None):
+        self.inner, self.eos, self.engine = engine.stepper, engine.stepper.eos, engine
+        self.prefills, self.steps, self.joined_running = [], [], []
+        self.scheduler = scheduler
+        self.before_step = None
+        engine.stepper = self
+
+    def prefill(self, inputs, route):
+        self.prefills.append(len(inputs))
+        if self.scheduler is not None:
+            self.joined_running.append(self.scheduler.running)
+        return self.inner.prefill(inputs, route)
+
+    def step(self, tokens, positions, rows, route):
+        if self.before_step is not None:
+            self.before_step(len(tokens))
+        self.steps.append((len(tokens), rows.padded(), rows.cross_padded()))
+        return self.inner.step(tokens, positions, rows, route)
+
+
+def waves(service, jobs, sizes, worker):
+    """Submit ``jobs`` in waves of ``sizes``, each once the rows of the one before are decoding."""
+    futures, start = [], 0
+    for size in sizes:
+        futures += [service.submit(job) for job in jobs[start : start + size]]
+        start += size
+        deadline = time.monotonic() + 30
+        while worker.running == 0 and not all(f.done() for f in futures) and time.monotonic() < deadline:
+            time.sleep(0.002)
+    return futures
+
+
+# -- BLIP: the text decoder's cross-attention over each row's own question or image ----------------------------
+@pytest.fixture(scope="module")
+def blip_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prefixes")
+    serve_tiny.save_prefixes(folder)
+    return folder
+
+
+def test_blip_questions_of_every_length_join_and_leave_one_running_batch_and_equal_each_alone(blip_folder):
+    service = PrefixService(serve_tiny.blip_engines(), blip_folder, max_batch_size=16, window=0.05)
+    engine = service.engines["blip-vqa"]
+    spy = Spy(engine, service.batchers["blip-vqa"])
+    try:
+        names = ["red", None, "green", "blue", "red", None, "blue", "green", None, "red"]
+        jobs = [Job("vqa", name, serve_tiny.image(i), QUESTIONS[i % 4], generation=(("max_new_tokens", 12),))
+                for i, name in enumerate(names)]
+        futures = waves(service, jobs, [3, 3, 4], service.batchers["blip-vqa"])
+        answers = [f.result(60) for f in futures]
+    finally:
+        service.close()
+    processor = tiny.world_blip_processor()
+    for i, (name, answer) in enumerate(zip(names, answers)):
+        alone = decode.answer_questions(serve_tiny.reference("vqa", name, blip_folder), processor, [serve_tiny.image(i)],
+                                        [QUESTIONS[i % 4]], max_new_tokens=12)[0]
+        assert answer == alone, (i, name)
+    assert len(set(answers)) > 3, "prefixes and questions must change the answers, or the test proves nothing"
+    assert any(rows > 1 and cross for rows, _, cross in spy.steps), "questions of different lengths share steps"
+    assert any(n > 0 for n in spy.joined_running), "rows join while others decode"
+    assert sum(spy.prefills) == len(jobs), "each row is prefilled once: the cache of rows that stay is kept"
+    assert max(rows for rows, _, _ in spy.steps) > 3
+
+
+def test_blip_captions_step_with_rows_of_other_lengths_and_equal_each_alone(blip_folder):
+    service = PrefixService(serve_tiny.blip_engines(), blip_folder, window=0.05)
+    spy = Spy(service.engines["blip-caption"], service.batchers["blip-caption"])
+    try:
+        names = ["cap", None, "cap", None, "cap"]
+        jobs = [Job("caption", name, serve_tiny.image(i), generation=(("max_new_tokens", 14),)) for i, name in enumerate(names)]
+        answers = [f.result(60) for f in waves(service, jobs, [2, 2, 1], service.batchers["blip-caption"])]
+    finally:
+        service.close()
+    for i, (name, answer) in enumerate(zip(names, answers)):
+        assert answer == serve_tiny.expected_answer(blip_folder, name, i, question=None, max_new_tokens=14), (i, name)
+    assert any(rows > 1 and padded for rows, padded, _ in spy.steps), "rows of different lengths share steps"
+
+
+# -- decoder-only models: the embedded LLaVA and a causal LM -----------------------------------------------------
+def _llava_with(prefixes):
+    model, processor = load_backbone("llava")
+    model = PrefixModel(model)
+    for seed, name in prefixes:
+        torch.manual_seed(seed)
+        model.add_prefix(name, PrefixConfig(num_virtual_tokens=2 + seed, init_std=0.5))
+    return model, processor
+
+
+LLAVA_PREFIXES = ((1, "a"), (2, "b"))
+
+
+def _llava_alone(name, job):
+    """The request alone: a fresh LLaVA carrying only its prefix, through generate."""
+    model, processor = _llava_with([p for p in LLAVA_PREFIXES if p[1] == name])
+    limit = dict(job.generation).get("max_new_tokens", 8)
+    if job.task == "chat":
+        text = processor.apply_chat_template(list(job.messages), add_generation_prompt=True, tokenize=False)
+        inputs = processor(images=list(job.images) or None, text=[text], return_tensors="pt")
+    else:
+        inputs = processor(images=[[job.image]], text=[chat_prompt(processor, job.text)], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=limit, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
+                         eos_token_id=processor.tokenizer.eos_token_id)
+    return decode._decode(processor.tokenizer, out[:, inputs["input_ids"].shape[1] :])[0]
+
+
+def test_llava_rows_with_their_own_prefix_prompt_length_and_position_equal_each_alone():
+    model, processor = _llava_with(LLAVA_PREFIXES)
+    service = PrefixService([Engine(model, processor, "llava")], window=0.05)
+    spy = Spy(service.engines["llava"], service.batchers["llava"])
+    conversation = ({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is it?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+                    {"role": "user", "content": [{"type": "text", "text": "how many shapes are there?"}]})
+    jobs, names = [], ["a", None, "b", "a", None, "b", "a"]
+    for i, name in enumerate(names):
+        settings = (("max_new_tokens", 10),)
+        if i % 3 == 2:
+            jobs.append(Job("chat", name, generation=settings, messages=conversation, images=(serve_tiny.image(i, 64),)))
+        else:
+            jobs.append(Job("vqa", name, serve_tiny.image(i, 64), QUESTIONS[i % 4], generation=settings))
+    try:
+        answers = [f.result(60) for f in waves(service, jobs, [3, 2, 2], service.batchers["llava"])]
+    finally:
+        service.close()
+    for name, job, answer in zip(names, jobs, answers):
+        assert answer == _llava_alone(name, job), (name, job.task)
+        assert answer.prompt_tokens == len(job.prepared.inputs["input_ids"][0]) and answer.completion_tokens >= 1
+    assert len(set(answers)) > 2
+    assert any(rows > 1 and padded for rows, padded, _ in spy.steps), "prompts of different lengths share steps"
+    assert any(n > 0 for n in spy.joined_running)
+
+
+def test_a_causal_lm_continues_prompts_step_by_step_as_each_alone():
+    from mmprefix.embedded import text
+
+    tokenizer = text.lm_tokenizer()
+    model = add_prefix(tiny.world_llama(), PrefixConfig(num_virtual_tokens=3, init_std=1.0), name="a")
+    torch.manual_seed(4)
+    model.add_prefix("b", PrefixConfig(num_virtual_tokens=5, init_std=1.0))
+    service = PrefixService([Engine(model, tokenizer, "lm")], window=0.05)
+    prompts = ["how many shapes", "what color is the small red circle on the left", "the", "a large blue square and"]
+    names = ["a", None, "b", "a", "b", None]
+    jobs = [Job("text", n, text=prompts[i % 4], generation=(("max_new_tokens", 9),)) for i, n in enumerate(names)]
+    try:
+        answers = [f.result(60) for f in waves(service, jobs, [2, 2, 2], service.batchers["lm"])]
+    finally:
+        service.close()
+    for i, (name, answer) in enumerate(zip(names, answers)):
+        assert answer == decode.complete_texts(model, tokenizer, [prompts[i % 4]], prefix=name, max_new_tokens=9)[0]
+    assert answers[0] != decode.complete_texts(model, tokenizer, [prompts[0]], prefix=None, max_new_tokens=9)[0]
+
+
+def test_gated_and_plain_prefixes_decode_in_separate_lanes_at_once():
+    from mmprefix.embedded import text
+
+    tokenizer = text.lm_tokenizer()
+    model = add_prefix(tiny.world_llama(), PrefixConfig(num_virtual_tokens=3, init_std=1.0), name="plain")
+    model.add_prefix("gated", PrefixConfig(num_virtual_tokens=3, init_std=1.0, gate="head"))
+    with torch.no_grad():
+        for gate in model.prefixes["gated"].gates.values():
+            gate.fill_(1.0)
+    service = PrefixService([Engine(model, tokenizer, "lm")], window=0.1)
+    names = ["plain", "gated", None, "gated", "plain"]
+    jobs = [Job("text", n, text="what color is the", generation=(("max_new_tokens", 6),)) for n in names]
+    try:
+        answers = [f.result(60) for f in [service.submit(job) for job in jobs]]
+    finally:
+        service.close()
+    for name, answer in zip(names, answers):
+        assert answer == decode.complete_texts(model, tokenizer, ["what color is the"], prefix=name, max_new_tokens=6)[0]
+    assert answers[1] != answers[2] != answers[0]
+
+
+# -- sampling ------------------------------------------------------------------------------------------------------
+def test_a_seed_gives_the_same_sample_alone_and_among_any_companions():
+    from mmprefix.embedded import text
+
+    tokenizer = text.lm_tokenizer()
+    model = add_prefix(tiny.world_llama(), PrefixConfig(num_virtual_tokens=3, init_std=1.0), name="a")
+    engine = Engine(model, tokenizer, "lm")
+    service = PrefixService([engine], window=0.1)
+
+    def job(seed, prefix="a", temperature=1.5, top_p=0.9):
+        settings = engine.settings(max_new_tokens=12, temperature=temperature, top_p=top_p, seed=seed)
+        return Job("text", prefix, text="what color is the", generation=settings)
+
+    try:
+        alone = service.submit(job(7)).result(60)
+        companions = [job(seed, prefix) for seed, prefix in ((1, None), (2, "a"), (3, "a"))] + [job(None, None, 0)]
+        together = [f.result(60) for f in [service.submit(j) for j in [companions[0], job(7), *companions[1:]]]]
+        others = {service.submit(job(seed)).result(60) for seed in range(8, 14)}
+    finally:
+        service.close()
+    assert together[1] == alone and str(alone) != ""
+    assert len(others) > 2, "different seeds draw different samples"
+    greedy = decode.complete_texts(model, tokenizer, ["what color is the"], prefix=None, max_new_tokens=12)[0]
+    assert together[-1] == greedy, "temperature 0 is greedy"
+
+
+# -- stop sequences, end of text, usage ------------------------------------------------------------------------------
+def test_stop_sequences_end_rows_at_any_step_even_the_first_and_the_others_go_on(blip_folder):
+    service = PrefixService(serve_tiny.blip_engines(), blip_folder, window=0.1)
+    engine = service.engines["blip-caption"]
+    tokens = decode.caption_tokens(serve_tiny.reference("caption", None, blip_folder), tiny.world_blip_processor(),
+                                   [serve_tiny.image(2)], max_new_tokens=14)[0].tolist()
+    full, first = engine.decode_tokens(tokens), engine.decode_tokens(tokens[:1])
+    middle = " " + full.split()[2]
+    assert first and full.index(middle) > len(first), full
+    try:
+        cases = {"first": first, "middle": middle, "none": "@@"}
+        jobs = {k: Job("caption", None, serve_tiny.image(2), generation=engine.settings(max_new_tokens=14, stop=[s]))
+                for k, s in cases.items()}
+        futures = {k: service.submit(j) for k, j in jobs.items()}
+        answers = {k: f.result(60) for k, f in futures.items()}
+    finally:
+        service.close()
+    assert answers["first"] == "" and answers["first"].finish_reason == "stop" and answers["first"].completion_tokens == 1
+    assert answers["middle"] == full[: full.index(middle)] and answers["middle"].finish_reason == "stop"
+    assert answers["none"] == full and answers["none"].completion_tokens == 14 and answers["none"].finish_reason == "length"
+
+
+def test_a_row_that_ends_at_its_first_token_leaves_at_once_and_the_batch_goes_on(blip_folder):
+    """The decoder's bias makes [SEP] win the first step for some images only (chosen from their first logits)."""
+    engines = serve_tiny.blip_engines()
+    caption = engines[1]
+    head = caption.model.base_model
+    sep = head.config.text_config.sep_token_id
+    firsts = []
+    for i in range(8):
+        inputs = {"pixel_values": tiny.world_blip_processor()(images=[serve_tiny.image(i)], return_tensors="pt")["pixel_values"]}
+        logits, _ = caption.stepper.prefill([inputs], [None])
+        firsts.append(float(logits[0].max() - logits[0, sep]))
+    threshold = sorted(firsts)[3] + 1e-3  # four images end at once, four go on
+    with torch.no_grad():
+        head.text_decoder.cls.predictions.bias[sep] += threshold
+    service = PrefixService(engines, window=0.1)
+    try:
+        jobs = [Job("caption", None, serve_tiny.image(i), generation=(("max_new_tokens", 10),)) for i in range(8)]
+        answers = [f.result(60) for f in [service.submit(job) for job in jobs]]
+        alone = [decode.caption_images(caption.model, tiny.world_blip_processor(), [serve_tiny.image(i)],
+                                       max_new_tokens=10)[0] for i in range(8)]
+    finally:
+        service.close()
+    ended = [i for i, a in enumerate(answers) if a.completion_tokens == 1]
+    assert len(ended) == 4 and all(answers[i] == "" and answers[i].finish_reason == "stop" for i in ended)
+    assert answers == alone
+
+
+# -- failure modes ---------------------------------------------------------------------------------------------------
+def _gate_after(spy, steps):
+    """Make the decoding thread wait at its ``steps``-th step until the returned event is set."""
+    release, reached = threading.Event(), threading.Event()
+    count = [0]
+
+    def hold(rows):
+        count[0] += 1
+        if count[0] == steps:
+            reached.set()
+            assert release.wait(30)
+
+    spy.before_step = hold
+    return reached, release
+
+
+def test_a_prefix_removed_while_its_rows_decode_is_finished_with_and_new_requests_are_refused(tmp_path):
+    """'only' is the sole prefix on the model: removing it would take its attention sites back, but the rows
+    hold its store, so its sites stay until they have finished."""
+    vqa, _ = serve_tiny.blip_heads()
+    torch.manual_seed(5)
+    add_prefix(vqa, PrefixConfig(num_virtual_tokens=4, init_std=1.0)).save_prefix(tmp_path / "only")
+    engine = Engine(PrefixModel(serve_tiny.blip_heads()[0]), tiny.world_blip_processor(), "blip-vqa")
+    service = PrefixService([engine], tmp_path, window=0.05)
+    spy = Spy(engine)
+    reached, release = _gate_after(spy, 2)
+    try:
+        jobs = [Job("vqa", "only", serve_tiny.image(i), QUESTIONS[i], generation=(("max_new_tokens", 12),)) for i in range(3)]
+        futures = [service.submit(job) for job in jobs]
+        assert reached.wait(30)
+        remover = threading.Thread(target=service.remove, args=("only",))
+        remover.start()
+        deadline = time.monotonic() + 10
+        while "only" in service.models() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(UnknownPrefix, match="no prefix 'only'"):
+            service.submit(Job("vqa", "only", serve_tiny.image(0), QUESTIONS[0]))
+        release.set()
+        remover.join(30)
+        answers = [f.result(60) for f in futures]
+        assert "only" not in engine.model.prefixes and engine.model.sites, "the prefix left, its held sites stay"
+        service.submit(Job("vqa", None, serve_tiny.image(0), QUESTIONS[0])).result(60)
+        assert not engine.model.sites, "once its rows are done, its sites are given back"
+    finally:
+        release.set()
+        service.close()
+    for i, answer in enumerate(answers):
+        assert answer == serve_tiny.expected_answer(tmp_path, "only", i, QUESTIONS[i], max_new_tokens=12), i
+        assert answer != serve_tiny.expected_answer(tmp_path, None, i, QUESTIONS[i], max_new_tokens=12), i
+
+
+def test_a_prefix_replaced_while_its_rows_decode_serves_the_old_to_them_and_the_new_to_later_requests(tmp_path):
+    serve_tiny.save_prefixes(tmp_path)
+    service = PrefixService(serve_tiny.blip_engines(), tmp_path, window=0.05)
+    engine = service.engines["blip-vqa"]
+    spy = Spy(engine)
+    reached, release = _gate_after(spy, 2)
+    old = tmp_path / "old-red"
+    import shutil
+
+    shutil.copytree(tmp_path / "red", old)
+    try:
+        first = [service.submit(Job("vqa", "red", serve_tiny.image(i), QUESTIONS[1], generation=(("max_new_tokens", 10),)))
+                 for i in range(2)]
+        assert reached.wait(30)
+        torch.manual_seed(9)
+        add_prefix(serve_tiny.blip_heads()[0], PrefixConfig(num_virtual_tokens=6, init_std=1.0)).save_prefix(tmp_path / "new")
+        adder = threading.Thread(target=service.add, args=("red", tmp_path / "new"))
+        adder.start()
+        time.sleep(0.2)  # the replacement waits for the next step
+        release.set()
+        adder.join(30)
+        later = [service.submit(Job("vqa", "red", serve_tiny.image(i), QUESTIONS[1], generation=(("max_new_tokens", 10),)))
+                 for i in range(2)]
+        answers, after = [f.result(60) for f in first], [f.result(60) for f in later]
+    finally:
+        release.set()
+        service.close()
+    for i in range(2):
+        assert answers[i] == serve_tiny.expected_answer(old.parent, "old-red", i, QUESTIONS[1], max_new_tokens=10)
+        assert after[i] == serve_tiny.expected_answer(tmp_path, "new", i, QUESTIONS[1], max_new_tokens=10)
+    assert answers != after
+
+
+def test_a_row_that_raises_fails_alone_and_the_rows_beside_it_finish_unchanged(blip_folder, tmp_path):
+    engines = serve_tiny.blip_engines()
+    model = engines[0].model
+    model.load_prefix("red", blip_folder / "red")
+    model.load_prefix("broken", blip_folder / "green")
+    site = next(iter(model.prefixes["broken"].keys))
+    model.prefixes["broken"].keys[site] = torch.nn.Parameter(torch.zeros(1, 3, 5))  # no longer fits its site
+    service = PrefixService(engines, window=0.2)
+    try:
+        names = ["red", "broken", None, "red"]
+        futures = [service.submit(Job("vqa", n, serve_tiny.image(i), QUESTIONS[0], generation=(("max_new_tokens", 8),)))
+                   for i, n in enumerate(names)]
+        with pytest.raises(RuntimeError, match="does not fit"):
+            futures[1].result(60)
+        answers = [futures[i].result(60) for i in (0, 2, 3)]
+    finally:
+        service.close()
+    for i, answer in zip((0, 2, 3), answers):
+        assert answer == serve_tiny.expected_answer(blip_folder, names[i], i, QUESTIONS[0], max_new_tokens=8), i
+
+
+def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_finish_unchanged(blip_folder):
+    service = PrefixService(serve_tiny.blip_engines(), blip_folder, window=0.1)
+    engine = service.engines["blip-caption"]
+    spy = Spy(engine)
+    reached, release = _gate_after(spy, 3)
+    try:
+        jobs = [Job("caption", n, serve_tiny.image(i), generation=(("max_new_tokens", 14),)) for i, n in enumerate(["cap", None, "cap"])]
+        futures = [service.submit(job) for job in jobs]
+        assert reached.wait(30)
+        jobs[1].cancelled.set()  # what the server does when the client disconnects
+        release.set()
+        with pytest.raises(ClientGone):
+            futures[1].result(60)
+        answers = [futures[i].result(60) for i in (0, 2)]
+        metrics = service.metrics.registry
+        assert metrics.get_sample_value("mmprefix_requests_total", {"task": "caption", "outcome": "cancelled"}) == 1
+    finally:
+        release.set()
+        service.close()
+    rows_after = [rows for rows, _, _ in spy.steps[3:]]
+    assert rows_after and max(rows_after) == 2, "the row left its batch"
+    for i, answer in zip((0, 2), answers):
+        assert answer == serve_tiny.expected_answer(blip_folder, "cap", i, question=None, max_new_tokens=14)
+
+
+def test_a_prompt_over_the_context_is_refused_alone_and_the_batch_is_untouched():
+    from mmprefix.embedded import text
+
+    tokenizer = text.lm_tokenizer()
+    model = add_prefix(tiny.world_llama(), PrefixConfig(num_virtual_tokens=3, init_std=1.0), name="a")
+    engine = Engine(model, tokenizer, "lm")
+    service = PrefixService([engine], window=0.1)
+    try:
+        running = service.submit(Job("text", "a", text="what color is the", generation=(("max_new_tokens", 8),)))
+        long = " ".join(["red"] * 60)  # 61 tokens with <s>: 3 positions left of 64
+        with pytest.raises(ContextTooLong, match="context is 64 positions; the prompt takes 61 and 8 new tokens"):
+            service.submit(Job("text", "a", text=long, generation=(("max_new_tokens", 8),)))
+        with pytest.raises(ContextTooLong, match="takes 70 of this model's 64 positions"):
+            service.submit(Job("text", None, text=" ".join(["red"] * 69)))
+        fits = service.submit(Job("text", None, text=long)).result(60)  # no number asked: what is left
+        assert running.result(60) == decode.complete_texts(model, tokenizer, ["what color is the"], prefix="a",
+                                                           max_new_tokens=8)[0]
+    finally:
+        service.close()
+    assert fits.completion_tokens <= 3
+
+
+def test_request_level_batching_stays_available_and_gives_the_same_answers(blip_folder):
+    answers = {}
+    for batching in ("step", "request"):
+        service = PrefixService(serve_tiny.blip_engines(), blip_folder, window=0.1, batching=batching)
+        try:
+            jobs = [Job("vqa", n, serve_tiny.image(i), QUESTIONS[1], generation=(("max_new_tokens", 8),))
+                    for i, n in enumerate(["red", None, "blue"])]
+            answers[batching] = [f.result(60) for f in [service.submit(j) for j in jobs]]
+            assert service.batching_of()["blip-vqa"] == batching
+        finally:
+            service.close()
+    assert answers["step"] == answers["request"]
+    assert [a.completion_tokens for a in answers["step"]] == [a.completion_tokens for a in answers["request"]]
+    service = PrefixService(serve_tiny.blip_engines(), batching="request")
+    try:
+        with pytest.raises(ValueError, match="sampling .* needs step-level batching"):
+            service.submit(Job("vqa", None, serve_tiny.image(0), "what?", generation=(("temperature", 1.0), ("top_p", 1.0))))
+    finally:
+        service.close()
+
+
+def test_soft_prompts_and_beam_search_run_as_request_level_batches_beside_the_steps():
+    vqa, _ = serve_tiny.blip_heads()
+    model = add_prefix(vqa, PrefixConfig(num_virtual_tokens=3, init_std=1.0, method="prompt"), name="soft")
+    engine = Engine(model, tiny.world_blip_processor(), "blip-vqa")
+    service = PrefixService([engine], window=0.1)
+    try:
+        jobs = [Job("vqa", "soft", serve_tiny.image(0), QUESTIONS[1]), Job("vqa", None, serve_tiny.image(1), QUESTIONS[1]),
+                Job("vqa", None, serve_tiny.image(2), QUESTIONS[1], generation=(("num_beams", 3),))]
+        assert [engine.steps(j) for j in jobs] == [False, False, False]  # not prepared yet
+        answers = [f.result(60) for f in [service.submit(j) for j in jobs]]
+        assert [engine.steps(j) for j in jobs] == [False, True, False]
+    finally:
+        service.close()
+    processor = tiny.world_blip_processor()
+    expected = [decode.answer_questions(model, processor, [serve_tiny.image(i)], [QUESTIONS[1]], prefix=p, **s)[0]
+                for i, (p, s) in enumerate((("soft", {}), (None, {}), (None, {"num_beams": 3})))]
+    assert answers == expected
