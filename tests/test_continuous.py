@@ -13,8 +13,6 @@ import torch
 import serve_tiny
 import tiny
 from mmprefix import PrefixConfig, PrefixModel, add_prefix
-from mmprefix.data.formatting import chat_prompt
-from mmprefix.embedded import load_backbone
 from mmprefix.evaluation import decode
 from mmprefix.serving import ClientGone, Engine, Job, PrefixService, UnknownPrefix
 from mmprefix.serving.inputs import ContextTooLong
@@ -105,40 +103,14 @@ def test_blip_captions_step_with_rows_of_other_lengths_and_equal_each_alone(blip
 
 
 # -- decoder-only models: the embedded LLaVA and a causal LM -----------------------------------------------------
-def _llava_with(prefixes):
-    model, processor = load_backbone("llava")
-    model = PrefixModel(model)
-    for seed, name in prefixes:
-        torch.manual_seed(seed)
-        model.add_prefix(name, PrefixConfig(num_virtual_tokens=2 + seed, init_std=0.5))
-    return model, processor
-
-
-LLAVA_PREFIXES = ((1, "a"), (2, "b"))
-
-
-def _llava_alone(name, job):
-    """The request alone: a fresh LLaVA carrying only its prefix, through generate."""
-    model, processor = _llava_with([p for p in LLAVA_PREFIXES if p[1] == name])
-    limit = dict(job.generation).get("max_new_tokens", 8)
-    if job.task == "chat":
-        text = processor.apply_chat_template(list(job.messages), add_generation_prompt=True, tokenize=False)
-        inputs = processor(images=list(job.images) or None, text=[text], return_tensors="pt")
-    else:
-        inputs = processor(images=[[job.image]], text=[chat_prompt(processor, job.text)], return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=limit, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id,
-                         eos_token_id=processor.tokenizer.eos_token_id)
-    return decode._decode(processor.tokenizer, out[:, inputs["input_ids"].shape[1] :])[0]
-
-
-def test_llava_rows_with_their_own_prefix_prompt_length_and_position_equal_each_alone():
-    model, processor = _llava_with(LLAVA_PREFIXES)
-    service = PrefixService([Engine(model, processor, "llava")], window=0.05)
+def test_llava_rows_with_their_own_prefix_prompt_length_and_position_equal_each_alone(tmp_path):
+    serve_tiny.save_llava_prefixes(tmp_path)
+    service = PrefixService([serve_tiny.llava_engine()], tmp_path, window=0.05)
     spy = Spy(service.engines["llava"], service.batchers["llava"])
     conversation = ({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is it?"}]},
                     {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
                     {"role": "user", "content": [{"type": "text", "text": "how many shapes are there?"}]})
-    jobs, names = [], ["a", None, "b", "a", None, "b", "a"]
+    jobs, names = [], ["la", None, "lb", "la", None, "lb", "la"]
     for i, name in enumerate(names):
         settings = (("max_new_tokens", 10),)
         if i % 3 == 2:
@@ -150,8 +122,9 @@ def test_llava_rows_with_their_own_prefix_prompt_length_and_position_equal_each_
     finally:
         service.close()
     for name, job, answer in zip(names, jobs, answers):
-        assert answer == _llava_alone(name, job), (name, job.task)
-        assert answer.prompt_tokens == len(job.prepared.inputs["input_ids"][0]) and answer.completion_tokens >= 1
+        messages, images = (job.messages, job.images) if job.task == "chat" else (serve_tiny.one_turn(job.text), [job.image])
+        alone, tokens, prompt = serve_tiny.llava_alone(tmp_path, name, messages, images, max_new_tokens=10)
+        assert (answer, answer.completion_tokens, answer.prompt_tokens) == (alone, tokens, prompt), (name, job.task)
     assert len(set(answers)) > 2
     assert any(rows > 1 and padded for rows, padded, _ in spy.steps), "prompts of different lengths share steps"
     assert any(n > 0 for n in spy.joined_running)

@@ -40,8 +40,8 @@ def folder(tmp_path_factory):
     return path
 
 
-def client_for(folder, engines=None, limits=None, window=0.05, **options):
-    service = PrefixService(engines or serve_tiny.blip_engines(), folder, window=window)
+def client_for(folder, engines=None, limits=None, window=0.05, batching="step", **options):
+    service = PrefixService(engines or serve_tiny.blip_engines(), folder, window=window, batching=batching)
     return TestClient(create_app(service, admin_token=TOKEN, limits=limits, **options))
 
 
@@ -101,7 +101,8 @@ def test_chat_requests_sent_together_share_a_batch_and_keep_their_own_prefix(fol
             answer = replies[model]["choices"][0]["message"]["content"]
             assert answer == expected_answer(folder, None if model == "base" else model, 5)
         metrics = client.get("/metrics").text
-        assert _sample(metrics, "mmprefix_batch_size_count", model="blip-vqa") < 4
+        steps = _sample(metrics, "mmprefix_batch_size_count", model="blip-vqa")
+        assert _sample(metrics, "mmprefix_batch_size_bucket", model="blip-vqa", le="1.0") < steps, "rows share steps"
 
 
 def test_task_endpoints_answer_as_the_prefix_alone(client, folder):
@@ -196,7 +197,7 @@ BAD_REQUESTS = {
     "sampling": ("/v1/vqa", {"do_sample": True}, 422, "do_sample: Extra inputs are not permitted"),
     "missing field": ("/v1/vqa", {"question": None}, 422, "question: Field required"),
     "field of the wrong type": ("/v1/vqa", {"num_beams": "two"}, 422, "num_beams: Input should be a valid integer"),
-    "several choices": ("/v1/chat/completions", {"n": 2}, 400, "n=2: this server returns one choice per request"),
+    "too many choices": ("/v1/chat/completions", {"n": 9}, 400, "n=9: this server returns from 1 to 8 choices per request"),
     "no user message": ("/v1/chat/completions", {"messages": [{"role": "system", "content": "hi"}]}, 400,
                         "messages hold no user message"),
     "text task on an image server": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400,
@@ -311,10 +312,10 @@ class FailingEngine(Engine):
         return super().run(jobs)
 
 
-def test_an_exception_inside_one_batch_fails_that_batch_with_500_only(folder):
+def test_an_exception_inside_one_request_level_batch_fails_that_batch_with_500_only(folder):
     vqa, _ = serve_tiny.blip_heads()
     engine = FailingEngine(PrefixModel(vqa), tiny.world_blip_processor(), "blip-vqa")
-    with client_for(folder, [engine], window=0.4) as client:
+    with client_for(folder, [engine], window=0.4, batching="request") as client:
         image = serve_tiny.data_uri(serve_tiny.image(0))
         results = {}
 
