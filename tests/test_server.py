@@ -360,8 +360,9 @@ def test_a_client_that_disconnects_mid_request_is_dropped_and_the_server_keeps_s
 
 @pytest.mark.slow  # a fresh process: imports and model loading take ~10 s
 def test_mmprefix_serve_with_no_model_serves_the_embedded_blip_and_the_recipe_prefixes_then_sigterm_finishes(tmp_path):
-    """The VQA recipe's output (out/vqa/prefix/prefix: the prefix run of task vqa) is served as 'vqa'; README's curl and OpenAI-client examples
-    get the answer of that prefix alone; SIGTERM lets the request in flight finish."""
+    """The VQA recipe's output (out/vqa/prefix/prefix: the prefix run of task vqa) is served as 'vqa'; the serving
+    guide's curl and OpenAI-client examples get the answer of that prefix alone; after SIGTERM the request in
+    flight finishes, a new one gets 503, then the process exits."""
     model, processor = load_backbone("blip", "vqa")
     torch.manual_seed(0)
     add_prefix(model, PrefixConfig(num_virtual_tokens=4, init_std=0.5)).save_prefix(tmp_path / "out" / "vqa" / "prefix" / "prefix")
@@ -392,6 +393,9 @@ def test_mmprefix_serve_with_no_model_serves_the_embedded_blip_and_the_recipe_pr
         asking.start()
         time.sleep(0.7)  # the request waits in its 1.5 s window
         process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        refused = httpx.post(f"{base}/v1/vqa", json={"image": image, "question": "how many shapes are there?"}, timeout=60)
+        assert refused.status_code == 503, refused.text
         asking.join(60)
         assert reply["response"].status_code == 200 and isinstance(reply["response"].json()["answer"], str)
         # uvicorn finishes the requests in flight, shuts the app down, then exits by the signal it caught
