@@ -409,11 +409,10 @@ def test_mmprefix_serve_with_no_model_serves_the_embedded_blip_and_the_recipe_pr
 
 
 def readme_serving_examples(port: int) -> tuple[str, str]:
-    """README's curl command and OpenAI-client example, pointed at ``port``."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("## Serving"):readme.index("## Training options")]
-    curl = next(block for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S) if block.startswith("curl"))
-    client = re.search(r"```py\n(.*?)```", section, flags=re.S).group(1)
+    """The serving guide's curl command and OpenAI-client example, pointed at ``port``."""
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "guides" / "serving.md").read_text()
+    curl = next(block for block in re.findall(r"```sh\n(.*?)```", guide, flags=re.S) if block.startswith("curl"))
+    client = re.search(r"```py\n(.*?)```", guide, flags=re.S).group(1)
     return (curl.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), client.replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
 
 
