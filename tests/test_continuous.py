@@ -228,7 +228,7 @@ def test_a_row_that_ends_at_its_first_token_leaves_at_once_and_the_batch_goes_on
     firsts = []
     for i in range(8):
         inputs = {"pixel_values": tiny.world_blip_processor()(images=[serve_tiny.image(i)], return_tensors="pt")["pixel_values"]}
-        logits, _ = caption.stepper.prefill([inputs], [None])
+        logits, _, _ = caption.stepper.prefill([inputs], [None])
         firsts.append(float(logits[0].max() - logits[0, sep]))
     threshold = sorted(firsts)[3] + 1e-3  # four images end at once, four go on
     with torch.no_grad():
@@ -419,6 +419,23 @@ def test_request_level_batching_stays_available_and_gives_the_same_answers(blip_
         service.close()
 
 
+def test_request_level_batches_of_a_chat_vlm_pad_prompts_of_every_length_and_equal_each_alone(tmp_path):
+    serve_tiny.save_llava_prefixes(tmp_path)
+    service = PrefixService([serve_tiny.llava_engine()], tmp_path, window=0.2, batching="request")
+    conversation = ({"role": "user", "content": [{"type": "text", "text": "what is there?"}, {"type": "image"}]},)
+    jobs = [Job("chat", "la", generation=(("max_new_tokens", 6),), messages=conversation, images=(serve_tiny.image(1, 64),)),
+            Job("vqa", "lb", serve_tiny.image(2, 64), QUESTIONS[2], generation=(("max_new_tokens", 6),)),
+            Job("vqa", None, serve_tiny.image(3, 64), QUESTIONS[3], generation=(("max_new_tokens", 6),))]
+    try:
+        answers = [f.result(60) for f in [service.submit(job) for job in jobs]]
+    finally:
+        service.close()
+    for job, answer in zip(jobs, answers):
+        messages, images = (job.messages, job.images) if job.task == "chat" else (serve_tiny.one_turn(job.text), [job.image])
+        alone, tokens, prompt = serve_tiny.llava_alone(tmp_path, job.prefix, messages, images, max_new_tokens=6)
+        assert (answer, answer.completion_tokens, answer.prompt_tokens) == (alone, tokens, prompt), job.task
+
+
 def test_soft_prompts_and_beam_search_run_as_request_level_batches_beside_the_steps():
     vqa, _ = serve_tiny.blip_heads()
     model = add_prefix(vqa, PrefixConfig(num_virtual_tokens=3, init_std=1.0, method="prompt"), name="soft")
@@ -436,3 +453,32 @@ def test_soft_prompts_and_beam_search_run_as_request_level_batches_beside_the_st
     expected = [decode.answer_questions(model, processor, [serve_tiny.image(i)], [QUESTIONS[1]], prefix=p, **s)[0]
                 for i, (p, s) in enumerate((("soft", {}), (None, {}), (None, {"num_beams": 3})))]
     assert answers == expected
+
+
+def test_a_bug_in_the_serving_loop_fails_the_rows_it_held_and_the_loop_serves_on(blip_folder, monkeypatch):
+    from mmprefix.serving import decoding
+
+    service = PrefixService(serve_tiny.endless_caption_engines(), blip_folder, window=0.05)
+    gate = serve_tiny.StepGate(service.engines["blip-caption"], at=2)
+
+    def broken(parts):
+        raise RuntimeError("a bug in merging caches")
+
+    try:
+        monkeypatch.setattr(decoding, "merge", broken)
+        jobs = [Job("caption", n, serve_tiny.image(i), generation=(("max_new_tokens", 12),)) for i, n in enumerate(["cap", None])]
+        futures = [service.submit(jobs[0])]
+        assert gate.reached.wait(30)
+        futures.append(service.submit(jobs[1]))  # joins the running row: the caches merge
+        gate.release.set()
+        for future in futures:
+            with pytest.raises(RuntimeError, match="a bug in merging caches"):
+                future.result(60)
+        monkeypatch.undo()
+        after = service.submit(Job("caption", "cap", serve_tiny.image(0), generation=(("max_new_tokens", 6),))).result(60)
+    finally:
+        gate.release.set()
+        service.close()
+    expected = decode.caption_images(service.engines["blip-caption"].model, tiny.world_blip_processor(),
+                                     [serve_tiny.image(0)], max_new_tokens=6, prefix="cap")[0]
+    assert after == expected

@@ -1,8 +1,8 @@
 """The rows of step-level batching: `Row` (one request being generated) and `Lane` (a running batch of rows
 with its cache, stepped one token at a time).
 
-A lane admits rows at any step: their prompts are prefilled apart (rows of one shape together, unpadded), then
-their caches join the lane's (`cache_rows.merge`). Each step feeds every row its last token at its own position,
+A lane admits rows at any step: their prompts are prefilled apart (rows of one kind together, padded and
+masked), then their caches join the lane's (`cache_rows.merge`). Each step feeds every row its last token at its own position,
 routed to its own prefix store, picks each row's next token (`sampling.next_tokens`), streams what became final,
 and retires finished rows at once; the cache of the rows that stay is kept. A failure is confined to the rows
 that cause it: a step or prefill that raises is retried row by row, and only the rows that fail alone fail.
@@ -75,9 +75,9 @@ class Lane:
 
     # -- joining ----------------------------------------------------------------------------------------------
     def admit(self, rows: Sequence[Row]) -> None:
-        """Prefill ``rows`` (one input shape) and keep those that go on decoding."""
+        """Prefill ``rows`` (of one `inputs.Prepared.group`) and keep those that go on decoding."""
         try:
-            logits, cache = self.stepper.prefill([r.prepared.inputs for r in rows], [r.store for r in rows])
+            logits, cache, positions = self.stepper.prefill([r.prepared.inputs for r in rows], [r.store for r in rows])
         except Exception as error:  # noqa: BLE001 - find the rows that fail alone
             if len(rows) == 1:
                 logger.exception("prefilling a request failed")
@@ -86,9 +86,9 @@ class Lane:
             for row in rows:
                 self.admit([row])
             return
-        for row in rows:
+        for row, position in zip(rows, positions):
             row.sampling.start(logits.device)
-            row.position = cache.length  # unpadded: each row's prompt (BLIP's decoder: its start token)
+            row.position = position
         self._advance(rows, logits, cache)
 
     # -- stepping ---------------------------------------------------------------------------------------------

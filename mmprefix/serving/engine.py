@@ -34,7 +34,7 @@ from .generate import generate_batch
 from .inputs import preparable, prepare
 from .jobs import DEFAULT_TEMPLATES, Completion, Job
 from .sampling import check_sampling, check_stop
-from .steppers import eos_ids, stepper_for
+from .steppers import eos_ids, pad_id, stepper_for
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,9 @@ class Engine:
         self.stepper, self.why_not_stepped = None, "it generates nothing"
         if any(task in GENERATIVE_TASKS for task in self.tasks):
             self.stepper, self.why_not_stepped = stepper_for(model, tokenizer)
-        self.eos = eos_ids(model, tokenizer) if any(task in GENERATIVE_TASKS for task in self.tasks) else ()
+        generative = any(task in GENERATIVE_TASKS for task in self.tasks)
+        self.eos = eos_ids(model, tokenizer) if generative else ()
+        self.pad = pad_id(model, tokenizer) if generative else None
 
     # -- checks, in the caller's thread ---------------------------------------------------------------------
     def settings(self, **requested: Any) -> tuple[tuple[str, Any], ...]:

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..data.formatting import _pad
+from ..architectures import unwrap
+from ..data.formatting import family
 from ..evaluation import decode
+from .inputs import padded_batch
 from .jobs import Completion, Job, notify
 from .sampling import Finisher
 
@@ -60,23 +62,27 @@ def _finisher(engine: Any, job: Job, limit: int) -> Finisher:
 
 
 def _tokens(engine: Any, task: str, jobs: Sequence[Job], settings: dict[str, Any]) -> torch.Tensor:
+    """Each row's generated tokens (finished rows padded): from the jobs' prepared inputs, padded into one batch
+    as the processor pads a batch, or (models without prepared inputs) through the evaluation's decoding."""
     model, processor = engine.model, engine.processor
-    if task == "vqa":
-        return decode.answer_tokens(model, processor, [j.image for j in jobs], [j.text for j in jobs], **settings)
-    if task == "caption":
-        return decode.caption_tokens(model, processor, [j.image for j in jobs], **settings)
-    if task == "text":
+    if jobs[0].prepared is None:
+        if task == "vqa":
+            return decode.answer_tokens(model, processor, [j.image for j in jobs], [j.text for j in jobs], **settings)
+        if task == "caption":
+            return decode.caption_tokens(model, processor, [j.image for j in jobs], **settings)
         return decode.continuation_tokens(model, engine.tokenizer, [j.text for j in jobs], **settings)
-    # chat: each job's prepared prompt, re-padded on the left into one batch
     inputs = [job.prepared.inputs for job in jobs]
-    batch = {"input_ids": _pad([i["input_ids"][0].tolist() for i in inputs], engine.tokenizer.pad_token_id, left=True),
-             "attention_mask": _pad([i["attention_mask"][0].tolist() for i in inputs], 0, left=True)}
-    pixels = [i["pixel_values"] for i in inputs if "pixel_values" in i]
-    if pixels:
-        batch["pixel_values"] = torch.cat(pixels)
-    device = next(model.parameters()).device
     with torch.no_grad():
-        return decode.generate_after(model, engine.tokenizer, {k: v.to(device) for k, v in batch.items()}, settings)
+        if family(model) != "blip":
+            batch = padded_batch(inputs, engine.pad, left=True)
+            return decode.generate_after(model, engine.tokenizer, batch, settings)
+        batch = padded_batch(inputs, engine.pad, left=False)
+        if task == "caption":  # BLIP's decoder start, as `decode.caption_tokens` spells it out
+            text = unwrap(model).config.text_config
+            start = torch.tensor([[text.bos_token_id, text.eos_token_id]], device=batch["pixel_values"].device)
+            batch["input_ids"] = start.repeat(len(jobs), 1)
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        return model.generate(**batch, **settings)[:, 1:]
 
 
 class _RowStreamer(BaseStreamer):

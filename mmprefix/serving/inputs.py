@@ -10,13 +10,13 @@ causal language models continue the prompt (``"text"``).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..data.formatting import family, prompts
+from ..data.formatting import _pad, family, prompts
 from ..evaluation.decode import DEFAULT_NEW_TOKENS
 
 PREPARED_FAMILIES = ("blip", "chat", "lm")
@@ -29,13 +29,13 @@ class ContextTooLong(ValueError):
 @dataclass
 class Prepared:
     """``inputs``: the model inputs of this request alone, on the model's device. ``prompt_tokens``: the tokens
-    the model reads as text (image placeholders included). ``limit``: the most tokens it generates. ``shape``:
-    requests with equal shapes can be prefilled together without padding."""
+    the model reads as text (image placeholders included). ``limit``: the most tokens it generates. ``group``:
+    requests of equal groups can be prefilled together (their texts padded and masked)."""
 
     inputs: dict[str, torch.Tensor]
     prompt_tokens: int
     limit: int
-    shape: Hashable
+    group: Hashable
 
 
 def prepare(model: Any, processor: Any, job: Any, default_limit: int, extra_positions: int = 0) -> Prepared:
@@ -60,10 +60,12 @@ def prepare(model: Any, processor: Any, job: Any, default_limit: int, extra_posi
     limit = _limit(job, default_limit, context, used + extra_positions)
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    images = inputs["pixel_values"].shape[0] if "pixel_values" in inputs else 0
-    # rows with several images prefill alone: a batch's vision tower must see one image per row to route it
-    shape = tuple((k, tuple(v.shape)) for k, v in sorted(inputs.items())) if images <= 1 else object()
-    return Prepared(inputs, read, limit, shape)
+    pixels = inputs.get("pixel_values")
+    images = 0 if pixels is None else pixels.shape[0]
+    # A batch's vision tower must see one image per row (or none at all) to route each row to its prefix: rows
+    # with several images are prefilled alone.
+    group = (tuple(sorted(inputs)), None if pixels is None else tuple(pixels.shape[1:])) if images <= 1 else object()
+    return Prepared(inputs, read, limit, group)
 
 
 def _causal_inputs(model: Any, processor: Any, job: Any) -> dict[str, torch.Tensor]:
@@ -91,6 +93,19 @@ def _limit(job: Any, default: int, context: int, used: int) -> int:
         raise ContextTooLong(f"this model's context is {context} positions; the prompt takes {used} and "
                              f"{asked} new tokens were asked for: ask for at most {max(room, 0)}")
     return asked
+
+
+def padded_batch(inputs: Sequence[dict[str, torch.Tensor]], pad: int, left: bool) -> dict[str, torch.Tensor]:
+    """One batch of single-request inputs: token ids and their mask padded (on the ``left``, or on the right as
+    BLIP's processor pads), the rest (pixels) stacked."""
+    out = {}
+    for key in inputs[0]:
+        if key in ("input_ids", "attention_mask"):
+            rows = [row[key][0].tolist() for row in inputs]
+            out[key] = _pad(rows, pad if key == "input_ids" else 0, left=left).to(inputs[0][key].device)
+        else:
+            out[key] = torch.cat([row[key] for row in inputs])
+    return out
 
 
 def preparable(model: Any, task: str) -> bool:

@@ -110,18 +110,30 @@ class Scheduler:
     # -- the worker ---------------------------------------------------------------------------------------
     def _loop(self) -> None:
         while (entries := self._take()) is not None:
-            for entry in entries:
-                self._intake(entry)
-            self._run_batches(force=self._closing)
-            self._admit()
-            for key, lane in list(self._lanes.items()):
-                started, rows = time.perf_counter(), len(lane)
-                lane.step()
-                if self._on_batch is not None:
-                    self._on_batch(rows, time.perf_counter() - started)
-                if not lane.rows:
-                    with self._condition:
-                        del self._lanes[key]
+            try:
+                self._turn(entries)
+            except Exception as error:  # noqa: BLE001 - a bug must not leave requests waiting forever
+                logger.exception("the serving loop failed: the rows it held fail, it goes on")
+                with self._condition:
+                    rows = [row for lane in self._lanes.values() for row in lane.rows]
+                    rows += [row for row, _ in self._waiting]
+                    self._lanes, self._waiting = {}, []
+                for row in rows:
+                    row.fail(error)
+
+    def _turn(self, entries: list[_Waiting | _Barrier]) -> None:
+        for entry in entries:
+            self._intake(entry)
+        self._run_batches(force=self._closing)
+        self._admit()
+        for key, lane in list(self._lanes.items()):
+            started, rows = time.perf_counter(), len(lane)
+            lane.step()
+            if self._on_batch is not None:
+                self._on_batch(rows, time.perf_counter() - started)
+            if not lane.rows:
+                with self._condition:
+                    del self._lanes[key]
 
     def _take(self) -> list[_Waiting | _Barrier] | None:
         """What was submitted since the last step, once there is something to do; None to stop."""
@@ -176,7 +188,7 @@ class Scheduler:
             run_batch(self.engine.run, group, self._on_batch)
 
     def _admit(self) -> None:
-        """Prefill waiting rows while the running batch has room; rows of one lane and input shape together."""
+        """Prefill waiting rows while the running batch has room; rows of one lane and input kind together."""
         with self._condition:
             room = self.max_batch_size - sum(len(lane) for lane in self._lanes.values())
             if room <= 0 or not self._waiting:
@@ -189,7 +201,7 @@ class Scheduler:
         groups: dict[Hashable, list[Row]] = {}
         for row in taken:
             lane = self._lane_for(row)
-            groups.setdefault((lane, row.prepared.shape), []).append(row)
+            groups.setdefault((lane, row.prepared.group), []).append(row)
         for (lane, _), rows in groups.items():
             with self._condition:
                 target = self._lanes.setdefault(lane, Lane(self.engine.stepper))

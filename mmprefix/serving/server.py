@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.concurrency import run_in_threadpool
 
@@ -34,7 +34,7 @@ from .engine import Job
 from .inputs import ContextTooLong
 from .models import DEFAULT_MODEL, load_engines
 from .requests import (AddPrefix, ApiError, CaptionRequest, ChatRequest, ClassifyRequest, EmbeddingsRequest,
-                       FeaturesRequest, Generation, Limits, VQARequest, decode_image, error_body)
+                       FeaturesRequest, Limits, VQARequest, decode_image, error_body)
 from .service import BASE, InvalidName, PrefixService, UnknownPrefix
 
 logger = logging.getLogger(__name__)

@@ -3,8 +3,8 @@
 A stepper runs a model in two kinds of calls, each routed row by row (``route``: one held prefix store, or
 None, per row; see `PrefixModel.hold`):
 
-* ``prefill(inputs, route)``: requests whose inputs have the same shapes, unpadded, so that each row computes
-  exactly what it computes alone: their first next-token logits and their cache (`CacheRows`);
+* ``prefill(inputs, route)``: requests of one kind (`inputs.Prepared.group`), their texts padded and masked:
+  their first next-token logits, their cache (`CacheRows`) and the position of each row's next token;
 * ``step(tokens, positions, rows, route)``: one new token per row of a running batch, at each row's own
   position, over the left-padded cache, masked; the logits and the cache one column longer.
 
@@ -30,6 +30,7 @@ from ..data.formatting import family
 from ..model import PrefixModel
 from ..store import PrefixStore
 from .cache_rows import CacheRows, from_cache, start_rows, to_cache
+from .inputs import padded_batch
 
 Route = Sequence[PrefixStore | None]
 # Generation-config fields whose defaults leave greedy decoding alone; a model that sets one to something else
@@ -42,10 +43,6 @@ NEUTRAL_GENERATION = {
 }
 
 
-def _batched(inputs: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {key: torch.cat([row[key] for row in inputs]) for key in inputs[0]}
-
-
 def _route(route: Route) -> Any:
     """One entry for a batch of one prefix (the call then runs as it does for a lone request), else the list."""
     return route[0] if len({id(entry) for entry in route}) == 1 else list(route)
@@ -54,15 +51,19 @@ def _route(route: Route) -> Any:
 class CausalStepper:
     """Steps a decoder-only model (see the module docstring); ``eos``: the token ids that end a row."""
 
-    def __init__(self, model: PrefixModel, eos: Sequence[int]) -> None:
-        self.model, self.eos = model, tuple(eos)
+    def __init__(self, model: PrefixModel, eos: Sequence[int], pad: int) -> None:
+        self.model, self.eos, self.pad = model, tuple(eos), pad
         self._keep = "logits_to_keep" in inspect.signature(unwrap(model).forward).parameters
 
     @torch.no_grad()
-    def prefill(self, inputs: Sequence[dict[str, torch.Tensor]], route: Route) -> tuple[torch.Tensor, CacheRows]:
+    def prefill(self, inputs: Sequence[dict[str, torch.Tensor]], route: Route) -> tuple[torch.Tensor, CacheRows, list[int]]:
+        batch = padded_batch(inputs, self.pad, left=True)
+        mask = batch["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers a left-padded prompt
         extra = {"logits_to_keep": 1} if self._keep else {}  # as generate asks for the prompt's last logits only
-        out = self.model(**_batched(inputs), use_cache=True, prefix=_route(route), **extra)
-        return out.logits[:, -1], start_rows(out.cache, len(inputs))
+        out = self.model(**batch, position_ids=positions, use_cache=True, prefix=_route(route), **extra)
+        layers, _ = from_cache(out.cache)
+        return out.logits[:, -1], CacheRows(layers, mask.bool()), mask.sum(-1).tolist()
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, rows: CacheRows, route: Route) -> tuple[torch.Tensor, CacheRows]:
@@ -80,23 +81,30 @@ class BlipStepper:
 
     def __init__(self, model: PrefixModel) -> None:
         self.model, self.base = model, unwrap(model)
-        self.start, self.eos = self.base.config.text_config.bos_token_id, eos_ids(model, None)
+        text = self.base.config.text_config
+        self.start, self.eos, self.pad = text.bos_token_id, eos_ids(model, None), pad_id(model, None)
         self.decoder = self.base.text_decoder
 
     @torch.no_grad()
-    def prefill(self, inputs: Sequence[dict[str, torch.Tensor]], route: Route) -> tuple[torch.Tensor, CacheRows]:
-        batch = _batched(inputs)
+    def prefill(self, inputs: Sequence[dict[str, torch.Tensor]], route: Route) -> tuple[torch.Tensor, CacheRows, list[int]]:
+        batch = padded_batch(inputs, self.pad, left=False)  # BLIP's processor pads questions on the right
+        asked = None
         with self.model.using(_route(route)):
             states = self.base.vision_model(pixel_values=batch["pixel_values"])[0]
             if "input_ids" in batch:  # VQA: the decoder reads the question encoder's states
                 seen = torch.ones(states.shape[:-1], dtype=torch.long, device=states.device)
+                asked = batch["attention_mask"].bool()
                 states = self.base.text_encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                                 encoder_hidden_states=states, encoder_attention_mask=seen,
                                                 return_dict=False)[0]
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
             start = torch.full((len(inputs), 1), self.start, device=states.device)
-            logits = self._decode(start, torch.zeros_like(start), None, None, cache, states)
-        return logits, start_rows(cache, len(inputs))
+            cross = _additive(asked, states.dtype) if asked is not None and not bool(asked.all()) else None
+            logits = self._decode(start, torch.zeros_like(start), None, cross, cache, states)
+        rows = start_rows(cache, len(inputs))
+        if asked is not None:
+            rows.cross_mask = asked
+        return logits, rows, [1] * len(inputs)  # the decoder's start token is at position 0
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, rows: CacheRows, route: Route) -> tuple[torch.Tensor, CacheRows]:
@@ -140,6 +148,15 @@ def eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return (tokenizer.eos_token_id,)
 
 
+def pad_id(model: Any, tokenizer: Any) -> int:
+    """The token that pads prompts in a batch, as the processors pad: BLIP's [PAD], the tokenizer's padding
+    otherwise (its end of text if it has none: padding is masked anyway)."""
+    base = unwrap(model)
+    if family(base) == "blip":
+        return base.config.text_config.pad_token_id or 0
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def stepper_for(model: PrefixModel, tokenizer: Any) -> tuple[CausalStepper | BlipStepper | None, str]:
     """The stepper for ``model`` and ``""``, or None and why it cannot step."""
     base = unwrap(model)
@@ -158,4 +175,4 @@ def stepper_for(model: PrefixModel, tokenizer: Any) -> tuple[CausalStepper | Bli
     layer_types = getattr(text, "layer_types", None) or ()
     if getattr(text, "sliding_window", None) or any(t != "full_attention" for t in layer_types):
         return None, "its sliding-window attention layers keep a cache that rows cannot be merged into"
-    return CausalStepper(model, eos_ids(model, tokenizer)), ""
+    return CausalStepper(model, eos_ids(model, tokenizer), pad_id(model, tokenizer)), ""
