@@ -112,6 +112,9 @@ def test_task_endpoints_answer_as_the_prefix_alone(client, folder):
     caption = client.post("/v1/captions", json={"image": image, "prefix": "cap", "max_new_tokens": 5}).json()
     assert caption["caption"] == expected_answer(folder, "cap", 7, question=None, max_new_tokens=5)
     assert caption["prefix"] == "cap" and caption["latency_ms"] > 0
+    used = caption["usage"]
+    assert used["prompt_tokens"] == 1 and 1 <= used["completion_tokens"] <= 5  # [DEC], then up to 5 tokens
+    assert used["total_tokens"] == used["prompt_tokens"] + used["completion_tokens"]
     jpeg = client.post("/v1/vqa", json={"image": serve_tiny.data_uri(serve_tiny.image(7), "JPEG")[23:],
                                         "question": QUESTION})  # bare base64 works too
     assert jpeg.status_code == 200

@@ -45,7 +45,46 @@ class Closed(RuntimeError):
     """The batcher has stopped and takes no more requests."""
 
 
-class Batcher:
+class Worker:
+    """What both batching modes share: a worker thread running ``_loop`` (started by the subclass), a condition
+    guarding the queues, and queues that take nothing more once `drain` or `close` is called."""
+
+    def __init__(self, name: str) -> None:
+        self._numbers = itertools.count()
+        self._condition = threading.Condition()
+        self._closing = False
+        self._refusing = False  # drain(): no new items, the accepted ones go on
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def _enqueue(self, queue: list, make: Callable[[Future, int], Any]) -> Future:
+        """Append ``make(future, number)`` to ``queue`` (numbers order everything submitted); its future."""
+        future: Future = Future()
+        with self._condition:
+            if self._refusing:
+                raise Closed("the server is shutting down and takes no new requests")
+            queue.append(make(future, next(self._numbers)))
+            self._condition.notify_all()
+        return future
+
+    def drain(self) -> None:
+        """Take no new items (`submit` raises `Closed`); the accepted ones go on."""
+        with self._condition:
+            self._refusing = True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Take no new items, finish every accepted one (and pending barriers), stop the worker. True when
+        the worker stopped within ``timeout``."""
+        with self._condition:
+            self._closing = self._refusing = True
+            self._condition.notify_all()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Batcher(Worker):
     """Merges items into batches and runs them one at a time in a worker thread.
 
     Args:
@@ -70,40 +109,24 @@ class Batcher:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if window < 0:
             raise ValueError(f"window must be >= 0 seconds, got {window}")
+        super().__init__(name)
         self._run, self._group, self._on_batch = run, group, on_batch
         self.max_batch_size, self.window = max_batch_size, window
         self._waiting: list[_Waiting] = []
         self._barriers: list[_Barrier] = []
-        self._numbers = itertools.count()
-        self._condition = threading.Condition()
-        self._closing = False
-        self._refusing = False  # drain(): no new items, the accepted ones go on
         self._busy = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     # -- what callers use ---------------------------------------------------------------------------------
     def submit(self, item: Any) -> Future:
         """Queue ``item``; the future gets its result (or the exception of its batch)."""
         key = self._group(item)  # raises here, in the caller, for an item that cannot be grouped
-        future: Future = Future()
-        with self._condition:
-            if self._refusing:
-                raise Closed("the batcher is shutting down and takes no new requests")
-            self._waiting.append(_Waiting(item, key, future, next(self._numbers)))
-            self._condition.notify_all()
-        return future
+        return self._enqueue(self._waiting, lambda future, number: _Waiting(item, key, future, number))
 
     def barrier(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn()`` in the worker once every item submitted before now has finished; its future gets
         what ``fn`` returns or raises."""
-        future: Future = Future()
-        with self._condition:
-            if self._refusing:
-                raise Closed("the batcher is shutting down")
-            self._barriers.append(_Barrier(fn, future, next(self._numbers)))
-            self._condition.notify_all()
-        return future
+        return self._enqueue(self._barriers, lambda future, number: _Barrier(fn, future, number))
 
     @property
     def queued(self) -> int:
@@ -116,20 +139,6 @@ class Batcher:
         """Nothing waiting and no batch running."""
         with self._condition:
             return not self._waiting and not self._barriers and not self._busy
-
-    def drain(self) -> None:
-        """Take no new items (`submit` raises `Closed`); the accepted ones go on."""
-        with self._condition:
-            self._refusing = True
-
-    def close(self, timeout: float | None = None) -> bool:
-        """Take no new items, finish every accepted one (and pending barriers), stop the worker. True when
-        the worker stopped within ``timeout``."""
-        with self._condition:
-            self._closing = self._refusing = True
-            self._condition.notify_all()
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
     # -- the worker ---------------------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -59,7 +59,7 @@ async def chat_completion(api: Any, body: ChatRequest, request: Request) -> Any:
     answers = await api._results(request, futures, jobs)
     choices = [{"index": i, "message": {"role": "assistant", "content": str(answer), "refusal": None},
                 "logprobs": None, "finish_reason": answer.finish_reason} for i, answer in enumerate(answers)]
-    return {**header, "object": "chat.completion", "choices": choices, "usage": _usage(answers),
+    return {**header, "object": "chat.completion", "choices": choices, "usage": usage(answers),
             "latency_ms": round(1000 * (time.perf_counter() - started), 1)}
 
 
@@ -93,7 +93,7 @@ async def _jobs(api: Any, body: ChatRequest, turns: list) -> list[Job]:
     return jobs
 
 
-def _usage(answers: Sequence[Any]) -> dict[str, int]:
+def usage(answers: Sequence[Any]) -> dict[str, int]:
     """OpenAI's usage: the prompt once, the tokens of every choice."""
     prompt, completion = answers[0].prompt_tokens, sum(a.completion_tokens for a in answers)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -120,8 +120,8 @@ class _Stream:
             pass
 
     def chunk(self, choices: list[dict], **extra: Any) -> str:
-        usage = {"usage": None} if self.include_usage else {}
-        body = {**self.header, "object": "chat.completion.chunk", "choices": choices, **usage, **extra}
+        none = {"usage": None} if self.include_usage else {}  # OpenAI's chunks say "usage": null until the last
+        body = {**self.header, "object": "chat.completion.chunk", "choices": choices, **none, **extra}
         return f"data: {json.dumps(body)}\n\n"
 
     def delta(self, index: int, content: dict, finish: str | None = None) -> dict:
@@ -144,7 +144,7 @@ class _Stream:
                 except Exception as error:  # noqa: BLE001 - this choice failed: say so in the stream
                     yield f"data: {json.dumps(error_body(500, failure_message(error), 'server_error'))}\n\n"
             if self.include_usage and all(a is not None for a in answers):
-                yield self.chunk([], usage=_usage(answers))
+                yield self.chunk([], usage=usage(answers))
             yield "data: [DONE]\n\n"
         finally:  # a client that left: its rows leave their batch at the next step
             for job, future in zip(self.jobs, self.futures):

@@ -18,15 +18,13 @@ request-level batch (metrics).
 
 from __future__ import annotations
 
-import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import Any
 
-from .batcher import Closed, _Barrier, _Waiting, run_batch, settle
+from .batcher import Worker, _Barrier, _Waiting, run_batch, settle
 from .decoding import Lane, Row
 from .engine import Engine, Job
 from .sampling import Finisher, Sampling
@@ -34,7 +32,7 @@ from .sampling import Finisher, Sampling
 logger = logging.getLogger(__name__)
 
 
-class Scheduler:
+class Scheduler(Worker):
     """Step-level batching of ``engine`` (see the module docstring); the interface of `Batcher`: ``submit``,
     ``barrier``, ``queued``, ``drain``, ``close``. ``max_batch_size``: the most rows decoding at once."""
 
@@ -44,39 +42,24 @@ class Scheduler:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if window < 0:
             raise ValueError(f"window must be >= 0 seconds, got {window}")
+        super().__init__(name)
         self.engine, self.max_batch_size, self.window, self._on_batch = engine, max_batch_size, window, on_batch
         self._inbox: list[_Waiting | _Barrier] = []
-        self._numbers = itertools.count()
-        self._condition = threading.Condition()
-        self._closing = self._refusing = False
         self._waiting: list[tuple[Row, float]] = []  # rows to admit, with their arrival time
         self._batches: list[_Waiting] = []  # requests for request-level batches
         self._lanes: dict[Hashable, Lane] = {}
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     # -- what callers use ---------------------------------------------------------------------------------
     def submit(self, job: Job) -> Future:
         """Queue ``job``; the future gets its result. Checks (`Engine.group`) raise here, in the caller."""
         key = self.engine.group(job)
-        future: Future = Future()
-        with self._condition:
-            if self._refusing:
-                raise Closed("the server is shutting down and takes no new requests")
-            self._inbox.append(_Waiting(job, key, future, next(self._numbers)))
-            self._condition.notify_all()
-        return future
+        return self._enqueue(self._inbox, lambda future, number: _Waiting(job, key, future, number))
 
     def barrier(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn()`` in the worker, between two steps, once every request submitted before now holds its
         prefix (or, for a request-level one, has run)."""
-        future: Future = Future()
-        with self._condition:
-            if self._refusing:
-                raise Closed("the server is shutting down")
-            self._inbox.append(_Barrier(fn, future, next(self._numbers)))
-            self._condition.notify_all()
-        return future
+        return self._enqueue(self._inbox, lambda future, number: _Barrier(fn, future, number))
 
     @property
     def queued(self) -> int:
@@ -93,19 +76,6 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         return self.queued == 0 and self.running == 0
-
-    def drain(self) -> None:
-        """Take no new requests (`submit` raises `Closed`); the accepted ones go on."""
-        with self._condition:
-            self._refusing = True
-
-    def close(self, timeout: float | None = None) -> bool:
-        """Take no new requests, finish every accepted one, stop the worker; True if it stopped in time."""
-        with self._condition:
-            self._closing = self._refusing = True
-            self._condition.notify_all()
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
     # -- the worker ---------------------------------------------------------------------------------------
     def _loop(self) -> None:

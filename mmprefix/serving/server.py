@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from .batcher import Closed
-from .chat import chat_completion, failure_message
+from .chat import chat_completion, failure_message, usage
 from .engine import Job
 from .inputs import ContextTooLong
 from .models import DEFAULT_MODEL, load_engines
@@ -343,7 +343,8 @@ class _Api:
     async def _answer(self, request: Request, job: Job, field: str) -> dict:
         started = time.perf_counter()
         text = await self._result(request, self._submit(job), job)
-        return {field: text, "prefix": job.prefix or BASE, "latency_ms": round(1000 * (time.perf_counter() - started), 1)}
+        return {field: text, "prefix": job.prefix or BASE, "latency_ms": round(1000 * (time.perf_counter() - started), 1),
+                "usage": usage([text])}
 
 
 async def _disconnected(request: Request) -> None:
