@@ -351,6 +351,35 @@ def test_a_row_that_raises_fails_alone_and_the_rows_beside_it_finish_unchanged(b
         assert answer == serve_tiny.expected_answer(blip_folder, names[i], i, QUESTIONS[0], max_new_tokens=8), i
 
 
+def test_a_row_that_raises_mid_decode_fails_alone_and_the_rows_beside_it_finish_unchanged(blip_folder):
+    """The prefix of one row breaks after its prefill (its decoder's keys no longer fit): the step of the whole
+    batch raises, each row is then stepped alone, and only the broken one fails."""
+    engines = serve_tiny.endless_caption_engines()
+    caption = engines[1]
+    caption.model.load_prefix("breaks", blip_folder / "cap")
+    service = PrefixService(engines, blip_folder, window=0.2)
+    gate = serve_tiny.StepGate(caption, at=2)
+    try:
+        names = ["cap", "breaks", None]
+        futures = [service.submit(Job("caption", n, serve_tiny.image(i), generation=(("max_new_tokens", 8),)))
+                   for i, n in enumerate(names)]
+        assert gate.reached.wait(30)
+        store = caption.model.prefixes["breaks"]
+        site = next(k for k in store.keys if "text_decoder" in k)
+        store.keys[site] = torch.nn.Parameter(torch.zeros(1, 3, 5))  # the held store itself breaks
+        gate.release.set()
+        with pytest.raises(RuntimeError, match="does not fit"):
+            futures[1].result(60)
+        answers = [futures[i].result(60) for i in (0, 2)]
+    finally:
+        gate.release.set()
+        service.close()
+    for i, answer in zip((0, 2), answers):
+        expected = decode.caption_images(caption.model, tiny.world_blip_processor(), [serve_tiny.image(i)],
+                                         max_new_tokens=8, prefix=names[i])[0]
+        assert answer == expected and answer.completion_tokens == 8, i
+
+
 def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_finish_unchanged(blip_folder):
     service = PrefixService(serve_tiny.blip_engines(), blip_folder, window=0.1)
     engine = service.engines["blip-caption"]
@@ -482,3 +511,30 @@ def test_a_bug_in_the_serving_loop_fails_the_rows_it_held_and_the_loop_serves_on
     expected = decode.caption_images(service.engines["blip-caption"].model, tiny.world_blip_processor(),
                                      [serve_tiny.image(0)], max_new_tokens=6, prefix="cap")[0]
     assert after == expected
+
+
+def test_a_peft_prefix_that_shifts_positions_decodes_in_a_lane_of_its_own_beside_other_rows(tmp_path):
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from mmprefix.embedded import text
+
+    tokenizer = text.lm_tokenizer()
+    peft_model = get_peft_model(tiny.world_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with torch.no_grad():
+        for parameter in peft_model.prompt_encoder.parameters():
+            parameter.normal_(std=0.5)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = add_prefix(tiny.world_llama(), PrefixConfig(num_virtual_tokens=3, init_std=1.0), name="own")
+    model.load_prefix("peft", tmp_path / "peft")
+    assert model.prefixes["peft"].config.position_offset
+    service = PrefixService([Engine(model, tokenizer, "lm")], window=0.2)
+    prompts = ["what color is the", "how many shapes are there on the left", "the"]
+    names = ["peft", "own", None, "peft"]
+    try:
+        answers = [f.result(60) for f in [service.submit(Job("text", n, text=prompts[i % 3], generation=(("max_new_tokens", 8),)))
+                                          for i, n in enumerate(names)]]
+    finally:
+        service.close()
+    for i, (name, answer) in enumerate(zip(names, answers)):
+        assert answer == decode.complete_texts(model, tokenizer, [prompts[i % 3]], prefix=name, max_new_tokens=8)[0], name
+    assert answers[0] != decode.complete_texts(model, tokenizer, [prompts[0]], prefix=None, max_new_tokens=8)[0]
