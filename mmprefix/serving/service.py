@@ -254,8 +254,9 @@ class PrefixService:
         return placed
 
     def remove(self, name: str) -> None:
-        """Stop serving ``name``: new requests for it are refused at once; it leaves the model once every
-        request accepted before has finished."""
+        """Stop serving ``name``: new requests for it are refused at once; it leaves the model at the next step
+        (rows decoding with it finish on it) or, with request-level batching, once every request accepted before
+        has finished."""
         check_name(name)
         with self._changing:
             with self._lock:
