@@ -23,6 +23,7 @@ from mmprefix.serving.models import share_weights
 VQA_PREFIXES = {"red": 1, "green": 2, "blue": 3}
 CAPTION_PREFIXES = {"cap": 4}
 QUESTIONS = ["what color is the circle?", "what is the color?", "what is red?", "a photo of the red circle?"]
+MIXED_QUESTIONS = ["what is red?", "what color is the circle?", "how many shapes are there on the left?", "what?"]
 
 
 def blip_heads(seed: int = 0):
@@ -110,22 +111,28 @@ class ThreadServer:
 
 
 class StepGate:
-    """Holds an engine's decoding thread at its ``at``-th step (``reached`` is set) until ``release`` is set:
-    requests are then mid-decode for as long as a test needs."""
+    """Wraps an engine's stepper: records each prefill's rows (and, with ``worker``, how many rows were decoding
+    then: rows that join mid-decode) and each step's rows, padding and cross-attention padding; with ``at``,
+    holds the decoding thread at its ``at``-th step (``reached`` is set) until ``release`` is set, so that
+    requests are mid-decode for as long as a test needs."""
 
-    def __init__(self, engine, at: int) -> None:
-        self.inner, self.eos, self.at, self.count = engine.stepper, engine.stepper.eos, at, 0
+    def __init__(self, engine, at: int | None = None, worker=None) -> None:
+        self.inner, self.eos, self.at, self.worker = engine.stepper, engine.stepper.eos, at, worker
+        self.prefills, self.steps, self.joined_running = [], [], []
         self.reached, self.release = threading.Event(), threading.Event()
         engine.stepper = self
 
     def prefill(self, inputs, route):
+        self.prefills.append(len(inputs))
+        if self.worker is not None:
+            self.joined_running.append(self.worker.running)
         return self.inner.prefill(inputs, route)
 
     def step(self, tokens, positions, rows, route):
-        self.count += 1
-        if self.count == self.at:
+        self.steps.append((len(tokens), rows.padded(), rows.cross_padded()))
+        if len(self.steps) == self.at:
             self.reached.set()
-            assert self.release.wait(60)
+            assert self.release.wait(300)
         return self.inner.step(tokens, positions, rows, route)
 
 

@@ -95,10 +95,22 @@ def _cat(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tens
 
 def to_cache(rows: CacheRows) -> DynamicCache | EncoderDecoderCache:
     """A transformers cache holding these rows (an `EncoderDecoderCache` when there is cross-attention)."""
-    cache = DynamicCache(list(rows.layers))
+    cache = _dynamic(rows.layers)
     if rows.cross is None:
         return cache
-    return EncoderDecoderCache(cache, DynamicCache(list(rows.cross)))
+    return EncoderDecoderCache(cache, _dynamic(rows.cross))
+
+
+def _dynamic(pairs: Pairs) -> DynamicCache:
+    """A `DynamicCache` whose layers hold these tensors themselves (filling it through ``update`` would copy them
+    all at every step)."""
+    cache = DynamicCache()
+    for keys, values in pairs:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
 
 
 def from_cache(cache: DynamicCache | EncoderDecoderCache) -> tuple[Pairs, Pairs | None]:

@@ -47,9 +47,10 @@ class Row:
     def push(self, token: int) -> bool:
         """Take the row's next token and stream what became final; True once the row has finished."""
         self.finisher.push(token)
-        piece = self.finisher.piece()
-        if piece and self.listener is not None and not notify(self.listener, piece, id(self)):
-            self.listener = None
+        if self.listener is not None:
+            piece = self.finisher.piece()
+            if piece and not notify(self.listener, piece, id(self)):
+                self.listener = None
         return self.finisher.finish_reason is not None
 
     def complete(self) -> None:

@@ -34,11 +34,11 @@ def generate_batch(engine: Any, jobs: Sequence[Job]) -> list[Completion]:
         settings["max_new_tokens"] = prepared.limit
     settings.setdefault("max_new_tokens", decode.DEFAULT_NEW_TOKENS.get(task, engine.limits["max_new_tokens"]))
     limit = settings["max_new_tokens"]
-    finishers = [_finisher(engine, job, limit) for job in jobs]
+    finishers = [_finisher(engine, job, limit, streamed=False) for job in jobs]
     listeners = [job.on_text for job in jobs]
     streamer = None
     if any(listeners) and settings.get("num_beams", 1) == 1:  # transformers streams greedy decoding only
-        streamer = settings["streamer"] = _RowStreamer([_finisher(engine, job, limit) for job in jobs], listeners)
+        streamer = settings["streamer"] = _RowStreamer([_finisher(engine, job, limit, True) for job in jobs], listeners)
     settings["prefix"] = [job.prefix for job in jobs]
     tokens = _tokens(engine, task, jobs, settings)
     out = []
@@ -47,7 +47,8 @@ def generate_batch(engine: Any, jobs: Sequence[Job]) -> list[Completion]:
             finisher.push(token)
             if finisher.finish_reason is not None:
                 break
-        finisher.finish_reason = finisher.finish_reason or "length"
+        if finisher.finish_reason is None:  # the output ran out first (beam search may end short of the limit)
+            finisher.finish_reason, finisher.text = "length", engine.decode_tokens(finisher.tokens)
         sent = streamer.finishers[row].sent if streamer is not None else ""
         listener = streamer.listeners[row] if streamer is not None else listeners[row]
         if listener is not None and finisher.text.startswith(sent) and len(finisher.text) > len(sent):
@@ -57,8 +58,8 @@ def generate_batch(engine: Any, jobs: Sequence[Job]) -> list[Completion]:
     return out
 
 
-def _finisher(engine: Any, job: Job, limit: int) -> Finisher:
-    return Finisher(engine.decode_tokens, engine.eos, job.setting("stop", ()), limit)
+def _finisher(engine: Any, job: Job, limit: int, streamed: bool) -> Finisher:
+    return Finisher(engine.decode_tokens, engine.eos, job.setting("stop", ()), limit, streamed)
 
 
 def _tokens(engine: Any, task: str, jobs: Sequence[Job], settings: dict[str, Any]) -> torch.Tensor:

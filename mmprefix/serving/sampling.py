@@ -91,10 +91,13 @@ class Finisher:
     end of text or a stop sequence, ``"length"``: the token limit); ``text`` is the answer (without the stop
     sequence), ``piece()`` the part not yet handed out that can no longer change.
 
-    ``decode``: token ids to text (the evaluation's decoding: special tokens dropped, spaces normalised)."""
+    ``decode``: token ids to text (the evaluation's decoding: special tokens dropped, spaces normalised).
+    ``streamed``: the text is wanted as it grows (else, without stop sequences, it is decoded once, at the end)."""
 
-    def __init__(self, decode: Callable[[list[int]], str], eos: Sequence[int], stop: Sequence[str], limit: int) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], eos: Sequence[int], stop: Sequence[str], limit: int,
+                 streamed: bool = True) -> None:
         self.decode, self.eos, self.stop, self.limit = decode, set(eos), tuple(stop), limit
+        self.watch = streamed or bool(self.stop)
         self.tokens: list[int] = []
         self.text = ""
         self.sent = ""
@@ -107,13 +110,15 @@ class Finisher:
         self.tokens.append(token)
         if token in self.eos:
             self.finish_reason = "stop"
-            return
-        self.text = self.decode(self.tokens)
-        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.finish_reason = self.text[:cut], "stop"
-        elif len(self.tokens) >= self.limit:
+        elif self.watch:
+            self.text = self.decode(self.tokens)
+            cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text, self.finish_reason = self.text[:cut], "stop"
+        if self.finish_reason is None and len(self.tokens) >= self.limit:
             self.finish_reason = "length"
+        if self.finish_reason is not None and not self.watch:
+            self.text = self.decode(self.tokens)
 
     def piece(self) -> str:
         """Text that can be streamed now: once the row has finished, the rest of its answer; before, the new

@@ -140,7 +140,8 @@ class Scheduler(Worker):
             entry.future.set_exception(error)
             return
         prepared = job.prepared
-        finisher = Finisher(self.engine.decode_tokens, self.engine.stepper.eos, job.setting("stop", ()), prepared.limit)
+        finisher = Finisher(self.engine.decode_tokens, self.engine.stepper.eos, job.setting("stop", ()), prepared.limit,
+                            streamed=job.on_text is not None)
         sampling = Sampling(job.setting("temperature", 0.0), job.setting("top_p", 1.0), job.setting("seed"))
         with self._condition:
             self._waiting.append((Row(job, entry.future, store, prepared, sampling, finisher), entry.arrived))
