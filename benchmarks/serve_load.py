@@ -19,6 +19,7 @@ sum is what the processes take together), with the plain RSS beside it.
 
     nice python benchmarks/serve_load.py                                     # both parts, the issue's settings
     nice python benchmarks/serve_load.py load --clients 16 --prefixes 8      # the goal's setting only
+    nice python benchmarks/serve_load.py load --task caption                 # captions: longer answers
     python benchmarks/serve_load.py load --clients 4 --prefixes 2 --requests 16 --rounds 2   # a quick check
     python benchmarks/serve_load.py memory --counts 1 8 32
 """
@@ -49,13 +50,15 @@ from mmprefix.embedded import load_backbone
 from mmprefix.evaluation import decode
 
 MODES = ("step", "request")
+# --task: the embedded BLIP head, its endpoint and the answer's field
+TASKS = {"vqa": ("embedded:blip:vqa", "/v1/vqa", "answer"), "caption": ("embedded:blip:caption", "/v1/captions", "caption")}
 # step-level / request-level, at 16 clients and 8 prefixes (the issue's goals)
 GOALS = {"throughput": 2.0, "p99 latency": 0.6, "mean batch": 10}
 MEMORY_GOALS = {"server": 1.1}  # 32 prefixes on one server, against one prefix
 
 
-def make_prefixes(folder: Path, count: int, tokens: int, std: float = 3.0) -> list[str]:
-    model, _ = load_backbone("blip", "vqa")
+def make_prefixes(folder: Path, count: int, tokens: int, std: float = 3.0, task: str = "vqa") -> list[str]:
+    model, _ = load_backbone("blip", task)
     names = [f"p{i}" for i in range(count)]
     for seed, name in enumerate(names):
         torch.manual_seed(seed)
@@ -73,9 +76,9 @@ def load_requests(count: int) -> list[dict]:
             for i in range(count)]
 
 
-def start_server(folder: Path, *options: str) -> tuple[subprocess.Popen, str]:
-    """``mmprefix serve`` of the embedded BLIP's VQA head on a free loopback port; (process, base URL)."""
-    command = [sys.executable, "-m", "mmprefix.cli", "serve", "--model", "embedded:blip:vqa", "--prefixes", str(folder),
+def start_server(folder: Path, *options: str, task: str = "vqa") -> tuple[subprocess.Popen, str]:
+    """``mmprefix serve`` of an embedded BLIP head on a free loopback port; (process, base URL)."""
+    command = [sys.executable, "-m", "mmprefix.cli", "serve", "--model", TASKS[task][0], "--prefixes", str(folder),
                "--port", "0", *options]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 300
@@ -109,8 +112,9 @@ def batch_totals(base: str) -> tuple[float, float]:
     return values.get("mmprefix_batch_size_sum", 0.0), values.get("mmprefix_batch_size_count", 0.0)
 
 
-async def run_clients(base: str, bodies: list[bytes], clients: int) -> tuple[list, list, float]:
+async def run_clients(base: str, bodies: list[bytes], clients: int, task: str = "vqa") -> tuple[list, list, float]:
     """Send ``bodies`` from ``clients`` concurrent clients; (answers, latencies in seconds, wall seconds)."""
+    _, endpoint, field = TASKS[task]
     answers, latencies, queue = [None] * len(bodies), [None] * len(bodies), list(range(len(bodies)))[::-1]
     headers = {"content-type": "application/json"}
 
@@ -118,9 +122,9 @@ async def run_clients(base: str, bodies: list[bytes], clients: int) -> tuple[lis
         while queue:
             index = queue.pop()
             started = time.perf_counter()
-            response = await http.post("/v1/vqa", content=bodies[index], headers=headers)
+            response = await http.post(endpoint, content=bodies[index], headers=headers)
             latencies[index] = time.perf_counter() - started
-            answers[index] = response.json().get("answer") if response.status_code == 200 else f"HTTP {response.status_code}"
+            answers[index] = response.json().get(field) if response.status_code == 200 else f"HTTP {response.status_code}"
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=600) as http:
@@ -134,10 +138,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def alone_answers(folder: Path, names: list[str], requests: list[dict], route: list[str | None]) -> list[str]:
+def alone_answers(folder: Path, names: list[str], requests: list[dict], route: list[str | None],
+                  task: str = "vqa") -> list[str]:
     """Each request alone, on the model switched to its prefix (None: the frozen model): the reference every
     served answer must equal."""
-    model, processor = load_backbone("blip", "vqa")
+    model, processor = load_backbone("blip", task)
     model = PrefixModel(model)
     for name in names:
         model.load_prefix(name, folder / name)
@@ -145,46 +150,49 @@ def alone_answers(folder: Path, names: list[str], requests: list[dict], route: l
     out = []
     for request, name in zip(requests, route):
         model.set_prefix(name)
-        out += decode.answer_questions(model, processor, [images[request["image"]]], [request["question"]])
+        image = images[request["image"]]
+        out += decode.answer_questions(model, processor, [image], [request["question"]]) if task == "vqa" else \
+            decode.caption_images(model, processor, [image])
     return out
 
 
 def measure_load(clients: int, prefixes: int, args: argparse.Namespace) -> dict:
     """Both modes on the same requests, in alternating rounds: per mode its figures, and the references."""
     folder = Path(tempfile.mkdtemp(prefix="mmprefix-serve-load-"))
-    names = make_prefixes(folder, prefixes, args.prefix_tokens, args.prefix_std)
+    names = make_prefixes(folder, prefixes, args.prefix_tokens, args.prefix_std, args.task)
     requests = load_requests(args.requests)
     route = [names[i % len(names)] for i in range(len(requests))]
 
     def body(request: dict, prefix: str) -> bytes:
         uri = "data:image/png;base64," + base64.b64encode(request["image"].read_bytes()).decode()
-        return json.dumps({"image": uri, "question": request["question"], "prefix": prefix}).encode()
+        question = {"question": request["question"]} if args.task == "vqa" else {}
+        return json.dumps({"image": uri, **question, "prefix": prefix}).encode()
 
     bodies = [body(r, p) for r, p in zip(requests, route)]
     batch = str(args.max_batch_size or clients)
-    servers = {mode: start_server(folder, "--batching", mode, "--max-batch-size", batch, "--window-ms", str(args.window_ms))
-               for mode in MODES}
+    servers = {mode: start_server(folder, "--batching", mode, "--max-batch-size", batch, "--window-ms", str(args.window_ms),
+                                  task=args.task) for mode in MODES}
     results = {mode: {"answers": [None] * len(requests), "latencies": [None] * len(requests), "seconds": 0.0,
                       "rows": 0.0, "batches": 0.0} for mode in MODES}
     try:
         for _, base in servers.values():  # warm up: imports, first calls
-            asyncio.run(run_clients(base, bodies[: 2 * clients], clients))
+            asyncio.run(run_clients(base, bodies[: 2 * clients], clients, args.task))
         for number in range(args.rounds):
             chunk = list(range(len(requests)))[number :: args.rounds]
             for mode in MODES if number % 2 == 0 else MODES[::-1]:
-                _round(servers[mode][1], results[mode], chunk, bodies, clients)
+                _round(servers[mode][1], results[mode], chunk, bodies, clients, args.task)
     finally:
         stop([process for process, _ in servers.values()])
-    expected = alone_answers(folder, names, requests, route)  # untimed
+    expected = alone_answers(folder, names, requests, route, args.task)  # untimed
     for result in results.values():
         result["wrong"] = sum(a != e for a, e in zip(result["answers"], expected))
-    frozen = alone_answers(folder, [], requests, [None] * len(requests))
+    frozen = alone_answers(folder, [], requests, [None] * len(requests), args.task)
     return {"modes": results, "changed": sum(a != b for a, b in zip(expected, frozen)), "requests": len(requests)}
 
 
-def _round(base: str, result: dict, chunk: list[int], bodies: list[bytes], clients: int) -> None:
+def _round(base: str, result: dict, chunk: list[int], bodies: list[bytes], clients: int, task: str) -> None:
     rows, batches = batch_totals(base)
-    answers, latencies, seconds = asyncio.run(run_clients(base, [bodies[i] for i in chunk], clients))
+    answers, latencies, seconds = asyncio.run(run_clients(base, [bodies[i] for i in chunk], clients, task))
     after = batch_totals(base)
     for i, answer, latency in zip(chunk, answers, latencies):
         result["answers"][i], result["latencies"][i] = answer, latency
@@ -201,7 +209,7 @@ def _summary(result: dict) -> dict[str, float]:
 
 def report_load(figures: dict[tuple[int, int], dict], args: argparse.Namespace, load: tuple) -> bool:
     """Print the table and the ratios; True when the goals' setting (16 clients, 8 prefixes) met them."""
-    print(f"\n## Load: embedded BLIP (VQA), prefixes of {args.prefix_tokens} tokens, {args.requests} requests per mode "
+    print(f"\n## Load: embedded BLIP ({args.task}), prefixes of {args.prefix_tokens} tokens, {args.requests} requests per mode "
           f"in {args.rounds} alternating rounds, window {args.window_ms:g} ms")
     print(f"torch threads {torch.get_num_threads()} (this process), load average {load[0]:.2f} at start, "
           f"{os.getloadavg()[0]:.2f} at end (1 min)\n")
@@ -300,6 +308,8 @@ def report_memory(figures: dict[int, dict], tokens: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", nargs="?", choices=("load", "memory", "all"), default="all")
+    parser.add_argument("--task", choices=sorted(TASKS), default="vqa",
+                        help="load: questions (short answers: prefill dominates) or captions (longer answers)")
     parser.add_argument("--clients", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--prefixes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--prefix-tokens", type=int, default=12)
