@@ -74,6 +74,15 @@ def test_a_chat_vlm_answers_with_usage_and_streams_token_by_token_with_usage_las
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
 
 
+def test_a_long_answer_streams_a_piece_per_token_as_it_is_decoded(blip):
+    ask = dict(model="red", messages=[user(QUESTION, seed=8)], max_tokens=12)
+    text = blip.chat.completions.create(**ask).choices[0].message.content
+    chunks = list(blip.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == text and len(text.split()) >= 5
+    assert len(text.split()) <= len(pieces) <= chunks[-1].usage.completion_tokens, "a piece per token that adds text"
+
+
 def test_a_multi_turn_conversation_goes_through_the_chat_template(llava, folder):
     messages = [{"role": "system", "content": "answer with colors"}, user("what color is the circle?", seed=2),
                 {"role": "assistant", "content": "red"}, user("and the square?")]
