@@ -264,6 +264,8 @@ def test_soft_prompts_and_beam_search_run_as_request_level_batches_beside_the_st
         assert [engine.steps(j) for j in jobs] == [False, True, False]
     finally:
         service.close()
+    with pytest.raises(ValueError, match="sampling .* needs step-level decoding, .*: its prefix is a soft prompt"):
+        engine.group(Job("vqa", "soft", serve_tiny.image(0), QUESTIONS[1], generation=engine.settings(temperature=1.0)))
     processor = tiny.world_blip_processor()
     expected = [decode.answer_questions(model, processor, [serve_tiny.image(i)], [QUESTIONS[1]], prefix=p, **s)[0]
                 for i, (p, s) in enumerate((("soft", {}), (None, {}), (None, {"num_beams": 3})))]

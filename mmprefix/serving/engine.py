@@ -94,10 +94,8 @@ class Engine:
         # Requests are checked in the callers' threads while batches run: a fast tokenizer's padding state is not
         # safe to share across threads, so checks use their own copy, one thread at a time.
         self._checker, self._checking = copy.deepcopy(processor), threading.Lock()
-        self.stepper, self.why_not_stepped = None, "it generates nothing"
-        if any(task in GENERATIVE_TASKS for task in self.tasks):
-            self.stepper, self.why_not_stepped = stepper_for(model, tokenizer)
         generative = any(task in GENERATIVE_TASKS for task in self.tasks)
+        self.stepper, self.why_not_stepped = stepper_for(model, tokenizer) if generative else (None, "it generates nothing")
         self.eos = eos_ids(model, tokenizer) if generative else ()
         self.pad = pad_id(model, tokenizer) if generative else None
 
@@ -147,14 +145,16 @@ class Engine:
         missing = [name for name in REQUIRED[job.task] if not getattr(job, name)]
         if missing:
             raise ValueError(f"a {job.task!r} job needs {' and '.join(REQUIRED[job.task])}; it has no {missing[0]}")
-        if job.setting("temperature") and (self.stepper is None or not preparable(self.model, job.task)):
-            raise ValueError(f"sampling (temperature, top_p) needs step-level decoding, which this model does not "
-                             f"have: {self.why_not_stepped}; use greedy decoding or beam search")
         if preparable(self.model, job.task):
             store = self._store(job.prefix)
             extra = store.num_virtual_tokens if store is not None and store.config.position_offset else 0
             with self._checking:
                 job.prepared = prepare(unwrap(self.model), self._checker, job, self.limits["max_new_tokens"], extra)
+        if job.setting("temperature") and not self.steps(job):  # transformers' generate would sample from one RNG
+            stepping = self.stepper is not None and job.prepared is not None
+            why = "its prefix is a soft prompt" if stepping else self.why_not_stepped
+            raise ValueError(f"sampling (temperature, top_p) needs step-level decoding, which this request cannot "
+                             f"have: {why}; use greedy decoding or beam search")
         length = self.token_count(job.text) if needs_same_length(job.task, self.model) else None
         limit = job.prepared.limit if job.prepared is not None else None
         return job.task, job.generation, length, limit
