@@ -50,11 +50,11 @@ async def chat_completion(api: Any, body: ChatRequest, request: Request) -> Any:
     if body.stream:
         options = body.stream_options or StreamOptions()
         stream = _Stream(jobs, header, options.include_usage, options.include_obfuscation)
-        stream.futures = [api._submit(job) for job in jobs]
+        stream.futures = [await api._submit(job) for job in jobs]
         for index, future in enumerate(stream.futures):
             future.add_done_callback(lambda _, i=index: stream.put((i, stream.ended)))
         return StreamingResponse(stream.events(), media_type="text/event-stream")
-    futures = [api._submit(job) for job in jobs]
+    futures = [await api._submit(job) for job in jobs]
     started = time.perf_counter()
     answers = await api._results(request, futures, jobs)
     choices = [{"index": i, "message": {"role": "assistant", "content": str(answer), "refusal": None},

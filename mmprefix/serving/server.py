@@ -205,7 +205,7 @@ class _Api:
             jobs["image_features"] = await self._job("image_features", body.prefix, body.image, None)
         if body.text is not None:
             jobs["text_features"] = await self._job("text_features", body.prefix, None, body.text)
-        futures = {key: self._submit(job) for key, job in jobs.items()}
+        futures = {key: await self._submit(job) for key, job in jobs.items()}
         for key, future in futures.items():
             out[key] = await self._result(request, future)
         return out
@@ -218,7 +218,7 @@ class _Api:
         job.templates = tuple(body.templates) if body.templates else job.templates
         for text in {template.format(name) for name in job.classnames for template in job.templates}:
             self._check_tokens("classify", text)
-        result = await self._result(request, self._submit(job))
+        result = await self._result(request, await self._submit(job))
         return {"prefix": body.prefix or BASE, **result}
 
     async def chat(self, body: ChatRequest, request: Request) -> Any:
@@ -229,7 +229,7 @@ class _Api:
         if not texts:
             raise ApiError(400, "input is empty")
         jobs = [await self._job("text_features", body.model, None, text) for text in texts]
-        futures = [self._submit(job) for job in jobs]
+        futures = [await self._submit(job) for job in jobs]
         vectors = [await self._result(request, future) for future in futures]
         return {"object": "list", "model": body.model,
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]}
@@ -304,7 +304,12 @@ class _Api:
             raise ApiError(400, f"the text has {count} tokens; this server takes at most {self.limits.max_input_tokens}",
                            "context_length_exceeded")
 
-    def _submit(self, job: Job) -> Future:
+    async def _submit(self, job: Job) -> Future:
+        """Submit ``job`` from a worker thread (the engine makes its model inputs: tokens, image pixels), so that
+        the event loop keeps answering; each refusal with its status."""
+        return await run_in_threadpool(self._submit_now, job)
+
+    def _submit_now(self, job: Job) -> Future:
         try:
             return self.service.submit(job)
         except InvalidName as error:
@@ -342,7 +347,7 @@ class _Api:
 
     async def _answer(self, request: Request, job: Job, field: str) -> dict:
         started = time.perf_counter()
-        text = await self._result(request, self._submit(job), job)
+        text = await self._result(request, await self._submit(job), job)
         return {field: text, "prefix": job.prefix or BASE, "latency_ms": round(1000 * (time.perf_counter() - started), 1),
                 "usage": usage([text])}
 
