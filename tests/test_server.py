@@ -196,6 +196,9 @@ BAD_REQUESTS = {
                                    "the image is 70x70 pixels; this server takes at most 4096 pixels"),
     "body over the limit": ("/v1/vqa", {"question": "x" * 60_000}, 413, "the request body is over 50000 bytes"),
     "too many tokens": ("/v1/vqa", {"question": "what " * 40}, 400, "the text has 42 tokens; this server takes at most 32"),
+    "too many tokens in a chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what " * 40}, {"type": "image_url", "image_url": {"url": serve_tiny.data_uri(serve_tiny.image(0))}}]}]},
+        400, "the text has 42 tokens; this server takes at most 32"),
     "too many new tokens": ("/v1/vqa", {"max_new_tokens": 1000}, 400, "max_new_tokens must be an integer from 1 to 64"),
     "sampling": ("/v1/vqa", {"do_sample": True}, 422, "do_sample: Extra inputs are not permitted"),
     "missing field": ("/v1/vqa", {"question": None}, 422, "question: Field required"),

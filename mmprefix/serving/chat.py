@@ -72,7 +72,8 @@ async def _jobs(api: Any, body: ChatRequest, turns: list) -> list[Job]:
         messages, uris = template_messages(turns, parts=family(engine.model) == "chat")
         if len(uris) > api.limits.max_images:
             raise ApiError(400, f"the conversation holds {len(uris)} images; this server takes at most {api.limits.max_images}")
-        api._check_tokens("chat", " ".join(v for _, parts in turns for kind, v in parts if kind == "text"))
+        texts = [value for _, parts in turns for kind, value in parts if kind == "text"]
+        await run_in_threadpool(api._check_tokens, "chat", texts)
         images = tuple([await run_in_threadpool(decode_image, uri, api.limits) for uri in uris])
     else:
         task, text, image = chat_inputs(turns)

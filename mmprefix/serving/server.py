@@ -17,7 +17,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -216,8 +216,8 @@ class _Api:
         job = await self._job("classify", body.prefix, body.image, None)
         job.classnames = tuple(body.classnames)
         job.templates = tuple(body.templates) if body.templates else job.templates
-        for text in {template.format(name) for name in job.classnames for template in job.templates}:
-            self._check_tokens("classify", text)
+        texts = {template.format(name) for name in job.classnames for template in job.templates}
+        await run_in_threadpool(self._check_tokens, "classify", texts)
         result = await self._result(request, await self._submit(job))
         return {"prefix": body.prefix or BASE, **result}
 
@@ -287,8 +287,8 @@ class _Api:
         """A checked job: prefix name, token count and image, each with its own error."""
         prefix = None if prefix in (None, BASE) else prefix
         self._engine(task)
-        if text is not None:
-            self._check_tokens(task, text)
+        if text is not None:  # tokenised in a worker thread: the event loop keeps accepting other requests
+            await run_in_threadpool(self._check_tokens, task, [text])
         decoded = await run_in_threadpool(decode_image, image, self.limits) if image is not None else None
         return Job(task, prefix, decoded, text, generation=tuple(sorted((settings or {}).items())))
 
@@ -298,11 +298,14 @@ class _Api:
         except ValueError as error:
             raise ApiError(400, str(error)) from None
 
-    def _check_tokens(self, task: str, text: str) -> None:
-        count = self._engine(task).token_count(text)
-        if count > self.limits.max_input_tokens:
-            raise ApiError(400, f"the text has {count} tokens; this server takes at most {self.limits.max_input_tokens}",
-                           "context_length_exceeded")
+    def _check_tokens(self, task: str, texts: Iterable[str]) -> None:
+        """Each text within the token limit."""
+        engine = self._engine(task)
+        for text in texts:
+            count = engine.token_count(text)
+            if count > self.limits.max_input_tokens:
+                raise ApiError(400, f"the text has {count} tokens; this server takes at most "
+                                    f"{self.limits.max_input_tokens}", "context_length_exceeded")
 
     async def _submit(self, job: Job) -> Future:
         """Submit ``job`` from a worker thread (the engine makes its model inputs: tokens, image pixels), so that
