@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .config import PrefixConfig
+from .defaults import DEFAULT_MODEL
 
 
 DEFAULT_PREFIXES = "out"  # where the recipes write their runs
@@ -162,7 +163,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
                                             "prefixes the recipes wrote under ./out, on http://127.0.0.1:8000")
     serve.add_argument("--model", action="append", dest="models", metavar="SPEC",
                        help="embedded:NAME[:HEAD], a local folder, a Hugging Face id or open_clip:MODEL[:PRETRAINED]; "
-                            "repeat for several (default: embedded:blip)")
+                            f"repeat for several (default: {DEFAULT_MODEL})")
     serve.add_argument("--prefixes", help=f"folder of prefix folders, each named after its folder (default: "
                                           f"{DEFAULT_PREFIXES}, if it exists)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
@@ -170,9 +171,13 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--admin-token", default=os.environ.get("MMPREFIX_ADMIN_TOKEN"),
                        help="enables /admin/* for this bearer token (default: $MMPREFIX_ADMIN_TOKEN; none: off)")
     serve.add_argument("--rescan-seconds", type=_bounded(0.001, kind=float), help="rescan the prefix folder this often")
-    serve.add_argument("--max-batch-size", type=_bounded(1), default=16)
+    serve.add_argument("--max-batch-size", type=_bounded(1), default=16,
+                       help="the most rows decoding (or requests batched) at once")
     serve.add_argument("--window-ms", type=_bounded(0, kind=float), default=5.0,
                        help="how long a request waits for others to join it")
+    serve.add_argument("--batching", choices=("step", "request"), default="step",
+                       help="step: requests join and leave the running batch at every decoding step (continuous "
+                            "batching); request: a batch is formed once and runs to its end")
     serve.add_argument("--max-new-tokens", type=_bounded(1), default=64, help="the most a request may ask for")
     serve.add_argument("--max-beams", type=_bounded(1), default=4, help="the most num_beams a request may ask for")
     serve.add_argument("--max-input-tokens", type=_bounded(1), default=256)
@@ -203,8 +208,9 @@ def serve(args: argparse.Namespace) -> int:
                     max_image_pixels=args.max_image_pixels, max_input_tokens=args.max_input_tokens,
                     max_input_chars=args.max_input_chars)
     try:
-        run(args.models or ["embedded:blip"], prefixes, args.host, args.port, args.admin_token,
-            args.max_batch_size, args.window_ms / 1000, args.rescan_seconds, limits, args.max_new_tokens, args.max_beams)
+        run(args.models or [DEFAULT_MODEL], prefixes, host=args.host, port=args.port, admin_token=args.admin_token,
+            max_batch_size=args.max_batch_size, window=args.window_ms / 1000, rescan_seconds=args.rescan_seconds,
+            limits=limits, max_new_tokens=args.max_new_tokens, max_beams=args.max_beams, batching=args.batching)
     except (LoadError, ValueError) as err:
         print(f"mmprefix serve: {err}", file=sys.stderr)
         return 2

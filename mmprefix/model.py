@@ -6,6 +6,8 @@ import contextlib
 import dataclasses
 import functools
 import os
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -64,6 +66,9 @@ class PrefixModel(nn.Module):
         # module name -> (forward pre-hook, its tower, whether it is a site's): packed and multi-input towers
         self._hooks: dict[str, tuple[Any, str, bool]] = {}
         self._base_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        # Stores handed out by `hold`: their sites stay installed while they live, whatever happens to their name.
+        self._held: weakref.WeakSet[PrefixStore] = weakref.WeakSet()
+        self._holding = threading.Lock()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         if config is not None:
@@ -174,7 +179,36 @@ class PrefixModel(nn.Module):
         """Remove a named prefix; attention sites that no other prefix uses get their original code back."""
         routing.check_names([name], self.prefixes)
         del self.prefixes[name]
-        used = {site.name for store in self.prefixes.values() for site in store.sites}
+        self._release_sites()
+        if self._position_hook is not None and not any(s.config.position_offset for s in self.prefixes.values()):
+            self._position_hook.remove()
+            self._position_hook = None
+        if self._soft_prompts is not None and not any(s.config.method == "prompt" for s in self.prefixes.values()):
+            self._soft_prompts.remove()
+            self._soft_prompts = None
+        if self.active_prefix == name:
+            self.active_prefix = next(iter(self.prefixes), None)
+
+    def hold(self, name: str | None) -> PrefixStore | None:
+        """The store that serves ``name`` now (None for None), for work that must go on with it after ``name``
+        is deleted or replaced (a request decoding over many calls while prefixes change): pass it as
+        ``prefix=store``, or in a routing list beside names and other held stores. Its attention sites stay
+        installed while the store object lives (they are taken out by the first `hold` or `delete_prefix` after
+        it is gone). Soft prompts cannot be held."""
+        routing.check_names([name], self.prefixes)
+        store = self.prefixes[name] if name is not None else None
+        if store is not None and not isinstance(store, PrefixStore):
+            raise ValueError(f"{name!r} is a soft prompt (method='prompt'); only prefixes can be held")
+        with self._holding:
+            if store is not None:
+                self._held.add(store)
+        self._release_sites()
+        return store
+
+    def _release_sites(self) -> None:
+        """Give attention sites that no prefix and no held store uses their original code back."""
+        with self._holding:
+            used = {site.name for store in [*self.prefixes.values(), *self._held] for site in store.sites}
         for site_name in [n for n in self._installed if n not in used]:
             uninstall(self.base_model.get_submodule(site_name))
             del self._installed[site_name]
@@ -184,14 +218,6 @@ class PrefixModel(nn.Module):
             if (module_name not in self._installed) if on_site else (tower not in towers):
                 handle.remove()
                 del self._hooks[module_name]
-        if self._position_hook is not None and not any(s.config.position_offset for s in self.prefixes.values()):
-            self._position_hook.remove()
-            self._position_hook = None
-        if self._soft_prompts is not None and not any(s.config.method == "prompt" for s in self.prefixes.values()):
-            self._soft_prompts.remove()
-            self._soft_prompts = None
-        if self.active_prefix == name:
-            self.active_prefix = next(iter(self.prefixes), None)
 
     def set_prefix(self, name: str | None) -> None:
         """Make ``name`` the prefix every call uses (None: the base model)."""
@@ -225,16 +251,16 @@ class PrefixModel(nn.Module):
         the active prefix); yields the call's keyword arguments, with soft-prompt placeholders inserted."""
         call = routing.current(self).open()
         if prefix is not ACTIVE:
-            call.route = routing.resolve(prefix, self.prefixes, args, kwargs)
+            call.route = routing.resolve(prefix, self.prefixes, args, kwargs, self._held)
             self._check_checkpointing()
             routing.check_routable(call.route, self._family, self.base_model)
         if generating:
             call.expansion = routing.expansion(self.base_model, kwargs)
         call.route = route = self._route(call)  # the active prefix when the call starts
-        call.store = self.prefixes[route] if isinstance(route, str) else None
+        call.store = self.prefixes[route] if isinstance(route, str) else route if isinstance(route, PrefixStore) else None
         if isinstance(route, Routing):
             call.media = self._call_media(route, kwargs)
-        if self._soft_prompts is not None and not call.disabled and route is not None:
+        if self._soft_prompts is not None and not call.disabled and route is not None and call.store is not route:
             kwargs, call.insertion = self._soft_prompts.insert(kwargs, route, self.prefixes, generating)
         with routing.inside(self, call):
             yield kwargs
@@ -243,7 +269,7 @@ class PrefixModel(nn.Module):
     def using(self, prefix: str | None | Sequence[str | None]) -> Iterator[None]:
         """Route every call inside to ``prefix`` (a name, None, or one name per row), e.g. for methods that
         are not ``forward``/``generate``: ``with model.using(["a", "b"]): model.encode_image(images)``."""
-        route = routing.resolve(prefix, self.prefixes, (), {})
+        route = routing.resolve(prefix, self.prefixes, (), {}, self._held)
         self._check_checkpointing()
         routing.check_routable(route, self._family, self.base_model)
         # the scope's calls' images are not known here: only towers whose batch is the rows can be routed
@@ -283,7 +309,8 @@ class PrefixModel(nn.Module):
         if isinstance(route, Routing):
             chunks = call.cache.get(("chunks", site_name)) if call.cache is not None else None
             return route.prefix(site_name, batch_size, call, next(chunks) if chunks is not None else None)
-        return self.prefixes[route].prefix(site_name, call.cache)
+        store = route if isinstance(route, PrefixStore) else self.prefixes[route]
+        return store.prefix(site_name, call.cache)
 
     @property
     def capturing(self) -> bool:
@@ -298,9 +325,9 @@ class PrefixModel(nn.Module):
         """Forward pre-hook for prefixes with ``position_offset`` (PEFT's convention): real tokens start at P."""
         call = routing.current(self)
         route = self._route(call)
-        if call.disabled or not isinstance(route, str):
+        if call.disabled or not isinstance(route, (str, PrefixStore)):
             return None
-        config = self.prefixes[route].config
+        config = (route if isinstance(route, PrefixStore) else self.prefixes[route]).config
         if not config.position_offset:
             return None
         kwargs["position_ids"] = shifted_positions(self.base_model, args, kwargs, config.num_virtual_tokens)

@@ -72,7 +72,7 @@ class SoftPrompts:
     ) -> tuple[dict[str, Any], Insertion | None]:
         """The call's arguments with placeholders for the soft prompts its rows use (unchanged if none)."""
         if isinstance(route, Routing):
-            names = route.names
+            names, stores = route.names, route.by_name
         else:
             ids = kwargs.get("input_ids")
             if ids is None:

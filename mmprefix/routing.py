@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -90,26 +90,44 @@ def check_names(names: Sequence[str | None], stores: Mapping[str, Any]) -> None:
         raise ValueError(f"unknown prefix {unknown[0]!r}; this model has {sorted(stores)}")
 
 
-def resolve(prefix: Any, stores: Mapping[str, Any], args: tuple, kwargs: dict) -> str | None | Routing:
-    """A call's ``prefix=`` argument (a name, None, or one name per row) checked against the prefixes and the
-    call's inputs: a name, None, or a `Routing`."""
+def resolve(prefix: Any, stores: Mapping[str, Any], args: tuple, kwargs: dict,
+            held: Container[Any] = ()) -> str | None | PrefixStore | Routing:
+    """A call's ``prefix=`` argument (a name, None, a held store, or one of those per row) checked against the
+    prefixes and the call's inputs: a name, None, a store, or a `Routing`. ``held``: the stores that calls may
+    name by the store itself (``PrefixModel.hold``), even once their name is gone."""
     if prefix is None or isinstance(prefix, str):
         check_names([prefix], stores)
         return prefix
-    names = list(prefix)
-    check_names(names, stores)
+    if isinstance(prefix, PrefixStore):
+        return _check_held(prefix, held)
+    entries = list(prefix)
+    table = dict(stores)
+    names = []
+    for entry in entries:  # a held store gets a key of its own: its name may have gone or serve another store
+        if isinstance(entry, PrefixStore):
+            _check_held(entry, held)
+            table[f"<held {id(entry):x}>"] = entry
+            entry = f"<held {id(entry):x}>"
+        names.append(entry)
+    check_names([n for n, e in zip(names, entries) if not isinstance(e, PrefixStore)], stores)
     sizes = {v.shape[0] for k, v in kwargs.items() if k in BATCH_INPUTS and torch.is_tensor(v)}
     sizes |= {a.shape[0] for a in args if torch.is_tensor(a) and a.dim() > 0}
     if sizes and len(names) not in sizes:
         raise ValueError(f"the routing list has {len(names)} entries but the batch has {sorted(sizes)} rows")
     used = {n for n in names if n is not None}
     if len(set(names)) == 1:
-        return names[0]
-    if any(stores[n].config.position_offset for n in used):
+        return entries[0]
+    if any(table[n].config.position_offset for n in used):
         raise ValueError("prefixes with position_offset (PEFT adapters) cannot be mixed with others in one batch")
-    if len({stores[n].config.method for n in used}) > 1:
+    if len({table[n].config.method for n in used}) > 1:
         raise ValueError(f"soft prompts and prefixes cannot share a batch (routing {sorted(used)})")
-    return Routing(names, stores)
+    return Routing(names, table)
+
+
+def _check_held(store: PrefixStore, held: Container[Any]) -> PrefixStore:
+    if store not in held:
+        raise ValueError("a PrefixStore routes a call only when its model holds it: use PrefixModel.hold(name)")
+    return store
 
 
 def expansion(model: Any, kwargs: dict) -> int:
@@ -171,6 +189,7 @@ class Routing:
         self.names = list(names)
         self.used = sorted({n for n in self.names if n is not None})
         self.stores = [stores[n] for n in self.used]
+        self.by_name = dict(zip(self.used, self.stores))
         gated = {store.config.gate is not None for store in self.stores}
         if len(gated) > 1:
             raise ValueError(

@@ -13,3 +13,13 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def blip_folder(tmp_path_factory):
+    """The serving tests' BLIP prefixes (``serve_tiny.save_prefixes``), saved once per module."""
+    import serve_tiny
+
+    folder = tmp_path_factory.mktemp("prefixes")
+    serve_tiny.save_prefixes(folder)
+    return folder

@@ -23,6 +23,7 @@ from mmprefix.serving.models import share_weights
 VQA_PREFIXES = {"red": 1, "green": 2, "blue": 3}
 CAPTION_PREFIXES = {"cap": 4}
 QUESTIONS = ["what color is the circle?", "what is the color?", "what is red?", "a photo of the red circle?"]
+MIXED_QUESTIONS = ["what is red?", "what color is the circle?", "how many shapes are there on the left?", "what?"]
 
 
 def blip_heads(seed: int = 0):
@@ -84,12 +85,16 @@ def expected_answer(folder, prefix: str | None, seed: int, question: str | None 
 
 
 class ThreadServer:
-    """uvicorn in a thread on 127.0.0.1, on a free port; ``with ThreadServer(app) as server: server.port``."""
+    """uvicorn in a thread on 127.0.0.1, on a free port; ``with ThreadServer(app) as server: server.port``. With
+    ``service``: the server ``mmprefix serve`` runs, which drains the service on SIGTERM (``server.handle_exit``)."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, service=None) -> None:
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        from mmprefix.serving.server import draining_server
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        self.server = draining_server(config, service) if service is not None else uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "ThreadServer":
@@ -103,3 +108,83 @@ class ThreadServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+class StepGate:
+    """Wraps an engine's stepper: records each prefill's rows (and, with ``worker``, how many rows were decoding
+    then: rows that join mid-decode) and each step's rows, padding and cross-attention padding; with ``at``,
+    holds the decoding thread at its ``at``-th step (``reached`` is set) until ``release`` is set, so that
+    requests are mid-decode for as long as a test needs."""
+
+    def __init__(self, engine, at: int | None = None, worker=None) -> None:
+        self.inner, self.eos, self.at, self.worker = engine.stepper, engine.stepper.eos, at, worker
+        self.prefills, self.steps, self.joined_running = [], [], []
+        self.reached, self.release = threading.Event(), threading.Event()
+        engine.stepper = self
+
+    def prefill(self, inputs, route):
+        self.prefills.append(len(inputs))
+        if self.worker is not None:
+            self.joined_running.append(self.worker.running)
+        return self.inner.prefill(inputs, route)
+
+    def step(self, tokens, positions, rows, route):
+        self.steps.append((len(tokens), rows.padded(), rows.cross_padded()))
+        if len(self.steps) == self.at:
+            self.reached.set()
+            assert self.release.wait(300)
+        return self.inner.step(tokens, positions, rows, route)
+
+
+def endless_caption_engines(**limits) -> list[Engine]:
+    """`blip_engines` whose captioning decoder never ends a caption early: rows decode to their token limit."""
+    engines = blip_engines(**limits)
+    head = engines[1].model.base_model
+    with torch.no_grad():
+        head.text_decoder.cls.predictions.bias[head.config.text_config.sep_token_id] = -1e4
+    return engines
+
+
+# -- the embedded LLaVA: a chat-template VLM ---------------------------------------------------------------------
+LLAVA_PREFIXES = {"la": 1, "lb": 2}
+
+
+def save_llava_prefixes(folder) -> None:
+    from mmprefix.embedded import load_backbone
+
+    model, _ = load_backbone("llava")
+    for name, seed in LLAVA_PREFIXES.items():
+        torch.manual_seed(seed)
+        pm = add_prefix(model, PrefixConfig(num_virtual_tokens=2 + seed, init_std=0.5), name=name)
+        pm.save_prefix(folder / name)
+        pm.remove_prefix()
+
+
+def llava_engine(**limits) -> Engine:
+    from mmprefix.embedded import load_backbone
+
+    model, processor = load_backbone("llava")
+    return Engine(PrefixModel(model), processor, "llava", **limits)
+
+
+def one_turn(text: str) -> list[dict]:
+    """A user turn with an image, then ``text``: how the evaluation asks a chat VLM (``formatting.chat_prompt``)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def llava_alone(folder, prefix: str | None, messages, images, max_new_tokens: int = 8) -> tuple[str, int, int]:
+    """``(answer, generated tokens with the one that ended it, prompt tokens)`` of a conversation on a fresh
+    embedded LLaVA carrying only ``prefix``, through the processor's chat template and ``generate``."""
+    from mmprefix.embedded import load_backbone
+
+    model, processor = load_backbone("llava")
+    model = PrefixModel(model)
+    if prefix is not None:
+        model.load_prefix(prefix, folder / prefix)
+    text = processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=list(images) or None, text=[text], return_tensors="pt")
+    tokenizer = processor.tokenizer
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)[0, inputs["input_ids"].shape[1] :].tolist()
+    count = out.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in out else len(out)
+    return decode._decode(tokenizer, torch.tensor([out]))[0], count, inputs["input_ids"].shape[1]

@@ -78,3 +78,17 @@ def test_the_hostile_input_benchmark_runs_and_the_huge_questions_are_refused():
     rows = table(output, "| mode | wall seconds")
     assert [r[0] for r in rows] == ["alone", "with hostile requests"] and all(float(r[1]) > 0 for r in rows)
     assert "hostile requests answered: {'HTTP 400': 8}" in output
+
+
+@pytest.mark.slow
+def test_the_serving_load_and_memory_benchmark_runs_small_and_every_answer_is_right():
+    output = run(ROOT / "benchmarks" / "serve_load.py", "load", "--clients", "4", "--prefixes", "3", "--requests", "18",
+                 "--rounds", "2")
+    rows = table(output, "| clients | prefixes | batching |")
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("4", "3", "step", "18"), ("4", "3", "request", "18")]
+    assert all(r[-1] == "0" for r in rows), "every answer equals the request alone"
+    assert float(rows[0][7].split()[0]) > 1, "rows share decoding steps"
+    assert re.search(r"prefixes change [1-9]\d* of 18 answers", output), "the prefixes matter, or the check proves nothing"
+    memory = table(run(ROOT / "benchmarks" / "serve_load.py", "memory", "--counts", "1", "2"), "| prefixes N |")
+    (one, _), (two, apart) = [[float(cell.split()[0]) for cell in r[1:]] for r in memory]
+    assert two < 1.1 * one and apart > 1.6 * one

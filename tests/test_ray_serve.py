@@ -1,5 +1,6 @@
-"""The service on a local Ray instance (Ray Serve, two replicas, HTTP on 127.0.0.1): answers equal each prefix
-alone, both replicas serve, and a prefix folder added while serving reaches every replica by rescanning."""
+"""The service on a local Ray instance (Ray Serve, two replicas, HTTP on 127.0.0.1), each replica batching step
+by step: answers equal each prefix alone (over the task endpoint and a streamed chat with usage, through the
+openai SDK), both replicas serve, and a prefix folder added while serving reaches every replica by rescanning."""
 
 import shutil
 import socket
@@ -76,6 +77,17 @@ def test_two_replicas_on_local_ray_answer_as_each_prefix_alone_and_pick_up_new_f
             assert response.json()["answer"] == _expected(tmp_path / "prefixes", name, seed), (name, seed)
         pids = {httpx.get(f"{base}/health", timeout=30).json()["pid"] for _ in range(30)}
         assert len(pids) == 2, "both replicas answer"
+        assert httpx.get(f"{base}/health", timeout=30).json()["batching"] == {"embedded-blip-vqa": "step",
+                                                                             "embedded-blip-caption": "step"}
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        image = {"type": "image_url", "image_url": {"url": serve_tiny.data_uri(serve_tiny.image(1, 64))}}
+        chunks = list(client.chat.completions.create(
+            model="two", stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": [{"type": "text", "text": QUESTION}, image]}]))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answers["two", 1].json()["answer"]
+        assert chunks[-1].usage.completion_tokens >= 1 and chunks[-1].usage.prompt_tokens > 1
 
         shutil.copytree(tmp_path / "later", tmp_path / "prefixes" / "three")
         deadline, seen = time.monotonic() + 60, set()

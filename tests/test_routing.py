@@ -111,6 +111,30 @@ def test_delete_prefix_restores_sites_no_other_prefix_uses():
         pm.delete_prefix("a")
 
 
+def test_a_held_store_routes_rows_after_its_name_is_deleted_or_replaced_and_keeps_its_sites():
+    """'a' is the only prefix on the first layer: deleting it would give those sites back, but a held 'a' keeps
+    them (what a request decoding while its prefix changes relies on)."""
+    pm = two_prefixes("llama")
+    inputs = tiny.FAMILIES["llama"][1]
+    with torch.no_grad():
+        before = tiny.rows("llama", pm(**inputs(), prefix="a"))
+        held = pm.hold("a")
+        pm.delete_prefix("a")
+        torch.manual_seed(3)
+        pm.add_prefix("a", PrefixConfig(num_virtual_tokens=4, init_std=1.0, targets=["*[-1:]"]))  # a new 'a'
+        assert {s.layer for s in pm.sites} == {0, 1}, "the held store keeps its sites"
+        mixed = tiny.rows("llama", pm(**inputs(), prefix=[held, "a"]))
+        torch.testing.assert_close(mixed[0], before[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[1], tiny.rows("llama", pm(**inputs(), prefix="a"))[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tiny.rows("llama", pm(**inputs(), prefix=held)), before, rtol=1e-5, atol=1e-5)
+    del held, mixed
+    pm.hold(None)  # the first hold after the store is gone gives its sites back
+    assert {s.layer for s in pm.sites} == {1}
+    stranger = add_prefix(tiny.FAMILIES["llama"][0](), PrefixConfig(num_virtual_tokens=2), name="x").prefixes["x"]
+    with pytest.raises(ValueError, match="only when its model holds it"):
+        pm(**inputs(), prefix=[stranger, "b"])
+
+
 def test_named_save_and_load_round_trip(tmp_path):
     pm = two_prefixes("blip_caption")
     pm.save_prefix(tmp_path / "b", name="b")

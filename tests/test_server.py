@@ -40,8 +40,8 @@ def folder(tmp_path_factory):
     return path
 
 
-def client_for(folder, engines=None, limits=None, window=0.05, **options):
-    service = PrefixService(engines or serve_tiny.blip_engines(), folder, window=window)
+def client_for(folder, engines=None, limits=None, window=0.05, batching="step", **options):
+    service = PrefixService(engines or serve_tiny.blip_engines(), folder, window=window, batching=batching)
     return TestClient(create_app(service, admin_token=TOKEN, limits=limits, **options))
 
 
@@ -101,7 +101,8 @@ def test_chat_requests_sent_together_share_a_batch_and_keep_their_own_prefix(fol
             answer = replies[model]["choices"][0]["message"]["content"]
             assert answer == expected_answer(folder, None if model == "base" else model, 5)
         metrics = client.get("/metrics").text
-        assert _sample(metrics, "mmprefix_batch_size_count", model="blip-vqa") < 4
+        steps = _sample(metrics, "mmprefix_batch_size_count", model="blip-vqa")
+        assert _sample(metrics, "mmprefix_batch_size_bucket", model="blip-vqa", le="1.0") < steps, "rows share steps"
 
 
 def test_task_endpoints_answer_as_the_prefix_alone(client, folder):
@@ -111,6 +112,9 @@ def test_task_endpoints_answer_as_the_prefix_alone(client, folder):
     caption = client.post("/v1/captions", json={"image": image, "prefix": "cap", "max_new_tokens": 5}).json()
     assert caption["caption"] == expected_answer(folder, "cap", 7, question=None, max_new_tokens=5)
     assert caption["prefix"] == "cap" and caption["latency_ms"] > 0
+    used = caption["usage"]
+    assert used["prompt_tokens"] == 1 and 1 <= used["completion_tokens"] <= 5  # [DEC], then up to 5 tokens
+    assert used["total_tokens"] == used["prompt_tokens"] + used["completion_tokens"]
     jpeg = client.post("/v1/vqa", json={"image": serve_tiny.data_uri(serve_tiny.image(7), "JPEG")[23:],
                                         "question": QUESTION})  # bare base64 works too
     assert jpeg.status_code == 200
@@ -192,11 +196,14 @@ BAD_REQUESTS = {
                                    "the image is 70x70 pixels; this server takes at most 4096 pixels"),
     "body over the limit": ("/v1/vqa", {"question": "x" * 60_000}, 413, "the request body is over 50000 bytes"),
     "too many tokens": ("/v1/vqa", {"question": "what " * 40}, 400, "the text has 42 tokens; this server takes at most 32"),
+    "too many tokens in a chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what " * 40}, {"type": "image_url", "image_url": {"url": serve_tiny.data_uri(serve_tiny.image(0))}}]}]},
+        400, "the text has 42 tokens; this server takes at most 32"),
     "too many new tokens": ("/v1/vqa", {"max_new_tokens": 1000}, 400, "max_new_tokens must be an integer from 1 to 64"),
     "sampling": ("/v1/vqa", {"do_sample": True}, 422, "do_sample: Extra inputs are not permitted"),
     "missing field": ("/v1/vqa", {"question": None}, 422, "question: Field required"),
     "field of the wrong type": ("/v1/vqa", {"num_beams": "two"}, 422, "num_beams: Input should be a valid integer"),
-    "several choices": ("/v1/chat/completions", {"n": 2}, 400, "n=2: this server returns one choice per request"),
+    "too many choices": ("/v1/chat/completions", {"n": 9}, 400, "n=9: this server returns from 1 to 8 choices per request"),
     "no user message": ("/v1/chat/completions", {"messages": [{"role": "system", "content": "hi"}]}, 400,
                         "messages hold no user message"),
     "text task on an image server": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400,
@@ -311,10 +318,10 @@ class FailingEngine(Engine):
         return super().run(jobs)
 
 
-def test_an_exception_inside_one_batch_fails_that_batch_with_500_only(folder):
+def test_an_exception_inside_one_request_level_batch_fails_that_batch_with_500_only(folder):
     vqa, _ = serve_tiny.blip_heads()
     engine = FailingEngine(PrefixModel(vqa), tiny.world_blip_processor(), "blip-vqa")
-    with client_for(folder, [engine], window=0.4) as client:
+    with client_for(folder, [engine], window=0.4, batching="request") as client:
         image = serve_tiny.data_uri(serve_tiny.image(0))
         results = {}
 
@@ -359,8 +366,9 @@ def test_a_client_that_disconnects_mid_request_is_dropped_and_the_server_keeps_s
 
 @pytest.mark.slow  # a fresh process: imports and model loading take ~10 s
 def test_mmprefix_serve_with_no_model_serves_the_embedded_blip_and_the_recipe_prefixes_then_sigterm_finishes(tmp_path):
-    """The VQA recipe's output (out/vqa/prefix/prefix: the prefix run of task vqa) is served as 'vqa'; README's curl and OpenAI-client examples
-    get the answer of that prefix alone; SIGTERM lets the request in flight finish."""
+    """The VQA recipe's output (out/vqa/prefix/prefix: the prefix run of task vqa) is served as 'vqa'; the serving
+    guide's curl and OpenAI-client examples get the answer of that prefix alone; after SIGTERM the request in
+    flight finishes, a new one gets 503, then the process exits."""
     model, processor = load_backbone("blip", "vqa")
     torch.manual_seed(0)
     add_prefix(model, PrefixConfig(num_virtual_tokens=4, init_std=0.5)).save_prefix(tmp_path / "out" / "vqa" / "prefix" / "prefix")
@@ -391,6 +399,9 @@ def test_mmprefix_serve_with_no_model_serves_the_embedded_blip_and_the_recipe_pr
         asking.start()
         time.sleep(0.7)  # the request waits in its 1.5 s window
         process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        refused = httpx.post(f"{base}/v1/vqa", json={"image": image, "question": "how many shapes are there?"}, timeout=60)
+        assert refused.status_code == 503, refused.text
         asking.join(60)
         assert reply["response"].status_code == 200 and isinstance(reply["response"].json()["answer"], str)
         # uvicorn finishes the requests in flight, shuts the app down, then exits by the signal it caught
@@ -404,11 +415,10 @@ def test_mmprefix_serve_with_no_model_serves_the_embedded_blip_and_the_recipe_pr
 
 
 def readme_serving_examples(port: int) -> tuple[str, str]:
-    """README's curl command and OpenAI-client example, pointed at ``port``."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme[readme.index("## Serving"):readme.index("## Training options")]
-    curl = next(block for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S) if block.startswith("curl"))
-    client = re.search(r"```py\n(.*?)```", section, flags=re.S).group(1)
+    """The serving guide's curl command and OpenAI-client example, pointed at ``port``."""
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "guides" / "serving.md").read_text()
+    curl = next(block for block in re.findall(r"```sh\n(.*?)```", guide, flags=re.S) if block.startswith("curl"))
+    client = re.search(r"```py\n(.*?)```", guide, flags=re.S).group(1)
     return (curl.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), client.replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
 
 

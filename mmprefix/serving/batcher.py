@@ -45,7 +45,46 @@ class Closed(RuntimeError):
     """The batcher has stopped and takes no more requests."""
 
 
-class Batcher:
+class Worker:
+    """What both batching modes share: a worker thread running ``_loop`` (started by the subclass), a condition
+    guarding the queues, and queues that take nothing more once `drain` or `close` is called."""
+
+    def __init__(self, name: str) -> None:
+        self._numbers = itertools.count()
+        self._condition = threading.Condition()
+        self._closing = False
+        self._refusing = False  # drain(): no new items, the accepted ones go on
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def _enqueue(self, queue: list, make: Callable[[Future, int], Any]) -> Future:
+        """Append ``make(future, number)`` to ``queue`` (numbers order everything submitted); its future."""
+        future: Future = Future()
+        with self._condition:
+            if self._refusing:
+                raise Closed("the server is shutting down and takes no new requests")
+            queue.append(make(future, next(self._numbers)))
+            self._condition.notify_all()
+        return future
+
+    def drain(self) -> None:
+        """Take no new items (`submit` raises `Closed`); the accepted ones go on."""
+        with self._condition:
+            self._refusing = True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Take no new items, finish every accepted one (and pending barriers), stop the worker. True when
+        the worker stopped within ``timeout``."""
+        with self._condition:
+            self._closing = self._refusing = True
+            self._condition.notify_all()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Batcher(Worker):
     """Merges items into batches and runs them one at a time in a worker thread.
 
     Args:
@@ -70,38 +109,24 @@ class Batcher:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if window < 0:
             raise ValueError(f"window must be >= 0 seconds, got {window}")
+        super().__init__(name)
         self._run, self._group, self._on_batch = run, group, on_batch
         self.max_batch_size, self.window = max_batch_size, window
         self._waiting: list[_Waiting] = []
         self._barriers: list[_Barrier] = []
-        self._numbers = itertools.count()
-        self._condition = threading.Condition()
-        self._closing = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._busy = False
         self._thread.start()
 
     # -- what callers use ---------------------------------------------------------------------------------
     def submit(self, item: Any) -> Future:
         """Queue ``item``; the future gets its result (or the exception of its batch)."""
         key = self._group(item)  # raises here, in the caller, for an item that cannot be grouped
-        future: Future = Future()
-        with self._condition:
-            if self._closing:
-                raise Closed("the batcher is shutting down and takes no new requests")
-            self._waiting.append(_Waiting(item, key, future, next(self._numbers)))
-            self._condition.notify_all()
-        return future
+        return self._enqueue(self._waiting, lambda future, number: _Waiting(item, key, future, number))
 
     def barrier(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn()`` in the worker once every item submitted before now has finished; its future gets
         what ``fn`` returns or raises."""
-        future: Future = Future()
-        with self._condition:
-            if self._closing:
-                raise Closed("the batcher is shutting down")
-            self._barriers.append(_Barrier(fn, future, next(self._numbers)))
-            self._condition.notify_all()
-        return future
+        return self._enqueue(self._barriers, lambda future, number: _Barrier(fn, future, number))
 
     @property
     def queued(self) -> int:
@@ -109,14 +134,11 @@ class Batcher:
         with self._condition:
             return len(self._waiting)
 
-    def close(self, timeout: float | None = None) -> bool:
-        """Take no new items, finish every accepted one (and pending barriers), stop the worker. True when
-        the worker stopped within ``timeout``."""
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting and no batch running."""
         with self._condition:
-            self._closing = True
-            self._condition.notify_all()
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+            return not self._waiting and not self._barriers and not self._busy
 
     # -- the worker ---------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -125,9 +147,11 @@ class Batcher:
             if work is None:
                 return
             if isinstance(work, _Barrier):
-                self._settle(work.future, work.fn)
+                settle(work.future, work.fn)
             else:
-                self._run_batch(work)
+                run_batch(self._run, work, self._on_batch)
+            with self._condition:
+                self._busy = False
 
     def _next(self) -> _Barrier | list[_Waiting] | None:
         """The next barrier that is due, or the next batch; None when closing and nothing is left."""
@@ -137,6 +161,7 @@ class Batcher:
                 for barrier in self._barriers:
                     if oldest is None or barrier.number < oldest:
                         self._barriers.remove(barrier)
+                        self._busy = True
                         return barrier
                 if not self._waiting:
                     if self._closing:
@@ -150,33 +175,40 @@ class Batcher:
                     batch = group[: self.max_batch_size]
                     taken = {id(w) for w in batch}
                     self._waiting = [w for w in self._waiting if id(w) not in taken]
+                    self._busy = True
                     return batch
                 self._condition.wait(wait)
 
-    def _run_batch(self, batch: list[_Waiting]) -> None:
-        live = [w for w in batch if w.future.set_running_or_notify_cancel()]  # cancelled: the client left
-        if not live:
-            return
-        started = time.perf_counter()
-        try:
-            results = list(self._run([w.item for w in live]))
-            if len(results) != len(live):
-                raise RuntimeError(f"a batch of {len(live)} requests gave {len(results)} results")
-        except BaseException as error:  # noqa: BLE001 - the batch's requests get it, the worker goes on
-            logger.exception("a batch of %d requests failed", len(live))
-            for waiting in live:
-                waiting.future.set_exception(error)
-        else:
-            for waiting, result in zip(live, results):
-                waiting.future.set_result(result)
-        if self._on_batch is not None:
-            self._on_batch(len(live), time.perf_counter() - started)
 
-    @staticmethod
-    def _settle(future: Future, fn: Callable[[], Any]) -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(fn())
-        except BaseException as error:  # noqa: BLE001
-            future.set_exception(error)
+
+def run_batch(run: Callable[[list[Any]], Sequence[Any]], batch: Sequence[_Waiting],
+              on_batch: Callable[[int, float], None] | None) -> None:
+    """Run one batch: its live items (a cancelled future is a client that left) get their results, or all of
+    them the batch's exception."""
+    live = [w for w in batch if w.future.set_running_or_notify_cancel()]
+    if not live:
+        return
+    started = time.perf_counter()
+    try:
+        results = list(run([w.item for w in live]))
+        if len(results) != len(live):
+            raise RuntimeError(f"a batch of {len(live)} requests gave {len(results)} results")
+    except BaseException as error:  # noqa: BLE001 - the batch's requests get it, the worker goes on
+        logger.exception("a batch of %d requests failed", len(live))
+        for waiting in live:
+            waiting.future.set_exception(error)
+    else:
+        for waiting, result in zip(live, results):
+            waiting.future.set_result(result)
+    if on_batch is not None:
+        on_batch(len(live), time.perf_counter() - started)
+
+
+def settle(future: Future, fn: Callable[[], Any]) -> None:
+    """Run a barrier's ``fn`` into its future."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as error:  # noqa: BLE001
+        future.set_exception(error)

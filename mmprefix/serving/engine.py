@@ -1,13 +1,16 @@
-"""`Engine`: one frozen model with its prefixes, running batches of requests (`Job`) as routed calls.
+"""`Engine`: one frozen model with its prefixes, checking requests (`Job`) and running them as routed calls.
 
-A batch holds jobs of one task with the same generation settings; each row is routed to its job's prefix (or
-to none), so requests for different prefixes share one ``generate`` or one encoder call. The formatting and
-decoding are the evaluation's (``evaluation/decode.py``, ``evaluation/contrastive.py``), so a served answer is
-the answer ``mmprefix.evaluation.predict`` gives for the same input.
+Generative requests whose model has a stepper (``steppers.py``) are decoded step by step with others
+(``scheduler.py``, step-level batching); everything else runs as request-level batches (`Engine.run`): jobs
+of one task with the same settings, each row routed to its job's prefix (or to none), in one ``generate`` or one
+encoder call. The formatting and decoding are the evaluation's (``evaluation/decode.py``,
+``evaluation/contrastive.py``), so a served answer is the answer ``mmprefix.evaluation.predict`` gives for the
+same input.
 
 Tasks: ``"vqa"`` (image + question), ``"caption"`` (image), ``"text"`` (a causal LM's continuation of a
-prompt), ``"image_features"``, ``"text_features"`` (unit CLIP embeddings) and ``"classify"`` (zero-shot: an
-image and class names, prompt-ensembled over templates).
+prompt), ``"chat"`` (a conversation through the processor's chat template), ``"image_features"``,
+``"text_features"`` (unit CLIP embeddings) and ``"classify"`` (zero-shot: an image and class names,
+prompt-ensembled over templates).
 """
 
 from __future__ import annotations
@@ -15,12 +18,10 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
-from transformers.generation.streamers import BaseStreamer
 
 from ..architectures import is_open_clip, unwrap
 from ..data.formatting import class_prompts, family
@@ -28,115 +29,157 @@ from ..evaluation import decode
 from ..evaluation.batching import needs_same_length
 from ..evaluation.contrastive import _ClipEncoder, _encode_texts, class_embeddings
 from ..model import PrefixModel
+from ..store import PrefixStore
+from .generate import generate_batch
+from .inputs import preparable, prepare
+from .jobs import DEFAULT_TEMPLATES, Completion, Job
+from .sampling import check_sampling, check_stop
+from .steppers import eos_ids, pad_id, stepper_for
 
 logger = logging.getLogger(__name__)
 
-GENERATIVE_TASKS = ("vqa", "caption", "text")
+GENERATIVE_TASKS = ("vqa", "caption", "text", "chat")
 CONTRASTIVE_TASKS = ("image_features", "text_features", "classify")
 TASKS = GENERATIVE_TASKS + CONTRASTIVE_TASKS
 
-# Generation settings a request may set; decoding is always deterministic (greedy or beam search).
-GENERATION_SETTINGS = ("max_new_tokens", "num_beams")
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
+# Generation settings a request may set (see `Engine.settings`).
+GENERATION_SETTINGS = ("max_new_tokens", "num_beams", "temperature", "top_p", "seed", "stop")
 
 # What a job of each task must hold.
-REQUIRED = {"vqa": ("image", "text"), "caption": ("image",), "text": ("text",), "image_features": ("image",),
-            "text_features": ("text",), "classify": ("image", "classnames")}
+REQUIRED = {"vqa": ("image", "text"), "caption": ("image",), "text": ("text",), "chat": ("messages",),
+            "image_features": ("image",), "text_features": ("text",), "classify": ("image", "classnames")}
 
 # BLIP ships one class per head; the other families do every generative task their inputs allow.
 BLIP_HEADS = {"BlipForQuestionAnswering": ("vqa",), "BlipForConditionalGeneration": ("caption",)}
 
+__all__ = ["CONTRASTIVE_TASKS", "DEFAULT_TEMPLATES", "GENERATIVE_TASKS", "TASKS", "Completion", "Engine", "Job",
+           "model_tasks"]
 
-def model_tasks(model: Any) -> tuple[str, ...]:
-    """The tasks a (wrapped) model serves."""
+
+def model_tasks(model: Any, processor: Any = None) -> tuple[str, ...]:
+    """The tasks a (wrapped) model serves; ``"chat"`` when its ``processor`` (or tokenizer) has a chat
+    template."""
     base = unwrap(model)
     if is_open_clip(base) or (hasattr(base, "get_image_features") and hasattr(base, "get_text_features")):
         return CONTRASTIVE_TASKS
     kind = family(base)
     if kind == "blip":
         return BLIP_HEADS.get(type(base).__name__, ())
+    chat = ("chat",) if getattr(processor, "chat_template", None) else ()
     if kind == "blip2":
         return ("vqa", "caption")
-    return ("text",) if hasattr(base, "generate") else ()
-
-
-@dataclass
-class Job:
-    """One request: a task, the prefix its row is routed to (None: the base model) and its inputs.
-
-    ``generation``: sorted ``(setting, value)`` pairs (see `GENERATION_SETTINGS`). ``on_text``: called in the
-    engine's thread with each new piece of generated text (greedy jobs stream word by word, beam search jobs get
-    the whole answer at the end)."""
-
-    task: str
-    prefix: str | None = None
-    image: Any = None
-    text: str | None = None
-    classnames: tuple[str, ...] = ()
-    templates: tuple[str, ...] = DEFAULT_TEMPLATES
-    generation: tuple[tuple[str, Any], ...] = ()
-    on_text: Callable[[str], None] | None = field(default=None, repr=False)
+    if kind == "chat":
+        return ("vqa", "caption") + chat
+    return (("text",) + chat) if hasattr(base, "generate") else ()
 
 
 class Engine:
-    """Runs batches of jobs on one frozen `PrefixModel` (``processor``: its processor, tokenizer, or open_clip's
-    ``(tokenizer, preprocess)``). ``max_new_tokens`` and ``num_beams`` bound what a job may ask for."""
+    """Checks and runs jobs on one frozen `PrefixModel` (``processor``: its processor, tokenizer, or open_clip's
+    ``(tokenizer, preprocess)``). ``max_new_tokens`` and ``max_beams`` bound what a job may ask for.
+
+    ``stepper``: how its generative jobs decode step by step (None, with the reason in ``why_not_stepped``,
+    when the model cannot: they then run request by request)."""
 
     def __init__(self, model: PrefixModel, processor: Any, name: str = "model", max_new_tokens: int = 64,
-                 num_beams: int = 4) -> None:
+                 max_beams: int = 4) -> None:
         if not isinstance(model, PrefixModel):
             raise ValueError(f"an Engine serves a PrefixModel, got {type(model).__name__}; wrap it with PrefixModel(model)")
         self.model, self.processor, self.name = model.eval(), processor, name
-        self.tasks = model_tasks(model)
+        self.tasks = model_tasks(model, processor)
         if not self.tasks:
             raise ValueError(f"{type(unwrap(model)).__name__} is not a model mmprefix can serve (no task fits it)")
-        self.limits = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
+        self.limits = {"max_new_tokens": max_new_tokens, "num_beams": max_beams}  # the most a job may ask for
         tokenizer = processor[0] if is_open_clip(unwrap(model)) else getattr(processor, "tokenizer", processor)
         self.tokenizer = tokenizer
         # Requests are checked in the callers' threads while batches run: a fast tokenizer's padding state is not
-        # safe to share across threads, so counting uses its own copy.
-        self._counter, self._counting = copy.deepcopy(tokenizer), threading.Lock()
+        # safe to share across threads, so checks use their own copy, one thread at a time.
+        self._checker, self._checking = copy.deepcopy(processor), threading.Lock()
+        generative = any(task in GENERATIVE_TASKS for task in self.tasks)
+        self.stepper, self.why_not_stepped = stepper_for(model, tokenizer) if generative else (None, "it generates nothing")
+        self.eos = eos_ids(model, tokenizer) if generative else ()
+        self.pad = pad_id(model, tokenizer) if generative else None
 
-    # -- checks and grouping, in the caller's thread ------------------------------------------------------
+    # -- checks, in the caller's thread ---------------------------------------------------------------------
     def settings(self, **requested: Any) -> tuple[tuple[str, Any], ...]:
-        """Generation settings as a `Job` holds them; None values are left out. Unknown settings, sampling or
-        values beyond the limits raise ValueError."""
+        """Generation settings as a `Job` holds them (sorted pairs; None values and neutral ones left out):
+        ``max_new_tokens``, ``num_beams`` (within the engine's limits), ``temperature`` and ``top_p`` (greedy
+        without them; see `sampling.check_sampling`), ``seed`` (for sampling), ``stop`` (up to 4 strings).
+        Unknown settings or values out of range raise ValueError."""
         unknown = sorted(set(requested) - set(GENERATION_SETTINGS))
         if unknown:
             raise ValueError(f"unknown generation setting {unknown[0]!r}; settings are {list(GENERATION_SETTINGS)}")
-        out = []
-        for key, value in sorted(requested.items()):
+        out = {}
+        for key in ("max_new_tokens", "num_beams"):
+            value = requested.get(key)
             if value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= self.limits[key]:
                 raise ValueError(f"{key} must be an integer from 1 to {self.limits[key]}, got {value!r}")
-            out.append((key, value))
-        return tuple(out)
+            out[key] = value
+        temperature, top_p = check_sampling(requested.get("temperature"), requested.get("top_p"))
+        seed = requested.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if temperature > 0:
+            if out.get("num_beams", 1) > 1:
+                raise ValueError("num_beams (beam search) and sampling (temperature, top_p) cannot be combined")
+            out.update(temperature=temperature, top_p=top_p, **({"seed": seed} if seed is not None else {}))
+        stop = check_stop(requested.get("stop"))
+        if stop:
+            out["stop"] = stop
+        return tuple(sorted(out.items()))
 
     def token_count(self, text: str) -> int:
-        with self._counting:
+        with self._checking:
             if is_open_clip(unwrap(self.model)):
-                return int((self._counter([text])[0] != 0).sum())
-            return len(self._counter(text)["input_ids"])
+                return int((self._checker[0]([text])[0] != 0).sum())
+            return len(getattr(self._checker, "tokenizer", self._checker)(text)["input_ids"])
 
     def group(self, job: Job) -> Hashable:
-        """Jobs with equal keys share a batch: same task and settings (and, where padding would change the
-        answer, the same question length)."""
+        """Check a job, make its model inputs (``job.prepared``: `inputs.Prepared`, for generative jobs of BLIP,
+        chat VLMs and causal LMs) and return its group key: jobs with equal keys can share a request-level batch
+        (same task and settings, and where padding would change the answer, the same question length).
+        Raises ValueError (``inputs.ContextTooLong`` when the prompt and the tokens asked for do not fit)."""
         if job.task not in self.tasks:
             raise ValueError(f"this {type(unwrap(self.model)).__name__} serves {list(self.tasks)}, not {job.task!r}")
         missing = [name for name in REQUIRED[job.task] if not getattr(job, name)]
         if missing:
             raise ValueError(f"a {job.task!r} job needs {' and '.join(REQUIRED[job.task])}; it has no {missing[0]}")
+        if preparable(self.model, job.task):
+            store = self._store(job.prefix)
+            extra = store.num_virtual_tokens if store is not None and store.config.position_offset else 0
+            with self._checking:
+                job.prepared = prepare(unwrap(self.model), self._checker, job, self.limits["max_new_tokens"], extra)
+        if job.setting("temperature") and not self.steps(job):  # transformers' generate would sample from one RNG
+            stepping = self.stepper is not None and job.prepared is not None
+            why = "its prefix is a soft prompt" if stepping else self.why_not_stepped
+            raise ValueError(f"sampling (temperature, top_p) needs step-level decoding, which this request cannot "
+                             f"have: {why}; use greedy decoding or beam search")
         length = self.token_count(job.text) if needs_same_length(job.task, self.model) else None
-        return job.task, job.generation, length
+        limit = job.prepared.limit if job.prepared is not None else None
+        return job.task, job.generation, length, limit
 
-    # -- batches, in the batcher's thread -----------------------------------------------------------------
+    def steps(self, job: Job) -> bool:
+        """Whether ``job`` decodes step by step: a prepared generative job of a model with a stepper, without
+        beam search, whose prefix (if any) is a prefix, not a soft prompt."""
+        if self.stepper is None or job.prepared is None or job.setting("num_beams", 1) > 1:
+            return False
+        return job.prefix is None or isinstance(self._store(job.prefix), PrefixStore)
+
+    def _store(self, name: str | None) -> Any:
+        return self.model.prefixes[name] if name is not None and name in self.model.prefixes else None
+
+    def decode_tokens(self, tokens: list[int]) -> str:
+        """Generated tokens as the evaluation decodes them."""
+        return decode._decode(self.tokenizer, torch.tensor([tokens]))[0]
+
+    # -- request-level batches, in the serving thread ----------------------------------------------------
     def run(self, jobs: Sequence[Job]) -> list[Any]:
-        """One result per job: generated text, a feature list, or ``{"label", "scores"}``."""
+        """One result per job: a `Completion`, a feature list, or ``{"label", "scores"}``."""
         task = jobs[0].task
-        prefixes = [job.prefix for job in jobs]
         if task in GENERATIVE_TASKS:
-            return self._generate(task, jobs, prefixes)
+            return generate_batch(self, jobs)
+        prefixes = [job.prefix for job in jobs]
         encoder = _ClipEncoder(self.model, self.processor)
         if task == "text_features":
             return _rows(_encode_texts(encoder, [job.text for job in jobs], len(jobs), prefixes))
@@ -145,26 +188,6 @@ class Engine:
         if task == "image_features":
             return _rows(images)
         return self._classify(encoder, jobs, images)
-
-    def _generate(self, task: str, jobs: Sequence[Job], prefixes: list[str | None]) -> list[str]:
-        settings = dict(jobs[0].generation)
-        streaming = [job.on_text for job in jobs]
-        streamer = None
-        if any(streaming) and settings.get("num_beams", 1) == 1:  # transformers streams greedy decoding only
-            streamer = settings["streamer"] = RowStreamer(self.tokenizer, streaming)
-        if task == "vqa":
-            texts = decode.answer_questions(self.model, self.processor, [j.image for j in jobs], [j.text for j in jobs],
-                                            prefix=prefixes, **settings)
-        elif task == "caption":
-            texts = decode.caption_images(self.model, self.processor, [j.image for j in jobs], prefix=prefixes, **settings)
-        else:
-            texts = decode.complete_texts(self.model, self.tokenizer, [j.text for j in jobs], prefix=prefixes, **settings)
-        listeners = streamer.callbacks if streamer is not None else streaming  # the streamer drops failing ones
-        for row, (text, on_text) in enumerate(zip(texts, listeners)):
-            sent = streamer.sent[row] if streamer is not None else ""
-            if on_text is not None and text.startswith(sent) and len(text) > len(sent):
-                _notify(on_text, text[len(sent) :], row)  # the rest of the answer, as decoded for the whole batch
-        return texts
 
     def _classify(self, encoder: _ClipEncoder, jobs: Sequence[Job], images: torch.Tensor) -> list[dict]:
         texts, owners = [], []
@@ -185,44 +208,5 @@ class Engine:
         return out
 
 
-def _notify(callback: Callable[[str], None], piece: str, row: int) -> bool:
-    """Hand a piece of text to a listener; False (logged) if it raised: one listener must not fail the batch."""
-    try:
-        callback(piece)
-        return True
-    except Exception:  # noqa: BLE001
-        logger.exception("the streaming listener of row %d failed; it gets no more text", row)
-        return False
-
-
 def _rows(features: torch.Tensor) -> list[list[float]]:
     return features.float().cpu().tolist()
-
-
-class RowStreamer(BaseStreamer):
-    """Hands each row of a batched greedy ``generate`` its own text as it grows, whole words at a time (a word
-    is sent once the next one has started, so later tokens never change what was sent)."""
-
-    def __init__(self, tokenizer: Any, callbacks: Sequence[Callable[[str], None] | None]) -> None:
-        self.tokenizer, self.callbacks = tokenizer, list(callbacks)
-        self.tokens: list[list[int]] = [[] for _ in self.callbacks]
-        self.sent = [""] * len(self.callbacks)
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # the first call carries the prompt (or the decoder start)
-            self._prompt_seen = True
-            return
-        for row, token in enumerate(value.view(-1).tolist()):
-            if self.callbacks[row] is None:
-                continue
-            self.tokens[row].append(token)
-            text = decode._decode(self.tokenizer, torch.tensor([self.tokens[row]]))[0]
-            whole = text[: text.rfind(" ")] if " " in text else ""
-            if len(whole) > len(self.sent[row]) and whole.startswith(self.sent[row]):
-                piece, self.sent[row] = whole[len(self.sent[row]) :], whole
-                if not _notify(self.callbacks[row], piece, row):
-                    self.callbacks[row] = None
-
-    def end(self) -> None:
-        """The rest of each answer is sent by the engine, from the decoded batch."""

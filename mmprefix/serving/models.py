@@ -9,13 +9,13 @@ from typing import Any
 from torch import nn
 
 from ..experiment.loading import load_model, offline, task_classes, transformers_config
+from ..defaults import DEFAULT_MODEL
 from ..model import PrefixModel
 from .engine import Engine
 
-DEFAULT_MODEL = "embedded:blip"
 # Tasks tried in turn to pick a transformers class for a model spec; embedded backbones have one task each.
 SPEC_TASKS = ("vqa", "caption", "classification", "text")
-EMBEDDED_TASKS = {"blip2": "vqa", "clip": "classification", "lm": "text"}
+EMBEDDED_TASKS = {"blip2": "vqa", "clip": "classification", "lm": "text", "llava": "vqa"}
 # Backbones whose heads share one set of weights: each head is served, the weights are held once.
 SHARED_HEADS = {"embedded:blip": (("embedded:blip:vqa", "vqa"), ("embedded:blip:caption", "caption"))}
 
@@ -31,7 +31,7 @@ def share_weights(source: nn.Module, target: nn.Module) -> None:
 def load_engines(spec: str = DEFAULT_MODEL, **limits: Any) -> list[Engine]:
     """The engines that serve a model spec: ``embedded:NAME[:HEAD]``, ``open_clip:MODEL[:PRETRAINED]``, a local
     folder or a Hugging Face id. ``embedded:blip`` serves its VQA and captioning heads on shared weights.
-    ``limits``: `Engine`'s ``max_new_tokens`` and ``num_beams``."""
+    ``limits``: `Engine`'s ``max_new_tokens`` and ``max_beams``."""
     label = re.sub(r"[^A-Za-z0-9_-]+", "-", spec).strip("-")
     if spec in SHARED_HEADS:
         heads = [(load_model(head, task), task) for head, task in SHARED_HEADS[spec]]

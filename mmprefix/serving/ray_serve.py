@@ -1,6 +1,7 @@
 """The same service on Ray Serve: each replica loads the frozen model(s) and the prefix folder, batches its own
 requests with mmprefix's `Batcher`, and answers the HTTP API of ``mmprefix serve``; Ray routes requests across
-replicas (and machines). Needs ``pip install "ray[serve]"``.
+replicas (and machines); each replica batches step by step (``batching="step"``, continuous batching) unless
+``batching="request"``. Needs ``pip install "ray[serve]"``.
 
     serve run mmprefix.serving.ray_serve:build num_replicas=2 prefixes=out rescan_seconds=30
 
@@ -27,9 +28,9 @@ class PrefixReplica:
     """One replica: its own models, prefixes and batchers."""
 
     def __init__(self, models: Sequence[str], prefixes: str | None, max_batch_size: int, window: float,
-                 rescan_seconds: float | None, limits: dict, generation_limits: dict) -> None:
+                 rescan_seconds: float | None, limits: dict, generation_limits: dict, batching: str = "step") -> None:
         engines = [engine for spec in models for engine in load_engines(spec, **generation_limits)]
-        self.service = PrefixService(engines, prefixes, max_batch_size=max_batch_size, window=window)
+        self.service = PrefixService(engines, prefixes, max_batch_size=max_batch_size, window=window, batching=batching)
         self.limits, self.rescan_seconds = Limits(**limits), rescan_seconds
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -38,20 +39,21 @@ class PrefixReplica:
 
 def application(models: Sequence[str] = (DEFAULT_MODEL,), prefixes: str | None = "out", num_replicas: int = 1,
                 max_batch_size: int = 16, window: float = 0.005, rescan_seconds: float | None = None,
-                limits: Limits | None = None, max_new_tokens: int = 64, num_beams: int = 4,
-                ray_actor_options: dict | None = None) -> serve.Application:
+                limits: Limits | None = None, max_new_tokens: int = 64, max_beams: int = 4,
+                ray_actor_options: dict | None = None, batching: str = "step") -> serve.Application:
     """A Ray Serve application of ``num_replicas`` replicas serving ``models`` and the prefixes in ``prefixes``
     (an absolute path is safest: replicas may run elsewhere). Each replica needs the same files."""
     deployment = serve.deployment(PrefixReplica, name="mmprefix", num_replicas=num_replicas,
                                   ray_actor_options=ray_actor_options or {"num_cpus": 1})
     return deployment.bind(list(models), prefixes, max_batch_size, window, rescan_seconds, asdict(limits or Limits()),
-                           {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
+                           {"max_new_tokens": max_new_tokens, "max_beams": max_beams}, batching)
 
 
 def build(args: dict[str, str]) -> serve.Application:
     """For ``serve run mmprefix.serving.ray_serve:build key=value ...``: ``models`` (comma-separated specs),
-    ``prefixes``, ``num_replicas``, ``max_batch_size``, ``window_ms``, ``rescan_seconds``, ``num_cpus``."""
-    known = {"models", "prefixes", "num_replicas", "max_batch_size", "window_ms", "rescan_seconds", "num_cpus"}
+    ``prefixes``, ``num_replicas``, ``max_batch_size``, ``window_ms``, ``rescan_seconds``, ``num_cpus``,
+    ``batching``."""
+    known = {"models", "prefixes", "num_replicas", "max_batch_size", "window_ms", "rescan_seconds", "num_cpus", "batching"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown argument {unknown[0]!r}; arguments are {sorted(known)}")
@@ -63,4 +65,5 @@ def build(args: dict[str, str]) -> serve.Application:
         window=float(args.get("window_ms", 5)) / 1000,
         rescan_seconds=float(args["rescan_seconds"]) if "rescan_seconds" in args else None,
         ray_actor_options={"num_cpus": float(args.get("num_cpus", 1))},
+        batching=args.get("batching", "step"),
     )

@@ -2,10 +2,11 @@
 Prometheus metrics, token-protected prefix administration, and the comparison page at ``/``.
 
 Every error is JSON ``{"error": {"message", "type", "code"}}`` with a one-line message: 400 bad input (an image
-that does not decode, too many characters or tokens, an invalid prefix name), 401/403 admin without the right
-token, 404 an unknown prefix (the message lists the known ones) or route, 405 a method the route does not take,
-413 a body or image over the limits, 422 malformed JSON (not UTF-8, nested too deeply) or fields, 500 a batch that
-failed (only that batch's requests), 503 while shutting down.
+that does not decode, too many characters or tokens, an invalid prefix name, a chat field that cannot be honoured),
+401/403 admin without the right token, 404 an unknown prefix (the message lists the known ones) or route, 405 a
+method the route does not take, 413 a body or image over the limits, 422 malformed JSON (not UTF-8, nested too
+deeply) or fields, 500 a batch that failed (only that batch's requests), 503 while shutting down (from the first
+SIGTERM until the requests in flight have finished).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -24,16 +25,18 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .batcher import Closed
+from .chat import chat_completion, failure_message, usage
 from .engine import Job
+from .inputs import ContextTooLong
 from .models import DEFAULT_MODEL, load_engines
 from .requests import (AddPrefix, ApiError, CaptionRequest, ChatRequest, ClassifyRequest, EmbeddingsRequest,
-                       FeaturesRequest, Generation, Limits, VQARequest, chat_inputs, decode_image, error_body)
+                       FeaturesRequest, Limits, VQARequest, decode_image, error_body)
 from .service import BASE, InvalidName, PrefixService, UnknownPrefix
 
 logger = logging.getLogger(__name__)
@@ -190,8 +193,9 @@ class _Api:
 
     async def health(self) -> dict:
         queued = {name: batcher.queued for name, batcher in self.service.batchers.items()}
-        return {"status": "ok", "models": self.service.models(), "queued": queued, "problems": self.service.problems,
-                "pid": os.getpid()}
+        running = {name: getattr(batcher, "running", 0) for name, batcher in self.service.batchers.items()}
+        return {"status": "ok", "models": self.service.models(), "queued": queued, "running": running,
+                "batching": self.service.batching_of(), "problems": self.service.problems, "pid": os.getpid()}
 
     async def metrics(self) -> Response:
         return Response(generate_latest(self.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -203,11 +207,13 @@ class _Api:
 
     # -- tasks ------------------------------------------------------------------------------------------------
     async def vqa(self, body: VQARequest, request: Request) -> dict:
-        job = await self._job("vqa", body.prefix, body.image, body.question, body)
+        settings = self._settings("vqa", max_new_tokens=body.max_new_tokens, num_beams=body.num_beams)
+        job = await self._job("vqa", body.prefix, body.image, body.question, settings)
         return await self._answer(request, job, "answer")
 
     async def caption(self, body: CaptionRequest, request: Request) -> dict:
-        job = await self._job("caption", body.prefix, body.image, None, body)
+        settings = self._settings("caption", max_new_tokens=body.max_new_tokens, num_beams=body.num_beams)
+        job = await self._job("caption", body.prefix, body.image, None, settings)
         return await self._answer(request, job, "caption")
 
     async def features(self, body: FeaturesRequest, request: Request) -> dict:
@@ -218,7 +224,7 @@ class _Api:
             jobs["image_features"] = await self._job("image_features", body.prefix, body.image, None)
         if body.text is not None:
             jobs["text_features"] = await self._job("text_features", body.prefix, None, body.text)
-        futures = {key: self._submit(job) for key, job in jobs.items()}
+        futures = {key: await self._submit(job) for key, job in jobs.items()}
         for key, future in futures.items():
             out[key] = await self._result(request, future)
         return out
@@ -231,30 +237,18 @@ class _Api:
         job.templates = tuple(body.templates) if body.templates else job.templates
         texts = {template.format(name) for name in job.classnames for template in job.templates}
         await run_in_threadpool(self._check_tokens, "classify", texts)
-        result = await self._result(request, self._submit(job))
+        result = await self._result(request, await self._submit(job))
         return {"prefix": body.prefix or BASE, **result}
 
     async def chat(self, body: ChatRequest, request: Request) -> Any:
-        if body.n != 1:
-            raise ApiError(400, f"n={body.n}: this server returns one choice per request")
-        task, text, image = chat_inputs(body.messages)
-        settings = Generation(prefix=body.model, max_new_tokens=body.max_completion_tokens or body.max_tokens,
-                              num_beams=body.num_beams)
-        job = await self._job(task, body.model, image, text, settings)
-        header = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
-        if body.stream:
-            return await self._stream(request, job, header)
-        started = time.perf_counter()
-        answer = await self._result(request, self._submit(job))
-        return {**header, "object": "chat.completion", "latency_ms": round(1000 * (time.perf_counter() - started), 1),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}]}
+        return await chat_completion(self, body, request)
 
     async def embeddings(self, body: EmbeddingsRequest, request: Request) -> dict:
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
             raise ApiError(400, "input is empty")
         jobs = [await self._job("text_features", body.model, None, text) for text in texts]
-        futures = [self._submit(job) for job in jobs]
+        futures = [await self._submit(job) for job in jobs]
         vectors = [await self._result(request, future) for future in futures]
         return {"object": "list", "model": body.model,
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]}
@@ -300,24 +294,26 @@ class _Api:
             raise ApiError(401, "admin endpoints need 'Authorization: Bearer <admin token>'", "authentication_error")
 
     # -- shared -----------------------------------------------------------------------------------------------
-    async def _job(self, task: str, prefix: str | None, image: str | None, text: str | None,
-                   generation: Generation | None = None) -> Job:
-        """A checked job: prefix name, generation settings, token count and image, each with its own error."""
-        prefix = None if prefix in (None, BASE) else prefix
-        engine = self._engine(task)
+    def _settings(self, task: str, **requested: Any) -> dict[str, Any]:
+        """Generation settings checked by the engine that serves ``task`` (400 for values it refuses)."""
         try:
-            settings = engine.settings(max_new_tokens=generation.max_new_tokens, num_beams=generation.num_beams) \
-                if generation is not None else ()
+            return dict(self._engine(task).settings(**requested))
         except ValueError as error:
             raise ApiError(400, str(error)) from None
+
+    async def _job(self, task: str, prefix: str | None, image: str | None, text: str | None,
+                   settings: dict[str, Any] | None = None) -> Job:
+        """A checked job: prefix name, token count and image, each with its own error."""
+        prefix = None if prefix in (None, BASE) else prefix
+        self._engine(task)
         if text is not None:  # tokenised in a worker thread: the event loop keeps accepting other requests
             await run_in_threadpool(self._check_tokens, task, [text])
         decoded = await run_in_threadpool(decode_image, image, self.limits) if image is not None else None
-        return Job(task, prefix, decoded, text, generation=settings)
+        return Job(task, prefix, decoded, text, generation=tuple(sorted((settings or {}).items())))
 
-    def _engine(self, task: str) -> Any:
+    def _engine(self, task: str, prefix: str | None = None) -> Any:
         try:
-            return self.service.engine(task)
+            return self.service.engine(task, prefix)
         except ValueError as error:
             raise ApiError(400, str(error)) from None
 
@@ -333,7 +329,12 @@ class _Api:
                 raise ApiError(400, f"the text has {count} tokens; this server takes at most "
                                     f"{self.limits.max_input_tokens}", "context_length_exceeded")
 
-    def _submit(self, job: Job) -> Future:
+    async def _submit(self, job: Job) -> Future:
+        """Submit ``job`` from a worker thread (the engine makes its model inputs: tokens, image pixels), so that
+        the event loop keeps answering; each refusal with its status."""
+        return await run_in_threadpool(self._submit_now, job)
+
+    def _submit_now(self, job: Job) -> Future:
         try:
             return self.service.submit(job)
         except InvalidName as error:
@@ -342,62 +343,38 @@ class _Api:
             raise ApiError(404, str(error), "not_found_error") from None
         except Closed as error:
             raise ApiError(503, str(error), "server_shutting_down") from None
+        except ContextTooLong as error:
+            raise ApiError(400, str(error), "context_length_exceeded") from None
         except ValueError as error:
             raise ApiError(400, str(error)) from None
 
-    async def _result(self, request: Request, future: Future) -> Any:
-        """The job's result; a client that disconnects first cancels it (dropped if its batch has not started)."""
-        result = asyncio.wrap_future(future)
+    async def _result(self, request: Request, future: Future, job: Job | None = None) -> Any:
+        """The job's result (see `_results`)."""
+        return (await self._results(request, [future], [job] if job is not None else []))[0]
+
+    async def _results(self, request: Request, futures: Sequence[Future], jobs: Sequence[Job]) -> list[Any]:
+        """The jobs' results; a client that disconnects first cancels them: a job not started yet is dropped, a
+        row being decoded leaves its batch at the next step."""
+        results = [asyncio.wrap_future(future) for future in futures]
         watcher = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait({result, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({asyncio.gather(*results, return_exceptions=True), watcher},
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
             watcher.cancel()
-        if not result.done():
-            future.cancel()
+        if not all(result.done() for result in results):
+            for future, job in zip(futures, list(jobs) + [None] * len(futures)):
+                future.cancel()
+                if job is not None:
+                    job.cancelled.set()
             raise ApiError(499, "client closed the request", "client_closed_request")
-        return _unwrap(result)
+        return [_unwrap(result) for result in results]
 
     async def _answer(self, request: Request, job: Job, field: str) -> dict:
         started = time.perf_counter()
-        text = await self._result(request, self._submit(job))
-        return {field: text, "prefix": job.prefix or BASE, "latency_ms": round(1000 * (time.perf_counter() - started), 1)}
-
-    async def _stream(self, request: Request, job: Job, header: dict) -> StreamingResponse:
-        """Server-sent events in OpenAI's chunk format: the role, the answer's pieces as they are decoded,
-        ``finish_reason``, ``[DONE]``. Pieces come from the batcher's thread through the event loop."""
-        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-        end = object()
-
-        def put(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(pieces.put_nowait, item)
-            except RuntimeError:  # the loop closed: the client is gone
-                pass
-
-        job.on_text = put
-        future = self._submit(job)
-        future.add_done_callback(lambda _: put(end))
-
-        def chunk(delta: dict, finish: str | None = None) -> str:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            return f"data: {json.dumps({**header, 'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
-
-        async def events():
-            try:
-                yield chunk({"role": "assistant"})
-                while (piece := await pieces.get()) is not end:
-                    yield chunk({"content": piece})
-                try:
-                    future.result()
-                    yield chunk({}, "stop")
-                except Exception as error:  # noqa: BLE001 - the batch failed: say so in the stream
-                    yield f"data: {json.dumps(error_body(500, _batch_failure(error), 'server_error'))}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                future.cancel()  # the client left early: drop the request if its batch has not started
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        text = await self._result(request, await self._submit(job), job)
+        return {field: text, "prefix": job.prefix or BASE, "latency_ms": round(1000 * (time.perf_counter() - started), 1),
+                "usage": usage([text])}
 
 
 async def _disconnected(request: Request) -> None:
@@ -411,25 +388,47 @@ def _unwrap(result: asyncio.Future) -> Any:
         return result.result()
     if isinstance(error, ApiError):
         raise error
-    raise ApiError(500, _batch_failure(error), "server_error")
-
-
-def _batch_failure(error: BaseException) -> str:
-    return f"the batch this request ran in failed: {type(error).__name__}: {error}"
+    raise ApiError(500, failure_message(error), "server_error")
 
 
 def run(models: Sequence[str] = (DEFAULT_MODEL,), prefixes: str | Path | None = "out", host: str = "127.0.0.1",
         port: int = 8000, admin_token: str | None = None, max_batch_size: int = 16, window: float = 0.005,
         rescan_seconds: float | None = None, limits: Limits | None = None, max_new_tokens: int = 64,
-        num_beams: int = 4, log_level: str = "info") -> None:
+        max_beams: int = 4, log_level: str = "info", batching: str = "step") -> None:
     """Load the models, serve the prefixes in ``prefixes`` and answer HTTP on ``host:port`` until SIGINT or
-    SIGTERM; then requests already accepted finish before the process exits."""
+    SIGTERM; then new requests get 503 while the accepted ones finish, and the process exits."""
     import uvicorn
 
     engines = [engine for spec in models for engine in load_engines(spec, max_new_tokens=max_new_tokens,
-                                                                     num_beams=num_beams)]
-    service = PrefixService(engines, prefixes, max_batch_size=max_batch_size, window=window)
+                                                                     max_beams=max_beams)]
+    service = PrefixService(engines, prefixes, max_batch_size=max_batch_size, window=window, batching=batching)
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s: reachable from other machines", host)
     app = create_app(service, admin_token, limits, rescan_seconds)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    draining_server(config, service).run()
+
+
+def draining_server(config: Any, service: PrefixService) -> Any:
+    """A uvicorn server that, on the first SIGINT or SIGTERM, refuses new requests with 503 and keeps answering
+    until the service has finished every request it accepted (rows mid-decode included), then shuts down as
+    uvicorn does; a second signal shuts down at once."""
+    import uvicorn
+
+    class Draining(uvicorn.Server):
+        draining = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.draining or self.should_exit:
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            service.drain()
+            logger.info("signal %s: new requests get 503 until the accepted ones have finished", sig)
+            threading.Thread(target=self._exit_when_idle, args=(sig, frame), daemon=True).start()
+
+        def _exit_when_idle(self, sig: int, frame: Any) -> None:
+            while not service.idle and not self.should_exit:
+                time.sleep(0.02)
+            super().handle_exit(sig, frame)
+
+    return Draining(config)

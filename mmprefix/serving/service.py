@@ -1,10 +1,15 @@
-"""`PrefixService`: the frozen model(s), the prefixes served on them, one `Batcher` per model, and metrics.
+"""`PrefixService`: the frozen model(s), the prefixes served on them, one worker per model, and metrics.
 
 What the HTTP server (``server.py``) and the Ray Serve deployment (``ray_serve.py``) share. Prefixes come from
 a folder whose subfolders are ``save_prefix`` folders, each named after its subfolder (a recipe's output
 folder, which holds ``prefix/``, counts too: ``out/vqa`` serves as ``vqa``). A prefix is loaded into every
-served model it fits. Adding, replacing and removing prefixes happen between batches, after every request
-accepted before them: a request never sees its prefix change or disappear under it.
+served model it fits.
+
+Each model has one worker: a `Scheduler` (``batching="step"``, the default: requests join and leave the running
+batch at every decoding step) or a `Batcher` (``batching="request"``: a batch is formed once and runs to the
+end). Adding, replacing and removing prefixes happen in the worker between steps (or batches): a request never
+sees its prefix change or disappear under it; it finishes on the prefix it started with, while requests that
+come after the change see the new one.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from ..model import check_prefix_name
 from ..saving import detect_format, read_for
 from .batcher import Batcher
 from .engine import Engine, Job
+from .jobs import ClientGone
+from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
 BASE = "base"  # the model id of the frozen model without a prefix
+BATCHING = ("step", "request")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # Where a prefix may sit below a served entry: the entry itself, a recipe run's folder (``prefix/`` in it), or a
 # recipe's task folder, whose prefix run is ``prefix/`` with its own ``prefix/`` (out/vqa -> out/vqa/prefix/prefix).
@@ -96,11 +104,12 @@ class Metrics:
         self.requests = Counter("mmprefix_requests", "Requests by task and outcome", ["task", "outcome"], registry=r)
         self.latency = Histogram("mmprefix_request_seconds", "Time from submission to result", ["task"], registry=r,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.batch_size = Histogram("mmprefix_batch_size", "Requests per batch", ["model"], registry=r,
-                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
-        self.batch_seconds = Histogram("mmprefix_batch_seconds", "Time to run one batch", ["model"], registry=r,
-                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.batch_size = Histogram("mmprefix_batch_size", "Rows per decoding step, or requests per request-level "
+                                    "batch", ["model"], registry=r, buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
+        self.batch_seconds = Histogram("mmprefix_batch_seconds", "Time to run one step or batch", ["model"], registry=r,
+                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.queued = Gauge("mmprefix_queued_requests", "Requests waiting for a batch", ["model"], registry=r)
+        self.running = Gauge("mmprefix_running_rows", "Rows decoding now (step-level batching)", ["model"], registry=r)
         self.prefixes = Gauge("mmprefix_prefixes", "Prefixes served", registry=r)
 
 
@@ -111,24 +120,32 @@ class PrefixService:
         engines: the models (each an `Engine`); the prefixes already on them are served, and a prefix from a
             folder is loaded into each one it fits.
         prefix_dir: folder of prefix folders, read now and by `rescan`.
-        max_batch_size, window: see `Batcher`.
+        max_batch_size, window: see `Scheduler` and `Batcher`.
         registry: a prometheus_client registry for the metrics (a new one by default).
+        batching: ``"step"`` (continuous batching, see `Scheduler`) or ``"request"`` (see `Batcher`).
     """
 
     def __init__(self, engines: Sequence[Engine], prefix_dir: str | Path | None = None, max_batch_size: int = 16,
-                 window: float = 0.005, registry: CollectorRegistry | None = None) -> None:
+                 window: float = 0.005, registry: CollectorRegistry | None = None, batching: str = "step") -> None:
         names = [engine.name for engine in engines]
         if not engines or len(set(names)) < len(names):
             raise ValueError(f"a service needs engines with distinct names, got {names}")
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {list(BATCHING)}, got {batching!r}")
+        self.batching = batching
         self.engines = {engine.name: engine for engine in engines}
         self.prefix_dir = Path(prefix_dir) if prefix_dir is not None else None
         self.metrics = Metrics(registry)
-        self.batchers: dict[str, Batcher] = {}
+        self.batchers: dict[str, Scheduler | Batcher] = {}
         for engine in engines:
-            self.batchers[engine.name] = Batcher(engine.run, engine.group, max_batch_size, window,
-                                                 on_batch=self._batch_observer(engine.name),
-                                                 name=f"mmprefix-{engine.name}")
-            self.metrics.queued.labels(engine.name).set_function(lambda b=self.batchers[engine.name]: b.queued)
+            observe, label = self._batch_observer(engine.name), f"mmprefix-{engine.name}"
+            worker = Scheduler(engine, max_batch_size, window, observe, label) if batching == "step" else \
+                Batcher(engine.run, engine.group, max_batch_size, window, observe, label)
+            self.batchers[engine.name] = worker
+            self.metrics.queued.labels(engine.name).set_function(lambda b=worker: b.queued)
+            self.metrics.running.labels(engine.name).set_function(lambda b=worker: getattr(b, "running", 0))
+            if batching == "step" and engine.stepper is None:
+                logger.info("%s decodes request by request: %s", engine.name, engine.why_not_stepped)
         self.metrics.prefixes.set_function(lambda: len(self._served))
         self._lock = threading.Lock()  # orders submissions against prefix removal
         self._changing = threading.RLock()  # one prefix change (or rescan) at a time
@@ -146,6 +163,9 @@ class PrefixService:
         ValueError for a task no model serves or an input the model cannot take."""
         if job.prefix is not None:
             check_name(job.prefix)
+        if self.batching == "request" and job.setting("temperature"):
+            raise ValueError("sampling (temperature, top_p) needs step-level batching; this server batches requests "
+                             "(batching='request'): use greedy decoding or beam search")
         started = time.perf_counter()
         with self._lock:
             engine = self._engine_for(job.task, job.prefix)
@@ -167,10 +187,18 @@ class PrefixService:
         known = sorted(n for n, s in self._served.items() if any(e.name in s.engines for e in able))
         raise UnknownPrefix(f"no prefix {prefix!r} for {task}; prefixes for {task}: {known} (and {BASE!r})")
 
-    def engine(self, task: str) -> Engine:
-        """The model that serves ``task`` (for input checks such as token counts)."""
+    def engine(self, task: str, prefix: str | None = None) -> Engine:
+        """The model that serves ``task`` (with ``prefix``): for input checks such as token counts."""
         with self._lock:
-            return self._engine_for(task, None)
+            return self._engine_for(task, prefix)
+
+    def serves(self, task: str, prefix: str | None = None) -> bool:
+        """Whether some model serves ``task`` with ``prefix`` (None: the base model)."""
+        try:
+            self.engine(task, prefix)
+        except (ValueError, UnknownPrefix):
+            return False
+        return True
 
     def models(self) -> dict[str, list[str]]:
         """``{model id: tasks}``: the base model and every prefix."""
@@ -180,8 +208,15 @@ class PrefixService:
                 out[name] = sorted({t for e in served.engines for t in self.engines[e].tasks})
             return out
 
+    def batching_of(self) -> dict[str, str]:
+        """How each model batches: ``"step"``, ``"request"``, or why step-level batching could not be used."""
+        if self.batching == "request":
+            return {name: "request" for name in self.engines}
+        return {name: "step" if e.stepper is not None else f"request ({e.why_not_stepped})" for name, e in self.engines.items()}
+
     def _observe(self, task: str, started: float, future: Future) -> None:
-        outcome = "cancelled" if future.cancelled() else ("error" if future.exception() else "ok")
+        gone = future.cancelled() or isinstance(future.exception(), ClientGone)
+        outcome = "cancelled" if gone else ("error" if future.exception() else "ok")
         self.metrics.requests.labels(task, outcome).inc()
         if outcome == "ok":
             self.metrics.latency.labels(task).observe(time.perf_counter() - started)
@@ -219,8 +254,9 @@ class PrefixService:
         return placed
 
     def remove(self, name: str) -> None:
-        """Stop serving ``name``: new requests for it are refused at once; it leaves the model once every
-        request accepted before has finished."""
+        """Stop serving ``name``: new requests for it are refused at once; it leaves the model at the next step
+        (rows decoding with it finish on it) or, with request-level batching, once every request accepted before
+        has finished."""
         check_name(name)
         with self._changing:
             with self._lock:
@@ -261,6 +297,16 @@ class PrefixService:
             self.problems = problems
             report["problems"] = problems
             return report
+
+    def drain(self) -> None:
+        """Refuse new requests (`Closed`); the accepted ones go on (SIGTERM: see ``server.run``)."""
+        for batcher in self.batchers.values():
+            batcher.drain()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting and nothing running."""
+        return all(batcher.idle for batcher in self.batchers.values())
 
     def close(self, timeout: float | None = None) -> bool:
         """Finish every accepted request, then stop the workers."""
