@@ -28,26 +28,20 @@ from .families import (
     FAMILIES,
     LANGUAGE_MODEL,
     LANGUAGE_TOWERS,
+    POSITIONS_FROM_MASK,
     SEQ2SEQ_LM,
     Family,
     Media,
 )
 
-# Hand-written attention (never reaches the attention interface): class -> route with a replacement forward
-# (attention/blip.py, attention/git.py, attention/open_clip.py).
-HANDWRITTEN = {
-    "transformers.models.blip.modeling_blip.BlipAttention": "blip_vision",
-    "transformers.models.blip.modeling_blip_text.BlipTextSelfAttention": "blip_text",
-    "transformers.models.git.modeling_git.GitSelfAttention": "git_text",
-    "torch.nn.modules.activation.MultiheadAttention": "torch_mha",
-    "open_clip.transformer.Attention": "open_clip",
-}
+# Hand-written attention (never reaches the attention interface): class -> route with a replacement forward. The
+# records name their families' own; PyTorch's nn.MultiheadAttention is any model's (a SigLIP head, open_clip).
+HANDWRITTEN = {"torch.nn.modules.activation.MultiheadAttention": "torch_mha",
+               **{cls: route for family in FAMILIES for cls, route in family.attention.items()}}
 
 # A module whose name contains one of these components is a cross-attention site.
 CROSS_ATTENTION_NAMES = ("crossattention", "EncDecAttention", "encoder_attn", "cross_attn", "attn_pool", "attn_pool_contrastive")
 
-# Causal LMs that derive position ids from the attention mask (a cumsum) rather than from the cache length.
-POSITIONS_FROM_MASK = ("opt",)
 
 # Where attention modules keep their geometry, in lookup order.
 HEADS_ATTRS = ("num_heads", "num_attention_heads", "n_heads")

@@ -76,11 +76,20 @@ class Family:
     unroutable: tuple[tuple[str, str], ...] = ()
     image_first: tuple[str, ...] = ()  # towers that see the image's tokens in front of input_ids (GIT)
     prompt_filler: str = "pad_token_id"  # text-config attribute: the token id a soft prompt's placeholders hold
+    # hand-written attention (it never reaches transformers' attention interface): qualified class -> the route
+    # with its replacement forward (attention/blip.py, git.py, open_clip.py)
+    attention: dict[str, str] = field(default_factory=dict)
+    shard_layers: tuple[str, ...] = ()  # layer classes FSDP shards one by one that _no_split_modules leaves out
 
     @property
     def packed(self) -> tuple[str, ...]:
         """Towers whose attention runs once per chunk (an image, a frame, a window) of one packed sequence."""
         return tuple(dict.fromkeys(t for m in self.media if m.layout == GRID for t in m.towers))
+
+
+# open_clip: its own Attention (qk-norm, scaled heads) is hand-written; its blocks are not in any _no_split_modules
+OPEN_CLIP = dict(attention={"open_clip.transformer.Attention": "open_clip"},
+                 shard_layers=("ResidualAttentionBlock", "CustomResidualAttentionBlock"))
 
 
 def _generation(*classes: str) -> dict[str, tuple[str, ...]]:
@@ -131,7 +140,9 @@ FAMILIES: tuple[Family, ...] = (
            prompt_inputs={"BlipForConditionalGeneration": (None, 1, True), "BlipForQuestionAnswering": (None, 1, False),
                           "BlipForImageTextRetrieval": (None, 1, False)},
            tasks={"vqa": ("BlipForQuestionAnswering",), "caption": ("BlipForConditionalGeneration",)},
-           lora=r".*\.(query|value|qkv)$", prompt_format="blip", media=PER_ROW_IMAGES),
+           lora=r".*\.(query|value|qkv)$", prompt_format="blip", media=PER_ROW_IMAGES, shard_layers=("BlipTextLayer",),
+           attention={"transformers.models.blip.modeling_blip.BlipAttention": "blip_vision",
+                      "transformers.models.blip.modeling_blip_text.BlipTextSelfAttention": "blip_text"}),
     Family("blip-2", ("blip-2",), (("vision_model.", "vision"), ("qformer.", "qformer"), ("language_model.", LANGUAGE_MODEL)),
            prompt_inputs={"Blip2ForConditionalGeneration": (None, 0, True), "Blip2Model": (None, 0, False)},
            tasks=_generation("Blip2ForConditionalGeneration"), lora=r".*\.(query|value|qkv|q_proj|v_proj)$",
@@ -144,7 +155,8 @@ FAMILIES: tuple[Family, ...] = (
     # GIT: a CLIP image encoder, and one text transformer over [image tokens; text] (hand-written attention).
     Family("git", ("git",), (("image_encoder.", "vision"), ("encoder.", "lm")),
            prompt_inputs={"GitForCausalLM": (None, 1, True)}, tasks=_generation("GitForCausalLM"), image_first=("lm",),
-           lora=r".*\.(q_proj|v_proj|query|value)$", media=PER_ROW_IMAGES),  # [rows, frames, ...]: frames row by row
+           lora=r".*\.(q_proj|v_proj|query|value)$", media=PER_ROW_IMAGES,  # [rows, frames, ...]: frames row by row
+           attention={"transformers.models.git.modeling_git.GitSelfAttention": "git_text"}),
     _vision_lm("llava", "LlavaForConditionalGeneration", "LlavaModel"),
     _vision_lm("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextModel", media=(TILED_IMAGES,)),
     _vision_lm("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionModel",
@@ -229,16 +241,18 @@ FAMILIES: tuple[Family, ...] = (
     Family("whisper", ("whisper",), (("encoder.", "audio"), ("decoder.", "text_decoder")),
            media=(Media("input_features", ROWS, towers=("audio",)),)),
     Family("open_clip CLIP", ("open_clip.model.CLIP",), (("visual.", "vision"), ("transformer.", "text")),
-           media=PER_ROW_IMAGES),
+           media=PER_ROW_IMAGES, **OPEN_CLIP),
     Family("open_clip CustomTextCLIP", ("open_clip.model.CustomTextCLIP",), (("visual.", "vision"), ("text.", "text")),
-           media=PER_ROW_IMAGES),
+           media=PER_ROW_IMAGES, **OPEN_CLIP),
     Family("open_clip CoCa", ("open_clip.coca_model.CoCa",),
-           (("visual.", "vision"), ("text.", "text"), ("text_decoder.", "text_decoder")), media=PER_ROW_IMAGES),
+           (("visual.", "vision"), ("text.", "text"), ("text_decoder.", "text_decoder")), media=PER_ROW_IMAGES,
+           **OPEN_CLIP),
 )
 
 # Plain language models: every causal or seq2seq LM of transformers (Llama, GPT-2, OPT, T5, BART, ...).
 CAUSAL_LM = Family("causal LM", (), DECODER_ONLY_LM, prompt_format="lm")
 SEQ2SEQ_LM = Family("seq2seq LM", (), ENCODER_DECODER_LM, prompt_format="lm")
 LORA_BY_LM = {"gpt2": r".*\.c_attn$", "t5": r".*\.(q|v)$"}  # model_type -> LoRA targets of a plain LM
+POSITIONS_FROM_MASK = ("opt",)  # causal LMs that number positions from the attention mask (a cumsum), not the cache
 
 BY_KEY = {key: family for family in FAMILIES for key in family.keys}

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from . import typed
-from .architectures import POSITIONS_FROM_MASK, Site, find_sites
+from .architectures import Site, find_sites
+from .families import POSITIONS_FROM_MASK
 from .config import PrefixConfig
 from .files import FLOATS, load_finite, read_json, safetensors_header
 

@@ -32,11 +32,10 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
+from ..architectures import family_of
 from ..model import PrefixModel
 from .config import TrainingError
 
-# Layer classes that transformers' ``_no_split_modules`` leaves out, and open_clip's blocks (it has no such list).
-EXTRA_LAYERS = {"BlipTextLayer", "ResidualAttentionBlock", "CustomResidualAttentionBlock"}
 # Methods that run sub-modules without the root's forward (generation, feature extraction): FSDP must gather the
 # root group's weights around them too.
 ENTRY_METHODS = ("generate", "get_image_features", "get_text_features", "get_qformer_features", "encode_image",
@@ -88,7 +87,8 @@ def shard(model: PrefixModel, device: torch.device) -> None:
             "survive whole): shard the base unquantized, or train the quantized base without fsdp"
         )
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    layers = set(getattr(base, "_no_split_modules", None) or ()) | EXTRA_LAYERS
+    family = family_of(base)  # layer classes that transformers' _no_split_modules leaves out (open_clip has none)
+    layers = set(getattr(base, "_no_split_modules", None) or ()) | set(family.shard_layers if family else ())
     names = Counter(id(p) for _, p in base.named_parameters(remove_duplicate=False))
     tied = {i for i, count in names.items() if count > 1}
     scalars = {p for p in base.parameters() if p.dim() == 0}
