@@ -33,11 +33,11 @@ def build_skeleton(spec: str) -> Any:
     import transformers
 
     if spec.startswith("embedded:"):
-        from .embedded import MODELS, backbone_dir
+        from .embedded import backbone, backbone_dir
 
         _, name, *head = spec.split(":")
         try:
-            folder, heads = backbone_dir(name), MODELS[name][0]
+            folder, heads = backbone_dir(name), backbone(name).heads
         except ValueError as err:
             raise CommandError(str(err)) from None
         if head and head[0] not in heads:

@@ -11,7 +11,7 @@ pretraining takes minutes of CPU per backbone; the script stays in the package s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import transformers as tf
 
@@ -59,26 +59,46 @@ def llava_processor() -> tf.LlavaProcessor:
                              chat_template=CHAT_TEMPLATE)
 
 
-# name -> {head: model class}, processor loader class
-MODELS = {
-    "blip": ({"vqa": tf.BlipForQuestionAnswering, "caption": tf.BlipForConditionalGeneration}, tf.BlipProcessor),
-    "blip2": ({"default": tf.Blip2ForConditionalGeneration}, tf.Blip2Processor),
-    "clip": ({"default": tf.CLIPModel}, tf.CLIPProcessor),
-    "lm": ({"default": tf.LlamaForCausalLM}, tf.AutoTokenizer),
-    "llava": ({"default": tf.LlavaForConditionalGeneration}, tf.LlavaProcessor),
+class Backbone(NamedTuple):
+    """One shipped backbone: its heads (model classes on the same weights; the first is the default), the class
+    that loads its processor, and the head that does each task it is used for (the first task: what it serves)."""
+
+    heads: dict[str, type]
+    processor: type
+    tasks: dict[str, str]
+
+
+_ONE = "default"  # the head of a backbone that has one
+BACKBONES = {
+    "blip": Backbone({"vqa": tf.BlipForQuestionAnswering, "caption": tf.BlipForConditionalGeneration},
+                     tf.BlipProcessor, {"vqa": "vqa", "caption": "caption"}),
+    "blip2": Backbone({_ONE: tf.Blip2ForConditionalGeneration}, tf.Blip2Processor, {"vqa": _ONE, "caption": _ONE}),
+    "clip": Backbone({_ONE: tf.CLIPModel}, tf.CLIPProcessor, {"classification": _ONE, "retrieval": _ONE}),
+    "lm": Backbone({_ONE: tf.LlamaForCausalLM}, tf.AutoTokenizer, {"text": _ONE}),
+    "llava": Backbone({_ONE: tf.LlavaForConditionalGeneration}, tf.LlavaProcessor, {"vqa": _ONE, "caption": _ONE}),
 }
 
 
+def backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown embedded backbone {name!r}; choose from {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
 def backbone_dir(name: str) -> Path:
-    if name not in MODELS:
-        raise ValueError(f"unknown embedded backbone {name!r}; choose from {sorted(MODELS)}")
+    backbone(name)
     return ASSETS / name
+
+
+def head_for(name: str, task: str) -> str | None:
+    """The head of backbone ``name`` that does ``task`` (None: its default head)."""
+    return backbone(name).tasks.get(task)
 
 
 def load_backbone(name: str, head: str | None = None) -> tuple[Any, Any]:
     """``(model, processor)`` of an embedded backbone, in eval mode (for ``"lm"`` the processor is its tokenizer)."""
     folder = backbone_dir(name)
-    heads, processor_class = MODELS[name]
+    heads, processor_class, _ = BACKBONES[name]
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(
             f"the embedded backbone {name!r} is not in {folder}; rebuild it with python -m mmprefix.embedded.pretrain {name}"

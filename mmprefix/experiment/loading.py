@@ -15,7 +15,6 @@ class LoadError(ValueError):
     """A model or data path that cannot be loaded; the message says what to fix."""
 
 
-EMBEDDED_HEADS = {"vqa": "vqa", "caption": "caption"}  # the BLIP backbone's head per task
 
 
 def load_model(spec: str, task: str, quantize: str | None = None) -> tuple[Any, Any]:
@@ -75,12 +74,11 @@ QUANTIZATIONS = {"int8": _int8, "int4": _int4}  # scheme -> torchao config
 
 
 def load_embedded(spec: str, task: str) -> tuple[Any, Any]:
-    from mmprefix.embedded import load_backbone
+    from mmprefix.embedded import head_for, load_backbone
 
     _, name, *head = spec.split(":")
-    head = head[0] if head else (EMBEDDED_HEADS.get(task) if name == "blip" else None)
     try:
-        return load_backbone(name, head)
+        return load_backbone(name, head[0] if head else head_for(name, task))
     except (FileNotFoundError, ValueError) as err:
         raise LoadError(str(err)) from None
 

@@ -10,14 +10,12 @@ from torch import nn
 
 from ..experiment.loading import load_model, offline, task_classes, transformers_config
 from ..defaults import DEFAULT_MODEL
+from ..embedded import backbone
 from ..model import PrefixModel
 from .engine import Engine
 
 # Tasks tried in turn to pick a transformers class for a model spec; embedded backbones have one task each.
 SPEC_TASKS = ("vqa", "caption", "classification", "text")
-EMBEDDED_TASKS = {"blip2": "vqa", "clip": "classification", "lm": "text", "llava": "vqa"}
-# Backbones whose heads share one set of weights: each head is served, the weights are held once.
-SHARED_HEADS = {"embedded:blip": (("embedded:blip:vqa", "vqa"), ("embedded:blip:caption", "caption"))}
 
 
 def share_weights(source: nn.Module, target: nn.Module) -> None:
@@ -33,8 +31,9 @@ def load_engines(spec: str = DEFAULT_MODEL, **limits: Any) -> list[Engine]:
     folder or a Hugging Face id. ``embedded:blip`` serves its VQA and captioning heads on shared weights.
     ``limits``: `Engine`'s ``max_new_tokens`` and ``max_beams``."""
     label = re.sub(r"[^A-Za-z0-9_-]+", "-", spec).strip("-")
-    if spec in SHARED_HEADS:
-        heads = [(load_model(head, task), task) for head, task in SHARED_HEADS[spec]]
+    shared = _shared_heads(spec)
+    if shared:  # several heads on one set of weights: each head is served, the weights are held once
+        heads = [(load_model(f"{spec}:{head}", task), task) for head, task in shared]
         first = heads[0][0][0]
         for (model, _), _ in heads[1:]:
             share_weights(first, model)
@@ -43,10 +42,19 @@ def load_engines(spec: str = DEFAULT_MODEL, **limits: Any) -> list[Engine]:
     return [Engine(PrefixModel(model), processor, label, **limits)]
 
 
+def _shared_heads(spec: str) -> list[tuple[str, str]]:
+    """``embedded:NAME`` of a backbone with several heads: (head, its task) for each; otherwise none."""
+    parts = spec.split(":")
+    if parts[0] != "embedded" or len(parts) != 2:
+        return []
+    tasks = backbone(parts[1]).tasks
+    return [(head, task) for task, head in tasks.items()] if len(set(tasks.values())) > 1 else []
+
+
 def _load(spec: str) -> tuple[Any, Any]:
     """A model for the first task its kind is evaluated on (``loading.task_classes``), a causal LM otherwise."""
     if spec.startswith("embedded:"):
-        return load_model(spec, EMBEDDED_TASKS.get(spec.split(":")[1], "vqa"))
+        return load_model(spec, next(iter(backbone(spec.split(":")[1]).tasks)))
     if spec.startswith("open_clip:"):
         return load_model(spec, "classification")
     config = transformers_config(spec, os.path.isdir(spec) or offline())
