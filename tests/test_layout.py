@@ -90,3 +90,32 @@ def test_loading_a_model_class_through_the_recipe_helpers_logs_no_pytree_notices
     code = "import mmprefix.experiment.loading, transformers; transformers.BlipForQuestionAnswering; import torchao"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and "_pytree" not in result.stderr, result.stderr
+
+
+def test_no_module_outside_the_family_records_branches_on_a_model_type_name():
+    """Per-family knowledge lives in the records (mmprefix/families.py; prompts and decoding in the prompt-format
+    objects they name): no comparison elsewhere names a model type or a record's key (`kind == "blip"`,
+    `model_type in ("opt",)`)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from mmprefix.families import FAMILIES
+
+    names = set(CONFIG_MAPPING_NAMES) | {key for family in FAMILIES for key in family.keys}
+
+    def strings(node) -> set[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return {node.value}
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return set().union(set(), *(strings(element) for element in node.elts))
+        return set()
+
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "families.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                named = set().union(strings(node.left), *(strings(c) for c in node.comparators)) & names
+                if named:
+                    found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {sorted(named)}")
+    assert not found, found

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..data.formatting import family
+from ..data.formats import prompt_format
 from ..model import PrefixModel
 from ..routing import ACTIVE
 
@@ -43,7 +43,7 @@ def same_length_batches(items: Sequence[Any], lengths: Sequence[int], size: int)
 
 
 def needs_same_length(task: str, model: Any) -> bool:
-    """Whether a generation batch must hold questions of one token length. transformers'
-    ``BlipForQuestionAnswering.generate`` lets the answer decoder attend to the question's padding (its mask is
-    all ones), so a padded question's answer would depend on the rest of its batch."""
-    return task == "vqa" and family(model) == "blip"
+    """Whether a generation batch must hold questions of one token length (`PromptFormat.same_length_vqa`:
+    transformers' ``BlipForQuestionAnswering.generate`` lets the answer decoder attend to the question's padding,
+    its mask all ones, so a padded question's answer would depend on the rest of its batch)."""
+    return task == "vqa" and prompt_format(model).same_length_vqa

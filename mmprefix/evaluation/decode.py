@@ -9,7 +9,11 @@ from typing import Any
 
 import torch
 
-from ..data.formatting import _image_prompts, _pad, _tokenizer, family, image_prompt_inputs, prompts
+from ..data.formats import generate_after, pad_rows, prompt_format, tokenizer_of
+
+__all__ = ["DEFAULT_NEW_TOKENS", "answer_questions", "answer_tokens", "caption_images", "caption_tokens",
+           "complete_texts", "continuation_tokens", "generate_after"]
+
 
 def _on_device(inputs: Any, model: Any) -> dict[str, Any]:
     """Generation inputs moved to where the model's weights are."""
@@ -32,7 +36,7 @@ def answer_questions(model: Any, processor: Any, images: Sequence[Any], question
                      prompt: str | None = None, **generate: Any) -> list[str]:
     """Generated answers, decoded without special tokens (``prompt``: instead of the family's question
     template)."""
-    return _decode(_tokenizer(processor), answer_tokens(model, processor, images, questions, prompt, **generate))
+    return _decode(tokenizer_of(processor), answer_tokens(model, processor, images, questions, prompt, **generate))
 
 
 @torch.no_grad()
@@ -40,54 +44,28 @@ def answer_tokens(model: Any, processor: Any, images: Sequence[Any], questions: 
                   prompt: str | None = None, **generate: Any) -> torch.Tensor:
     """The tokens `answer_questions` decodes: each row's generated tokens, without the prompt (or BLIP's
     decoder start); rows that ended early are padded."""
-    settings = {"max_new_tokens": DEFAULT_NEW_TOKENS["vqa"], "num_beams": 1, **generate}
-    if family(model) == "blip":
-        inputs = processor(images=list(images), text=list(questions), return_tensors="pt", padding=True)
-        return model.generate(**_on_device(inputs, model), **settings)[:, 1:]
-    return _generate_after_prompt(model, processor, images, prompts(model, processor, "vqa", questions, prompt), settings)
+    return _generated(model, processor, "vqa", images, questions, prompt, generate)
 
 
 @torch.no_grad()
 def caption_images(model: Any, processor: Any, images: Sequence[Any], **generate: Any) -> list[str]:
     """Generated captions, decoded without special tokens."""
-    return _decode(_tokenizer(processor), caption_tokens(model, processor, images, **generate))
+    return _decode(tokenizer_of(processor), caption_tokens(model, processor, images, **generate))
 
 
 @torch.no_grad()
 def caption_tokens(model: Any, processor: Any, images: Sequence[Any], **generate: Any) -> torch.Tensor:
     """The tokens `caption_images` decodes (see `answer_tokens`)."""
-    settings = {"max_new_tokens": DEFAULT_NEW_TOKENS["caption"], "num_beams": 1, **generate}
-    if family(model) == "blip":
-        inputs = dict(processor(images=list(images), return_tensors="pt"))
-        # BLIP's own default decoder start, spelled out: a soft prompt goes into input_ids, so they must exist.
-        text = model.config.text_config
-        inputs["input_ids"] = torch.tensor([[text.bos_token_id, text.eos_token_id]]).repeat(len(images), 1)
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        return model.generate(**_on_device(inputs, model), **settings)[:, 1:]
-    texts = prompts(model, processor, "caption", [""] * len(images))
-    return _generate_after_prompt(model, processor, images, texts, settings)
+    return _generated(model, processor, "caption", images, [""] * len(images), None, generate)
 
 
-def _generate_after_prompt(model: Any, processor: Any, images, texts, settings) -> torch.Tensor:
-    """Generation after each row's image and prompt; the tokens generated after the prompt."""
-    tokenizer = _tokenizer(processor)
-    if family(model) == "blip2":  # the processor's image tokens and prompt without padding, re-padded on the left
-        pixel_values, rows = _image_prompts(processor, images, texts)
-        inputs = {"pixel_values": pixel_values, "input_ids": _pad(rows, tokenizer.pad_token_id, left=True),
-                  "attention_mask": _pad([[1] * len(r) for r in rows], 0, left=True)}
-    else:
-        inputs = image_prompt_inputs(processor, images, texts)
-    return generate_after(model, tokenizer, _on_device(inputs, model), settings)
-
-
-def generate_after(model: Any, tokenizer: Any, inputs: dict[str, Any], settings: dict[str, Any]) -> torch.Tensor:
-    """``model.generate(**inputs)`` with the tokenizer's padding and end of text; the tokens after the prompt
-    (decoder-only language models return the prompt too)."""
-    out = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
-    ids = inputs["input_ids"]
-    if out.shape[1] > ids.shape[1] and torch.equal(out[:, : ids.shape[1]], ids):
-        out = out[:, ids.shape[1] :]
-    return out
+def _generated(model: Any, processor: Any, task: str, images: Sequence[Any], questions: Sequence[str],
+               template: str | None, generate: dict[str, Any]) -> torch.Tensor:
+    """Generation from the family's inputs for ``task``; the tokens generated after its prompt."""
+    settings = {"max_new_tokens": DEFAULT_NEW_TOKENS[task], "num_beams": 1, **generate}
+    form = prompt_format(model)
+    inputs = form.generation_inputs(model, processor, task, images, questions, template)
+    return form.generate(model, processor, task, _on_device(inputs, model), settings)
 
 
 @torch.no_grad()
@@ -101,8 +79,8 @@ def continuation_tokens(model: Any, tokenizer: Any, prompts: Sequence[str], **ge
     """The tokens `complete_texts` decodes (see `answer_tokens`)."""
     settings = {"max_new_tokens": DEFAULT_NEW_TOKENS["text"], "num_beams": 1, **generate}
     rows = [tokenizer(p)["input_ids"] for p in prompts]
-    ids = _pad(rows, tokenizer.pad_token_id, left=True)
-    mask = _pad([[1] * len(r) for r in rows], 0, left=True)
+    ids = pad_rows(rows, tokenizer.pad_token_id, left=True)
+    mask = pad_rows([[1] * len(r) for r in rows], 0, left=True)
     inputs = _on_device({"input_ids": ids, "attention_mask": mask}, model)
     out = model.generate(**inputs, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
     return out[:, ids.shape[1] :]

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
@@ -36,15 +37,22 @@ def prepare(model: nn.Module, method: str, options: PrefixConfig | dict[str, Any
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
         options.setdefault("target_modules", lora_targets(model))
-        options.setdefault("fan_in_fan_out", model_type == "gpt2")  # GPT-2's Conv1D stores weights transposed
+        options.setdefault("fan_in_fan_out", _transposed(model, options["target_modules"]))
         return get_peft_model(model, LoraConfig(**options))
     if method == "full":
         if options:
             raise ValueError(f"method 'full' takes no options, got {sorted(options)}")
         return model.requires_grad_(True)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _transposed(model: nn.Module, targets: str) -> bool:
+    """Whether the layers LoRA adapts store their weights transposed (transformers' Conv1D, as in GPT-2)."""
+    from transformers.pytorch_utils import Conv1D
+
+    pattern = re.compile(targets)
+    return any(isinstance(m, Conv1D) for name, m in model.named_modules() if pattern.fullmatch(name))
 
 
 def lora_targets(model: nn.Module) -> str:

@@ -24,7 +24,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..data.formatting import family
+from ..data.formats import prompt_format
 from .jobs import Job
 from .requests import (ApiError, ChatRequest, StreamOptions, chat_inputs, chat_turns, decode_image, error_body,
                        template_messages, unsupported)
@@ -69,7 +69,7 @@ async def _jobs(api: Any, body: ChatRequest, turns: list) -> list[Job]:
     messages, images, image, text = (), (), None, None
     if api.service.serves("chat", prefix):
         task, engine = "chat", api._engine("chat", prefix)
-        messages, uris = template_messages(turns, parts=family(engine.model) == "chat")
+        messages, uris = template_messages(turns, parts=prompt_format(engine.model).chat_parts)
         if len(uris) > api.limits.max_images:
             raise ApiError(400, f"the conversation holds {len(uris)} images; this server takes at most {api.limits.max_images}")
         texts = [value for _, parts in turns for kind, value in parts if kind == "text"]

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from ..architectures import is_open_clip, unwrap
-from ..data.formatting import class_prompts, family
+from ..data.formats import prompt_format
+from ..data.formatting import class_prompts
 from ..evaluation import decode
 from ..evaluation.batching import needs_same_length
 from ..evaluation.contrastive import _ClipEncoder, _encode_texts, class_embeddings
@@ -49,9 +50,6 @@ GENERATION_SETTINGS = ("max_new_tokens", "num_beams", "temperature", "top_p", "s
 REQUIRED = {"vqa": ("image", "text"), "caption": ("image",), "text": ("text",), "chat": ("messages",),
             "image_features": ("image",), "text_features": ("text",), "classify": ("image", "classnames")}
 
-# BLIP ships one class per head; the other families do every generative task their inputs allow.
-BLIP_HEADS = {"BlipForQuestionAnswering": ("vqa",), "BlipForConditionalGeneration": ("caption",)}
-
 __all__ = ["CONTRASTIVE_TASKS", "DEFAULT_TEMPLATES", "GENERATIVE_TASKS", "TASKS", "Completion", "Engine", "Job",
            "model_tasks"]
 
@@ -62,15 +60,7 @@ def model_tasks(model: Any, processor: Any = None) -> tuple[str, ...]:
     base = unwrap(model)
     if is_open_clip(base) or (hasattr(base, "get_image_features") and hasattr(base, "get_text_features")):
         return CONTRASTIVE_TASKS
-    kind = family(base)
-    if kind == "blip":
-        return BLIP_HEADS.get(type(base).__name__, ())
-    chat = ("chat",) if getattr(processor, "chat_template", None) else ()
-    if kind == "blip2":
-        return ("vqa", "caption")
-    if kind == "chat":
-        return ("vqa", "caption") + chat
-    return (("text",) + chat) if hasattr(base, "generate") else ()
+    return prompt_format(base).serving_tasks(base, processor)
 
 
 class Engine:

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from ..architectures import unwrap
-from ..data.formatting import family
+from ..data.formats import prompt_format
 from ..evaluation import decode
 from .inputs import padded_batch
 from .jobs import Completion, Job, notify
@@ -72,18 +71,13 @@ def _tokens(engine: Any, task: str, jobs: Sequence[Job], settings: dict[str, Any
         if task == "caption":
             return decode.caption_tokens(model, processor, [j.image for j in jobs], **settings)
         return decode.continuation_tokens(model, engine.tokenizer, [j.text for j in jobs], **settings)
-    inputs = [job.prepared.inputs for job in jobs]
+    form = prompt_format(model)
+    batch = padded_batch([job.prepared.inputs for job in jobs], engine.pad, left=form.pads_left)
+    if "input_ids" not in batch:  # BLIP's captions start from the decoder's own start, as the evaluation's do
+        device = batch["pixel_values"].device
+        batch.update({k: v.to(device) for k, v in form.decoder_start(model, len(jobs)).items()})
     with torch.no_grad():
-        if family(model) != "blip":
-            batch = padded_batch(inputs, engine.pad, left=True)
-            return decode.generate_after(model, engine.tokenizer, batch, settings)
-        batch = padded_batch(inputs, engine.pad, left=False)
-        if task == "caption":  # BLIP's decoder start, as `decode.caption_tokens` spells it out
-            text = unwrap(model).config.text_config
-            start = torch.tensor([[text.bos_token_id, text.eos_token_id]], device=batch["pixel_values"].device)
-            batch["input_ids"] = start.repeat(len(jobs), 1)
-            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-        return model.generate(**batch, **settings)[:, 1:]
+        return form.generate(model, processor, task, batch, settings)
 
 
 class _RowStreamer(BaseStreamer):

@@ -16,10 +16,8 @@ from typing import Any
 
 import torch
 
-from ..data.formatting import _pad, family, prompts
+from ..data.formats import pad_rows, prompt_format
 from ..evaluation.decode import DEFAULT_NEW_TOKENS
-
-PREPARED_FAMILIES = ("blip", "chat", "lm")
 
 
 class ContextTooLong(ValueError):
@@ -42,8 +40,7 @@ def prepare(model: Any, processor: Any, job: Any, default_limit: int, extra_posi
     """The job's `Prepared` inputs, or `ContextTooLong`. ``default_limit``: the most new tokens when the job asks
     for no number (its task's default otherwise, the smaller); ``extra_positions``: positions its prefix takes
     (PEFT-style prefixes shift the prompt's)."""
-    kind = family(model)
-    if kind == "blip":
+    if not prompt_format(model).continues_prompt:
         if job.task == "vqa":
             inputs = dict(processor(images=[job.image], text=[job.text], return_tensors="pt"))
             read = inputs["input_ids"].shape[1]
@@ -78,7 +75,7 @@ def _causal_inputs(model: Any, processor: Any, job: Any) -> dict[str, torch.Tens
         if images is None:
             return dict(processor(text=[text], return_tensors="pt"))
         return dict(processor(images=images, text=[text], return_tensors="pt"))
-    text = prompts(model, processor, job.task, [job.text or ""])[0]
+    text = prompt_format(model).prompt_texts(processor, job.task, [job.text or ""])[0]
     return dict(processor(images=[[job.image]], text=[text], return_tensors="pt"))
 
 
@@ -102,13 +99,14 @@ def padded_batch(inputs: Sequence[dict[str, torch.Tensor]], pad: int, left: bool
     for key in inputs[0]:
         if key in ("input_ids", "attention_mask"):
             rows = [row[key][0].tolist() for row in inputs]
-            out[key] = _pad(rows, pad if key == "input_ids" else 0, left=left).to(inputs[0][key].device)
+            out[key] = pad_rows(rows, pad if key == "input_ids" else 0, left=left).to(inputs[0][key].device)
         else:
             out[key] = torch.cat([row[key] for row in inputs])
     return out
 
 
 def preparable(model: Any, task: str) -> bool:
-    """Whether jobs of ``task`` on ``model`` are prepared here (generative tasks of BLIP, chat VLMs and causal
-    LMs); other models keep the evaluation's batched formatting, request by request."""
-    return task in ("vqa", "caption", "text", "chat") and family(model) in PREPARED_FAMILIES
+    """Whether jobs of ``task`` on ``model`` are prepared here (generative tasks of the formats serving decodes
+    step by step: BLIP, chat VLMs and causal LMs); other models keep the evaluation's batched formatting, request
+    by request."""
+    return task in ("vqa", "caption", "text", "chat") and prompt_format(model).stepping is not None

@@ -26,7 +26,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.pytorch_utils import apply_chunking_to_forward
 
 from ..architectures import unwrap
-from ..data.formatting import family
+from ..data.formats import prompt_format
 from ..model import PrefixModel
 from ..store import PrefixStore
 from .cache_rows import CacheRows, from_cache, start_rows, to_cache
@@ -143,32 +143,28 @@ def eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     """The tokens that end a generated row, as the evaluation's decoding sets them: BLIP's [SEP], the
     tokenizer's end of text otherwise."""
     base = unwrap(model)
-    if family(base) == "blip":
-        return (base.config.text_config.sep_token_id,)
-    return (tokenizer.eos_token_id,)
+    return prompt_format(base).eos_ids(base, tokenizer)
 
 
 def pad_id(model: Any, tokenizer: Any) -> int:
     """The token that pads prompts in a batch, as the processors pad: BLIP's [PAD], the tokenizer's padding
     otherwise (its end of text if it has none: padding is masked anyway)."""
     base = unwrap(model)
-    if family(base) == "blip":
-        return base.config.text_config.pad_token_id or 0
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return prompt_format(base).pad_id(base, tokenizer)
 
 
 def stepper_for(model: PrefixModel, tokenizer: Any) -> tuple[CausalStepper | BlipStepper | None, str]:
     """The stepper for ``model`` and ``""``, or None and why it cannot step."""
     base = unwrap(model)
-    kind = family(base)
+    form = prompt_format(base)
     config = getattr(base, "generation_config", None)
     changed = sorted(k for k, v in NEUTRAL_GENERATION.items() if getattr(config, k, None) not in (None, v))
     if changed:
         return None, f"its generation config sets {changed}, which only transformers' generate applies"
-    if kind == "blip":
+    if form.stepping == "cross":
         return BlipStepper(model), ""
-    if kind not in ("lm", "chat"):
-        return None, f"step-level batching covers decoder-only models and BLIP, not the {kind!r} family"
+    if form.stepping is None:
+        return None, f"step-level batching covers decoder-only models and BLIP, not the {form.name!r} family"
     text = base.config.get_text_config(decoder=True)
     if getattr(text, "is_encoder_decoder", False) or getattr(base.config, "is_encoder_decoder", False):
         return None, "step-level batching covers decoder-only models and BLIP, not encoder-decoder models"
