@@ -19,8 +19,8 @@ from ..architectures import family_of
 from ..config import PrefixConfig
 from ..families import CAUSAL_LM, DEFAULT_LORA, LORA_BY_LM, SEQ2SEQ_LM
 from ..model import add_prefix
+from .settings import METHODS
 
-METHODS = ("prefix", "prompt", "lora", "full")
 
 
 def prepare(model: nn.Module, method: str, options: PrefixConfig | dict[str, Any] | None = None,

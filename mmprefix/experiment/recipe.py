@@ -25,7 +25,7 @@ from ..model import PrefixModel, load_prefix
 from ..training import distributed, lock
 from . import loading
 from .methods import for_generation
-from .settings import DataSettings, EvalSettings, RecipeSettings
+from .settings import DataSettings, EvalSection, RecipeSettings
 
 def is_main_process() -> bool:
     """Whether this is the process that evaluates and reports. Asked before training starts, so it must set
@@ -167,7 +167,7 @@ def tuned_model(model: nn.Module, settings: RecipeSettings, task: str, saved: st
 
 
 def score_on_test(task: str, model: nn.Module, processor: Any, samples: list, output_dir: Path,
-                  evaluate: EvalSettings, run: str, classnames: list[str] | None = None) -> dict[str, Any]:
+                  evaluate: EvalSection, run: str, classnames: list[str] | None = None) -> dict[str, Any]:
     """One run (``"zero-shot"`` or ``"tuned"``) of ``model`` on the test split: predictions in the official
     format and scores, under ``output_dir/<run>/``."""
     scored, prefix = evaluated(model)
@@ -177,7 +177,7 @@ def score_on_test(task: str, model: nn.Module, processor: Any, samples: list, ou
                                     classnames=classnames)[run]
 
 
-def validation(task: str, processor: Any, samples: list, evaluate: EvalSettings,
+def validation(task: str, processor: Any, samples: list, evaluate: EvalSection,
                classnames: list[str] | None = None) -> Any:
     """The ``evaluate`` hook of :func:`mmprefix.training.train`: the validation split scored with the
     model being trained (METEOR left out: its JVM start would dominate frequent evaluations)."""
