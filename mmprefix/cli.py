@@ -115,10 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     sites.add_argument("--targets", nargs="+", help="e.g. vision.self 'lm.self[-4:]' (default: all)")
     sites.add_argument("--target-modules", nargs="+", help="regular expressions on module names")
     add_serve_parser(commands)
+    commands.add_parser("eval", add_help=False, help="evaluate a model with its prefixes on a benchmark (mmprefix eval "
+                                                     "--help: its own options)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:  # the evaluation harness has its own options (eval/evaluate.py is the same command)
+        from .experiment.evaluate import main as evaluate
+
+        return evaluate(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)

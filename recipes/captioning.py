@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     tuned = recipe.tuned_model(model, config, TASK, trained["saved"])  # an FSDP-sharded base is loaded again whole
     results["tuned"] = recipe.score_on_test(TASK, tuned, processor, data["test"], out, evaluate, "tuned")
-    return recipe.report(out, TASK, config, data["test"], results, trained, dataset, trainable, total, seconds)
+    return recipe.report(out, TASK, config, samples=data["test"], results=results, trained=trained, dataset=dataset,
+                         trainable=trainable, total=total, seconds=seconds)
 
 
 if __name__ == "__main__":

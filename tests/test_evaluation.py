@@ -2,7 +2,6 @@
 prefix routing, reports, CLIP-like classification and retrieval, and the eval/evaluate.py command, on tiny random
 models built offline."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -31,14 +30,8 @@ QUESTIONS = ["what color is the circle?", "how many shapes are there?", "is ther
 SETTINGS = dict(generation={"max_new_tokens": 3}, progress=False)
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "eval" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
-
-cli = _load_cli()
+from mmprefix.experiment import evaluate as cli  # the harness, as `mmprefix eval` runs it
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,7 +1,6 @@
 """Settings are typed and checked before anything loads: YAML 1.2 numbers, unknown keys and wrong types as one line
 naming the source and the valid keys, for the recipes and eval/evaluate.py alike; --help without torch."""
 
-import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -112,9 +111,8 @@ def test_every_shipped_recipe_config_is_valid(monkeypatch):
 
 
 def test_evaluate_uses_the_same_layering(tmp_path):
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "eval" / "evaluate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from mmprefix.experiment import evaluate as cli
+
     config = tmp_path / "eval.yaml"
     config.write_text("task: vqa\nmodel: embedded:blip\ndata: world:vqa_downstream_test\noutput-dir: out/e\n"
                       "num_beams: 2\n")
@@ -140,9 +138,8 @@ def test_evaluate_uses_the_same_layering(tmp_path):
     ("p={missing}", "--prefix p={missing}: {missing} is not a folder (a prefix folder, e.g. out/vqa/prefix)"),
 ])
 def test_evaluate_refuses_a_bad_prefix_before_the_model_loads(prefix, words, tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "eval" / "evaluate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from mmprefix.experiment import evaluate as cli
+
     from mmprefix.experiment import loading
 
     monkeypatch.setattr(loading, "load_model", lambda *args: pytest.fail("the model loaded"))
@@ -150,7 +147,7 @@ def test_evaluate_refuses_a_bad_prefix_before_the_model_loads(prefix, words, tmp
     argv = ["--task", "vqa", "--model", "m", "--data", "d", "--output-dir", str(tmp_path), "--prefix",
             prefix.format(missing=missing)]
     assert cli.main(argv) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == f"evaluate: error: {words.format(missing=missing)}"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"mmprefix eval: error: {words.format(missing=missing)}"
 
 
 @pytest.mark.parametrize("command", [
@@ -181,9 +178,8 @@ def test_help_and_setting_errors_answer_before_torch_loads(command):
 
 
 def evaluate_parser():
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "eval" / "evaluate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    from mmprefix.experiment import evaluate as cli
+
     return cli.build_parser()
 
 
@@ -243,3 +239,17 @@ def test_the_engine_and_evaluate_refuse_an_empty_output_dir(tmp_path):
     with pytest.raises(SettingsError, match="max_new_tokens must be >= 1"):
         settings.evaluation_settings(None, {"task": "vqa", "model": "m", "data": "d", "output_dir": "o"},
                                      ["max_new_tokens=-5"])
+
+
+def test_mmprefix_eval_is_the_evaluation_harness(capsys):
+    """`mmprefix eval` and `python eval/evaluate.py` run the same command (its options, its errors)."""
+    from mmprefix.cli import main
+
+    with pytest.raises(SystemExit) as shown:
+        main(["eval", "--help"])
+    assert shown.value.code == 0 and "--prefix NAME=DIR" in capsys.readouterr().out
+    assert main(["eval", "--task", "vqa", "--model", "m"]) == 2
+    assert "mmprefix eval: error: missing --data, --output-dir" in capsys.readouterr().err
+    script = subprocess.run([sys.executable, str(ROOT / "eval" / "evaluate.py"), "--task", "vqa", "--model", "m"],
+                            capture_output=True, text=True)
+    assert script.returncode == 2 and "mmprefix eval: error: missing --data, --output-dir" in script.stderr

@@ -194,7 +194,7 @@ def validation(task: str, processor: Any, samples: list, evaluate: EvalSection,
     return validate
 
 
-def report(output_dir: Path, task: str, settings: RecipeSettings, samples: list, results: dict[str, dict],
+def report(output_dir: Path, task: str, settings: RecipeSettings, *, samples: list, results: dict[str, dict],
            trained: dict[str, Any], dataset: SampleDataset, trainable: int, total: int,
            seconds: float) -> dict[str, Any]:
     """``metrics.json`` (``zero_shot`` and ``tuned`` maps), the evaluation reports, and a summary printed for
