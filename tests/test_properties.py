@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import tiny
-from mmprefix import PrefixConfig, add_prefix, load_prefix, saving
+from mmprefix import PrefixConfig, add_prefix, load_prefix, saving, typed
 from mmprefix.architectures import Site, select_sites
 from mmprefix.attention.mechanism import Prefix, widen_mask
 from mmprefix.data.readers import AnnotationError, read_caption_jsonl, read_text_jsonl, read_vqa_jsonl
@@ -215,8 +215,8 @@ def test_any_override_gives_typed_settings_or_one_line_naming_the_key(key, value
     section, _, field = key.partition(".")
     node = getattr(run, section) if field else run
     if field and "." not in field:
-        wanted = run_settings.typed.hints(type(node))[field]
-        run_settings.typed.check(getattr(node, field), wanted)  # the value has its field's type
+        wanted = typed.hints(type(node))[field]
+        typed.check(getattr(node, field), wanted)  # the value has its field's type
 
 
 @FAST
