@@ -111,7 +111,7 @@ class PrefixModel(nn.Module):
         if config.init == "text" and processor is None:
             raise ValueError('init="text" needs the model\'s processor or tokenizer: add_prefix(..., processor=...)')
         sites = []
-        if config.method == "prefix":
+        if config.method != "prompt":
             available = find_sites(self.base_model, config.target_modules)
             if not config.target_modules:
                 check_reachable(self.base_model, available, config.targets)

@@ -8,6 +8,7 @@ from torch import nn
 from .architectures import Site
 from .config import PrefixConfig
 from .attention import Prefix
+from .attention.memory import Memory
 
 
 def parameter_key(site_name: str) -> str:
@@ -37,7 +38,7 @@ class PrefixStore(nn.Module):
             for site in self.sites:
                 for table in (self.keys, self.values):
                     data = torch.empty(site.kv_heads, p, site.head_dim, device=devices.get(site.name))
-                    table[parameter_key(site.name)] = nn.Parameter(self._initial(data))
+                    table[parameter_key(site.name)] = nn.Parameter(self._initial(data, table is self.values))
             # Read per attention call: the tables' own parameter dicts skip nn.Module attribute lookups, and
             # stay current when a wrapper (FSDP, offloading) swaps the parameters.
             self._key_table, self._value_table = self.keys._parameters, self.values._parameters
@@ -57,14 +58,20 @@ class PrefixStore(nn.Module):
             if config.init == "zero":
                 nn.init.zeros_(self.mlp[2].weight)
                 nn.init.zeros_(self.mlp[2].bias)
+            elif config.method == "memory":  # the values' rows of every site's slice start at zero
+                with torch.no_grad():
+                    for begin, end in self._slices.values():
+                        self.mlp[2].weight[begin:end].view(2, -1, config.reparam_hidden)[1].zero_()
+                        self.mlp[2].bias[begin:end].view(2, -1)[1].zero_()
         if config.gate is not None:
             self.gates = nn.ParameterDict()
             for site in self.sites:
                 size = 1 if config.gate == "scalar" else site.heads
                 self.gates[parameter_key(site.name)] = nn.Parameter(torch.zeros(size, device=devices.get(site.name)))
 
-    def _initial(self, data: torch.Tensor) -> torch.Tensor:
-        if self.config.init == "zero":
+    def _initial(self, data: torch.Tensor, values: bool) -> torch.Tensor:
+        # A memory's values start at zero: its term is then exactly zero, as a LoRA up-projection starts
+        if self.config.init == "zero" or (values and self.config.method == "memory"):
             return nn.init.zeros_(data)
         return nn.init.normal_(data, std=self.config.init_std)  # "text" is overwritten after capture
 
@@ -98,6 +105,8 @@ class PrefixStore(nn.Module):
         if site_name not in self._by_name or self.config.num_virtual_tokens == 0:
             return None
         keys, values = self.kv(site_name)
+        if self.config.method == "memory":
+            return Prefix(None, None, cache=cache, memory=Memory(keys[None], values[None]))
         if self.config.gate is None:
             return Prefix(keys[None], values[None], None, None, cache)
         return Prefix(keys[None], values[None], None, self.gate(site_name)[None], cache)
