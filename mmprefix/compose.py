@@ -71,6 +71,10 @@ def compose(
 
 def _check_compatible(stores: list[PrefixStore], names: list[str], weighted: bool) -> None:
     first, reference = stores[0], [s.name for s in stores[0].sites]
+    conditioned = [name for name, store in zip(names, stores) if store.config.condition is not None]
+    if conditioned:
+        raise ValueError(f"cannot compose {conditioned[0]!r}: an image-conditioned prefix's meta-network has no sum or "
+                         "concatenation with another's")
     for store, label in zip(stores[1:], names[1:]):
         if store.config.method != first.config.method:
             raise ValueError(f"cannot compose {names[0]!r} (method={first.config.method!r}) and {label!r} "

@@ -20,6 +20,9 @@ DECODER_ONLY_LM = (("", "lm"),)
 ENCODER_DECODER_LM = (("encoder.", "lm_encoder"), ("decoder.", "lm_decoder"))
 
 DEFAULT_LORA = r".*\.(q_proj|v_proj)$"  # Llama, Mistral, Qwen2, OPT, BART, and the LMs inside today's VLMs
+# The feed-forward output projection a bottleneck adapter follows (mmprefix.adapters): CLIP-style vision and text
+# towers (mlp.fc2) and Llama-style LMs (mlp.down_proj), so CLIP, LLaVA-style VLMs and most LMs.
+DEFAULT_ADAPTER = r".*\.mlp\.(fc2|down_proj)$"
 
 
 class Images(NamedTuple):
@@ -58,6 +61,7 @@ class Family:
     unroutable: tuple[tuple[str, str], ...] = ()  # (tower, why one call cannot give its rows different prefixes)
     image_first: tuple[str, ...] = ()  # towers that see the image's tokens in front of input_ids (GIT)
     prompt_filler: str = "pad_token_id"  # text-config attribute: the token id a soft prompt's placeholders hold
+    adapter: str = DEFAULT_ADAPTER  # module names of the feed-forward output projections adapters follow
 
 
 def _generation(*classes: str) -> dict[str, tuple[str, ...]]:
@@ -96,7 +100,8 @@ FAMILIES: tuple[Family, ...] = (
            prompt_inputs={"BlipForConditionalGeneration": (None, 1, True), "BlipForQuestionAnswering": (None, 1, False),
                           "BlipForImageTextRetrieval": (None, 1, False)},
            tasks={"vqa": ("BlipForQuestionAnswering",), "caption": ("BlipForConditionalGeneration",)},
-           lora=r".*\.(query|value|qkv)$", prompt_format="blip"),
+           lora=r".*\.(query|value|qkv)$", prompt_format="blip",
+           adapter=r".*(\.mlp\.fc2|\.layer\.\d+\.output\.dense)$"),  # vision MLP; text FFN, not attention output
     Family("blip-2", ("blip-2",), (("vision_model.", "vision"), ("qformer.", "qformer"), ("language_model.", LANGUAGE_MODEL)),
            prompt_inputs={"Blip2ForConditionalGeneration": (None, 0, True), "Blip2Model": (None, 0, False)},
            tasks=_generation("Blip2ForConditionalGeneration"), lora=r".*\.(query|value|qkv|q_proj|v_proj)$",
@@ -155,7 +160,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("vit", ("vit",), (("", "vision"),)),
     Family("vision-encoder-decoder", ("vision-encoder-decoder",), (("encoder.", "vision"), ("decoder.", "text_decoder"))),
     Family("whisper", ("whisper",), (("encoder.", "audio"), ("decoder.", "text_decoder"))),
-    Family("open_clip CLIP", ("open_clip.model.CLIP",), (("visual.", "vision"), ("transformer.", "text"))),
+    Family("open_clip CLIP", ("open_clip.model.CLIP",), (("visual.", "vision"), ("transformer.", "text")),
+           adapter=r".*\.mlp\.c_proj$"),
     Family("open_clip CustomTextCLIP", ("open_clip.model.CustomTextCLIP",), (("visual.", "vision"), ("text.", "text"))),
     Family("open_clip CoCa", ("open_clip.coca_model.CoCa",),
            (("visual.", "vision"), ("text.", "text"), ("text_decoder.", "text_decoder"))),
@@ -165,5 +171,6 @@ FAMILIES: tuple[Family, ...] = (
 CAUSAL_LM = Family("causal LM", (), DECODER_ONLY_LM, prompt_format="lm")
 SEQ2SEQ_LM = Family("seq2seq LM", (), ENCODER_DECODER_LM, prompt_format="lm")
 LORA_BY_LM = {"gpt2": r".*\.c_attn$", "t5": r".*\.(q|v)$"}  # model_type -> LoRA targets of a plain LM
+ADAPTER_BY_LM = {"gpt2": r".*\.mlp\.c_proj$", "t5": r".*\.DenseReluDense\.wo$", "opt": r".*\.fc2$"}
 
 BY_KEY = {key: family for family in FAMILIES for key in family.keys}

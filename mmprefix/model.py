@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import routing, saving, text_init
+from . import conditioning, routing, saving, text_init
 from .architectures import Site, check_reachable, family_of, find_sites, is_open_clip, select_sites
 from .attention import Prefix, install, uninstall
 from .config import PrefixConfig
@@ -138,7 +138,8 @@ class PrefixModel(nn.Module):
                 self._soft_prompts = SoftPrompts(self.base_model, lambda: routing.current(self).insertion)
             store = self._soft_prompts.new_store(config)
         else:
-            store = PrefixStore(config, sites, self._devices(sites))
+            width = conditioning.feature_width(self.base_model) if config.condition is not None else None
+            store = PrefixStore(config, sites, self._devices(sites), condition_width=width)
         for site in sites:
             if site.name not in self._installed:
                 module = self.base_model.get_submodule(site.name)
@@ -186,7 +187,9 @@ class PrefixModel(nn.Module):
         store = self.prefixes[name]
         if store.config.reparam is None:
             return store
-        flat = PrefixStore(dataclasses.replace(store.config, reparam=None), store.sites, self._devices(store.sites))
+        width = store.condition.net[0].in_features if store.condition is not None else None
+        flat = PrefixStore(dataclasses.replace(store.config, reparam=None), store.sites, self._devices(store.sites),
+                           condition_width=width)
         flat.load_tensors(store.tensors())
         self.prefixes[name] = flat
         return flat
@@ -219,8 +222,35 @@ class PrefixModel(nn.Module):
             call.images = routing.image_rows(images, kwargs, self.base_model.config, self._installed.values())
         if self._soft_prompts is not None and not call.disabled and route is not None:
             kwargs, call.insertion = self._soft_prompts.insert(kwargs, route, self.prefixes, generating)
+        conditioned = self._conditioned(route) if call.condition is None and not call.disabled else []
+        if conditioned:
+            call.condition = self._condition(args, kwargs, conditioned[0])
         with routing.inside(self, call):
             yield kwargs
+
+    def _conditioned(self, route: str | None | Routing) -> list[str]:
+        """The image-conditioned prefixes a route uses."""
+        names = route.used if isinstance(route, Routing) else [route] if route is not None else []
+        return [name for name in names if getattr(self.prefixes[name], "condition", None) is not None]
+
+    def _condition(self, args: tuple, kwargs: dict, name: str) -> conditioning.Condition:
+        """The pooled features of the call's images for image-conditioned prefixes (``name``: one of them): the
+        frozen vision tower, every prefix off, once per call."""
+        images = conditioning.call_images(self.base_model, args, kwargs)
+        if images is None:
+            raise ValueError(f"prefix {name!r} is conditioned on images (condition='image') but this call passes "
+                             "none: give it the images, or run it inside model.conditioned_on(images)")
+        with routing.inside(self, dataclasses.replace(routing.current(self), disabled=True, cache=None)):
+            return conditioning.Condition(conditioning.image_features(self.base_model, images))
+
+    @contextlib.contextmanager
+    def conditioned_on(self, images: torch.Tensor) -> Iterator[None]:
+        """Calls inside condition their image-conditioned prefixes on ``images`` (model inputs, e.g. ``pixel_values``,
+        one per row or per group of rows) instead of their own, e.g. the texts of a CLIP model:
+        ``with model.conditioned_on(pixels): model.get_text_features(ids)`` (each image's texts in a row)."""
+        condition = self._condition((), {"pixel_values": images, "image": images}, "the conditioned prefix")
+        with routing.inside(self, dataclasses.replace(routing.current(self), condition=condition, cache=None)):
+            yield
 
     @contextlib.contextmanager
     def using(self, prefix: str | None | Sequence[str | None]) -> Iterator[None]:
@@ -245,14 +275,22 @@ class PrefixModel(nn.Module):
         if call.disabled:
             return None
         if call.store is not None:
-            return call.store.prefix(site_name, call.cache)
-        route = self._route(call)
-        if route is None:
-            return None
-        if isinstance(route, Routing):
-            chunks = call.cache.get(("chunks", site_name)) if call.cache is not None else None
-            return route.prefix(site_name, batch_size, call, next(chunks) if chunks is not None else None)
-        return self.prefixes[route].prefix(site_name, call.cache)
+            prefix, stores = call.store.prefix(site_name, call.cache), [call.store] * batch_size
+        else:
+            route = self._route(call)
+            if route is None:
+                return None
+            if isinstance(route, Routing):
+                chunks = call.cache.get(("chunks", site_name)) if call.cache is not None else None
+                prefix = route.prefix(site_name, batch_size, call, next(chunks) if chunks is not None else None)
+                stores = route.row_stores if call.condition is not None else None
+            else:
+                prefix, stores = self.prefixes[route].prefix(site_name, call.cache), [self.prefixes[route]] * batch_size
+        if prefix is None or call.condition is None or not conditioning.conditioned(self._installed[site_name]):
+            return prefix
+        if callable(stores):
+            stores = stores(site_name, batch_size, call)
+        return conditioning.shifted(prefix, site_name, stores, call.condition, call.cache)
 
     @property
     def capturing(self) -> bool:

@@ -49,6 +49,7 @@ class Call:
     cache: dict | None = None  # built routed prefixes and widened masks; None outside a call
     captured: dict | None = None  # keys and values recorded for a text initialisation
     images: ImageRows | None = None  # a routed call's images, for vision towers that see several per row
+    condition: Any = None  # image features for image-conditioned prefixes (conditioning.Condition)
 
     def open(self, **changes: Any) -> Call:
         """A call inside this scope: the scope's routing, the changes, and a fresh cache."""
@@ -231,6 +232,11 @@ class Routing:
         if cacheable:
             call.cache[key] = prefix
         return prefix
+
+    def row_stores(self, site_name: str, batch_size: int, call: Call) -> list[PrefixStore | None]:
+        """The prefix store of each of the ``batch_size`` rows this site sees (None: no prefix)."""
+        stores = self.stores + [None]
+        return [stores[self.rows[row]] for row in self._batch_rows(site_name, batch_size, call, None)]
 
     def _batch_rows(self, site_name: str, batch_size: int, call: Call, chunk_row: int | None) -> list[int]:
         """The text row of each of the ``batch_size`` rows this site sees."""

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import peft_compat, typed
 from .architectures import Site, find_sites, model_class, prompt_input, select_sites
+from .conditioning import conditioned
 from .config import PrefixConfig
 from .files import (atomic_write, load_finite, locked_folder, parse_json_object, read_json, remove_stale_temporaries,
                     safetensors_header, write_text)
@@ -179,6 +180,11 @@ def _expected_shapes(meta: PrefixMeta, has_reparam: bool, source: str) -> dict[s
         shapes[f"{site.name}.key"] = shapes[f"{site.name}.value"] = (site.kv_heads, p, site.head_dim)
         if config.gate is not None:
             shapes[f"{site.name}.gate"] = (1,) if config.gate == "scalar" else (site.heads,)
+    if config.condition is not None:  # the meta-network; the width of the image features is the model's
+        hidden = config.condition_hidden
+        width = sum(2 * s.kv_heads * s.head_dim for s in meta.sites if conditioned(s))
+        shapes.update({"condition.0.weight": (hidden, None), "condition.0.bias": (hidden,),
+                       "condition.2.weight": (width, hidden), "condition.2.bias": (width,)})
     if (config.reparam is not None) != has_reparam:
         raise ValueError(f"{source}: prefix_config.reparam is {config.reparam!r} but the file "
                          f"{'holds' if has_reparam else 'holds no'} reparam.* tensors")
@@ -327,7 +333,7 @@ def read_for(model: nn.Module, directory: str | os.PathLike) -> tuple[PrefixConf
     if problems:
         raise ValueError(f"{origin} and does not fit this {_describe(model)}: " + "; ".join(problems))
     # names and shapes were checked against the metadata; the metadata's geometry against the model's sites
-    tensors = {k: v for k, v in saved_tensors.items() if k.startswith("reparam.")}
+    tensors = {k: v for k, v in saved_tensors.items() if k.startswith(("reparam.", "condition."))}
     for entry, site in zip(meta.sites, sites):
         for part in ("key", "value", "gate"):
             if f"{entry.name}.{part}" in saved_tensors:

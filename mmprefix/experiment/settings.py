@@ -30,7 +30,7 @@ from ..config import PrefixConfig
 from ..training.config import TrainConfig, TrainingError, TrainingInterrupted, TrainSettings
 from .loading import QUANTIZATIONS, LoadError
 
-METHODS = ("prefix", "prompt", "lora", "full")
+METHODS = ("prefix", "prompt", "memory", "lora", "adapter", "full")
 ON_BAD_IMAGE = ("error", "skip")
 
 
@@ -312,6 +312,30 @@ class PromptOptions(PrefixOptions):
 
 
 @dataclass
+class MemoryOptions(PrefixOptions):
+    """The ``memory:`` section: a decoupled prefix's `PrefixConfig` fields (``method="memory"``) and learning rate."""
+
+    method: str = "memory"
+
+    def __post_init__(self) -> None:
+        PrefixConfig.__post_init__(self)
+        if self.method != "memory":
+            raise ValueError("memory.method must stay 'memory'")
+
+
+@dataclass
+class AdapterOptions:
+    """The ``adapter:`` section: the bottleneck width of the adapters (`mmprefix.adapters`) and the learning rate."""
+
+    width: int = 16
+    learning_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.width < 1:
+            raise ValueError(f"adapter.width must be >= 1, got {self.width}")
+
+
+@dataclass
 class FullOptions:
     """The ``full:`` section: full fine-tuning takes only its learning rate."""
 
@@ -321,7 +345,8 @@ class FullOptions:
 @dataclass
 class RecipeSettings:
     """Everything a recipe run reads. ``output_dir`` may hold ``{method}`` (the shipped configs write each
-    method into its own folder); the method's section (``prefix:``, ``prompt:``, ``lora:``, ``full:``) may set
+    method into its own folder); the method's section (``prefix:``, ``prompt:``, ``memory:``, ``lora:``,
+    ``adapter:``, ``full:``) may set
     the learning rate that method trains with, unless ``train.learning_rate`` is given on the command line."""
 
     model: str
@@ -330,7 +355,9 @@ class RecipeSettings:
     output_dir: str = "out/{method}"
     prefix: PrefixOptions = field(default_factory=PrefixOptions)
     prompt: PromptOptions = field(default_factory=PromptOptions)
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
     lora: dict[str, Any] = field(default_factory=dict)  # peft.LoraConfig fields, and learning_rate
+    adapter: AdapterOptions = field(default_factory=AdapterOptions)
     full: FullOptions = field(default_factory=FullOptions)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -348,10 +375,12 @@ class RecipeSettings:
 
     def method_options(self) -> Any:
         """What `mmprefix.experiment.methods.prepare` takes for this method: a `PrefixConfig`, LoRA options."""
-        if self.method in ("prefix", "prompt"):
+        if self.method in ("prefix", "prompt", "memory"):
             return getattr(self, self.method).config()
         if self.method == "lora":
             return {k: v for k, v in self.lora.items() if k != "learning_rate"}
+        if self.method == "adapter":
+            return {"width": self.adapter.width}
         return {}
 
     def train_config(self) -> TrainConfig:
@@ -370,8 +399,9 @@ class RecipeSettings:
 FLAGS = {  # recipe flag -> (dotted key, argparse keywords)
     "--output-dir": ("output_dir", dict(metavar="DIR", help="where the run writes everything (default: the config's "
                                         "output_dir, e.g. out/vqa/{method})")),
-    "--method": ("method", dict(choices=METHODS, help="what to train: a prefix (default), a soft prompt, LoRA or "
-                                "every weight (full fine-tuning), for comparison")),
+    "--method": ("method", dict(choices=METHODS, help="what to train: a prefix (default), a soft prompt, a memory "
+                                "prefix (decoupled from the softmax), LoRA, bottleneck adapters or every weight "
+                                "(full fine-tuning), for comparison")),
     "--max-steps": ("train.max_steps", dict(type=int, metavar="N", help="optimizer steps to train")),
     "--save-every": ("train.save_every", dict(type=int, metavar="N", help="write a resumable checkpoint every N "
                                               "steps (0: only when SIGTERM/SIGINT stops the run)")),
