@@ -50,6 +50,11 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped projection's weight: model code reads it (T5 casts its input to ``wo.weight``'s dtype)."""
+        return self.wrapped.weight
+
     def forward(self, *args, **kwargs) -> torch.Tensor:
         out = self.wrapped(*args, **kwargs)
         shift = self.up(F.relu(self.down(out.to(self.down.weight.dtype))))

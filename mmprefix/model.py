@@ -228,6 +228,12 @@ class PrefixModel(nn.Module):
         with routing.inside(self, call):
             yield kwargs
 
+    def image_conditioned(self, prefix: Any = ACTIVE) -> bool:
+        """Whether a call routed to ``prefix`` (default: this moment's routing) uses an image-conditioned prefix,
+        and so needs the images of its rows."""
+        route = self._route(routing.current(self)) if prefix is ACTIVE else routing.resolve(prefix, self.prefixes, (), {})
+        return bool(self._conditioned(route))
+
     def _conditioned(self, route: str | None | Routing) -> list[str]:
         """The image-conditioned prefixes a route uses."""
         names = route.used if isinstance(route, Routing) else [route] if route is not None else []

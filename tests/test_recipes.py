@@ -125,13 +125,15 @@ def test_classification_trains_on_the_models_own_similarities(stand_ins):
 
 @pytest.mark.parametrize("name, checkpoint", [("vqa", "blip"), ("captioning", "blip"), ("textgen", "lm"),
                                               ("classification", "clip")])
-@pytest.mark.parametrize("method", ["prompt", "lora", "full"])
+@pytest.mark.parametrize("method", ["prompt", "memory", "lora", "adapter", "full"])
 def test_the_comparison_methods_run_through_the_same_recipe(name, checkpoint, method, stand_ins, tmp_path):
     out = tmp_path / method
     metrics = load(name).main([f"model={stand_ins / checkpoint}", f"output_dir={out}", "--method", method, *QUICK,
                                *world({"train": 24, "val": 6, "test": 6})])
     assert (metrics["trainable_percent"] == 100) == (method == "full")
-    saved = {"prompt": "prompt/prefix.safetensors", "lora": "lora/adapter_model.safetensors", "full": "model/config.json"}
+    saved = {"prompt": "prompt/prefix.safetensors", "memory": "memory/prefix.safetensors",
+             "lora": "lora/adapter_model.safetensors", "adapter": "adapter/bottleneck.safetensors",
+             "full": "model/config.json"}
     assert (out / saved[method]).is_file() and not (out / "prefix").exists()
 
 
