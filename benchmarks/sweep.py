@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LR_GRID = (1 / 3, 1.0, 3.0)
 SEEDS = (0, 1, 2)
 IMAGE_TASKS = ("vqa", "captioning", "classification")  # BLIP and CLIP: the image-conditioned prefix applies
+CORE = ("prefix", "memory", "lora", "full")  # their learning-rate grids run first, on every task
 ORDER = ("textgen", "vqa_llava", "classification", "vqa", "captioning")  # the cheapest recipes first
 
 
@@ -130,10 +131,33 @@ def command(run: Run, recipes: dict, root: Path) -> list[str]:
             f"output_dir={run.folder(root)}"]
 
 
-def read_result(folder: Path) -> dict | None:
-    """A finished run's ``benchmark.json`` (None if it has not finished; ``{"failed": ...}`` if it failed)."""
+def busy(folder: Path) -> bool:
+    """Whether a live recipe holds the run's folder (one a stopped sweep left running, say)."""
+    import fcntl
+
+    try:
+        with open(folder / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
+
+
+def read_result(folder: Path, metric: str | None = None) -> dict | None:
+    """A finished run's ``benchmark.json`` (None if it has not finished; ``{"failed": ...}`` if it failed). A run
+    that finished while no sweep waited for it (its ``metrics.json`` is there) is recorded now."""
     path = folder / "benchmark.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if path.is_file():
+        return json.loads(path.read_text())
+    if metric is None or not (folder / "metrics.json").is_file() or busy(folder):
+        return None
+    metrics = json.loads((folder / "metrics.json").read_text())
+    result = {**metrics, "validation": last_validation(folder, metric), "wall_seconds": None}
+    path.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def last_validation(folder: Path, metric: str) -> float | None:
@@ -160,8 +184,9 @@ class Jobs:
         self.running[key] = (process, handle, time.perf_counter(), on_exit)
         print(f"[{time.strftime('%H:%M:%S')}] start {key}", file=sys.stderr, flush=True)
 
-    def free(self) -> bool:
-        return len(self.running) < self.size
+    def free(self, others: int = 0) -> bool:
+        """Whether another job may start beside the running ones and ``others`` (runs of an earlier sweep)."""
+        return len(self.running) + others < self.size
 
     def reap(self) -> None:
         for key, (process, handle, started, on_exit) in list(self.running.items()):
@@ -208,11 +233,11 @@ class Sweep:
                               base_rate(t, recipes, BY_LABEL[l])) for t in tasks for l in self.labels[t]}
 
     def result(self, run: Run) -> dict | None:
-        result = read_result(run.folder(self.root))
+        result = read_result(run.folder(self.root), self.primary[run.task])
         return None if result is None or "failed" in result else result
 
     def finished(self, run: Run) -> bool:
-        return read_result(run.folder(self.root)) is not None
+        return read_result(run.folder(self.root), self.primary[run.task]) is not None
 
     def rate_runs(self, task: str, label: str) -> list[Run]:
         budgets, base = self.grid[(task, label)]
@@ -259,10 +284,15 @@ class Sweep:
         return [Run(task, label, budget, self.rate(task, label), seed) for label, budget in heads for seed in SEEDS]
 
     def training_runs(self) -> list[Run]:
+        """Every run that can start, in the order they should: the learning-rate grids of the core methods on
+        every task, then those of the others, then the budgets, then the headline seeds."""
         runs: list[Run] = []
+        for core in (True, False):
+            for task in self.tasks:
+                runs += [r for label in self.labels[task] if (label in CORE) == core for r in self.rate_runs(task, label)]
         for task in self.tasks:
-            for label in self.labels[task]:
-                runs += self.rate_runs(task, label) + self.budget_runs(task, label)
+            runs += [r for label in self.labels[task] for r in self.budget_runs(task, label)]
+        for task in self.tasks:
             runs += self.headline_runs(task)
         return list(dict.fromkeys(runs))
 
@@ -341,15 +371,17 @@ def run_sweep(sweep: Sweep, size: int) -> None:
         pending = []
         for run in sweep.training_runs() + sweep.newclass_runs():
             folder = run.folder(sweep.root)
-            if not sweep.finished(run) and str(folder) not in jobs.running:
+            if not sweep.finished(run) and str(folder) not in jobs.running and not busy(folder):
                 pending.append((str(folder), run))
         for out, argv, log in sweep.check_jobs():
             if str(out) not in jobs.running and str(out) not in failed_checks:
                 pending.append((str(out), (argv, log)))
-        if not pending and not jobs.running:
+        orphans = [r for r in sweep.training_runs() + sweep.newclass_runs()
+                   if str(r.folder(sweep.root)) not in jobs.running and busy(r.folder(sweep.root))]
+        if not pending and not jobs.running and not orphans:
             return
         for key, job in pending:
-            if not jobs.free():
+            if not jobs.free(len(orphans)):
                 break
             if isinstance(job, Run):
                 shutil.rmtree(key, ignore_errors=True)  # a run stopped half-way starts again from nothing
