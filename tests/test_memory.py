@@ -261,3 +261,40 @@ def test_memory_options_are_checked():
         PrefixConfig(method="memory", gate="head")
     with pytest.raises(ValueError, match="takes no gate and no position_offset"):
         PrefixConfig(method="memory", position_offset=True)
+
+
+def test_memory_and_image_conditioned_prefixes_are_served_in_batches_beside_plain_ones(tmp_path):
+    """A recipe's memory run folder (memory/memory) and an image-conditioned prefix, served with a plain prefix:
+    requests routed through shared batches each equal the prefix alone."""
+    import serve_tiny
+    from mmprefix.evaluation import decode
+    from mmprefix.serving import Job, PrefixService
+
+    vqa, _ = serve_tiny.blip_heads()
+    processor = tiny.world_blip_processor()
+    configs = {"plain": PrefixConfig(num_virtual_tokens=3, init_std=1.0),
+               "mem": PrefixConfig(num_virtual_tokens=3, method="memory", init_std=1.0),
+               "cond": PrefixConfig(num_virtual_tokens=3, init_std=1.0, condition="image", condition_hidden=4)}
+    for name, config in configs.items():
+        pm = add_prefix(vqa, config, name=name)
+        with torch.no_grad():
+            for parameter in pm.prefixes[name].parameters():
+                parameter.normal_()
+        pm.save_prefix(tmp_path / name / ("memory/memory" if name == "mem" else ""))
+        pm.remove_prefix()
+    service = PrefixService(serve_tiny.blip_engines()[:1], tmp_path, max_batch_size=8, window=0.3)
+    try:
+        names = ["plain", "mem", "cond", None, "cond", "mem"]
+        jobs = [Job("vqa", name, serve_tiny.image(i), serve_tiny.QUESTIONS[0], generation=(("max_new_tokens", 5),))
+                for i, name in enumerate(names)]
+        answers = [future.result(60) for future in [service.submit(job) for job in jobs]]
+    finally:
+        service.close()
+    assert len(set(answers)) > 2, f"the prefixes must change the answers, or the test proves nothing: {answers}"
+    for i, (name, answer) in enumerate(zip(names, answers)):
+        model = serve_tiny.reference("vqa", None, tmp_path)
+        if name is not None:
+            model.load_prefix(name, tmp_path / name / ("memory/memory" if name == "mem" else ""))
+        expected = decode.answer_questions(model, processor, [serve_tiny.image(i)], [serve_tiny.QUESTIONS[0]],
+                                           max_new_tokens=5)
+        assert answer == expected[0], (name, i)
