@@ -112,9 +112,17 @@ class ConditionNet(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class Condition:
-    """The pooled features of a call's images (or of a `PrefixModel.conditioned_on` scope's), one row per image."""
+    """The pooled features of a call's images (or of a `PrefixModel.conditioned_on` scope's), one row per image, and
+    the meta-networks' outputs for them: computed when the call starts, outside any checkpointed layer, so that a
+    layer recomputed in backward reads the same tensors."""
 
     features: torch.Tensor
+    outputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def for_stores(self, stores: list[Any]) -> Condition:
+        """This condition with the outputs of these stores' meta-networks."""
+        nets = [store.condition for store in stores]
+        return Condition(self.features, {id(net): net(self.features.to(net.net[0].weight.device)) for net in nets})
 
     def index(self, rows: int) -> torch.Tensor:
         """The feature row of each of ``rows`` rows (each image's features repeated for its rows in a row)."""
@@ -124,24 +132,14 @@ class Condition:
                              "come with the same number of rows")
         return torch.arange(count, device=self.features.device).repeat_interleave(rows // count)
 
-    def output(self, net: ConditionNet, cache: dict | None) -> torch.Tensor:
-        """``net`` on the features, once per call (``cache``: the call's)."""
-        key = ("condition", id(net), id(self.features))
-        if cache is None or key not in cache:
-            out = net(self.features.to(net.net[0].weight.device))
-            if cache is None:
-                return out
-            cache[key] = (net, self.features, out)  # holding both keeps their ids from being reused
-        return cache[key][2]
 
-
-def shifted(prefix: Prefix, site_name: str, row_stores: list[Any], condition: Condition, cache: dict | None) -> Prefix:
+def shifted(prefix: Prefix, site_name: str, row_stores: list[Any], condition: Condition) -> Prefix:
     """``prefix`` with each row's keys and values shifted by its image, for the rows whose store (``row_stores``,
     one per batch row; None: no prefix) is image-conditioned."""
     index = condition.index(len(row_stores))
     shifts: dict[bool, list] = {}  # memory or not -> (keys, values) shift of each row, None where unshifted
     for store in {id(s): s for s in row_stores if s is not None and s.condition is not None}.values():
-        got = store.condition.shift(site_name, condition.output(store.condition, cache))
+        got = store.condition.shift(site_name, condition.outputs[id(store.condition)])
         if got is None:
             continue
         rows = torch.tensor([s is store for s in row_stores], device=got[0].device)

@@ -222,9 +222,10 @@ class PrefixModel(nn.Module):
             call.images = routing.image_rows(images, kwargs, self.base_model.config, self._installed.values())
         if self._soft_prompts is not None and not call.disabled and route is not None:
             kwargs, call.insertion = self._soft_prompts.insert(kwargs, route, self.prefixes, generating)
-        conditioned = self._conditioned(route) if call.condition is None and not call.disabled else []
-        if conditioned:
-            call.condition = self._condition(args, kwargs, conditioned[0])
+        conditioned = self._conditioned(route) if not call.disabled else []
+        if conditioned:  # the scope's images (conditioned_on), else the call's own; the meta-networks run now
+            condition = call.condition or self._condition(args, kwargs, conditioned[0])
+            call.condition = condition.for_stores([self.prefixes[name] for name in conditioned])
         with routing.inside(self, call):
             yield kwargs
 
@@ -296,7 +297,7 @@ class PrefixModel(nn.Module):
             return prefix
         if callable(stores):
             stores = stores(site_name, batch_size, call)
-        return conditioning.shifted(prefix, site_name, stores, call.condition, call.cache)
+        return conditioning.shifted(prefix, site_name, stores, call.condition)
 
     @property
     def capturing(self) -> bool:

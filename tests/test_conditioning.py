@@ -204,3 +204,24 @@ def test_nan_from_the_meta_network_stops_training_before_any_update(tmp_path):
         train(pm, Rows(), collate, tiny_config(str(tmp_path / "run"), 2))
     for name, parameter in pm.prefixes.named_parameters():
         torch.testing.assert_close(parameter, before[name], equal_nan=True)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """The meta-networks run when the call starts, outside the checkpointed layers, so the layers recomputed in
+    backward read the same shifts (computed inside the first layer, a recomputation would record other tensors)."""
+    def gradients(checkpointing):
+        pm = conditioned()
+        for module in pm.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if checkpointing:
+            pm.gradient_checkpointing_enable()
+        pm.train()
+        batch = tiny.FAMILIES["blip_caption"][1]()
+        pm(**batch, labels=batch["input_ids"], prefix=["default", None]).loss.backward()
+        return {n: p.grad for n, p in pm.prefixes.named_parameters()}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain["default.condition.net.2.weight"].abs().sum() > 0
+    for name, grad in checkpointed.items():
+        torch.testing.assert_close(grad, plain[name], rtol=1e-6, atol=1e-7)
