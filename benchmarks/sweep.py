@@ -12,8 +12,9 @@ B. the budgets: every method at its other two budgets with that rate, seed 0;
 C. the headline rows: LoRA at its best budget on validation, full fine-tuning, adapters at their best budget,
    and the best prefix-family method (plain, gated, memory, image-conditioned) among its budgets with no more
    trainable parameters than LoRA's headline, again on validation: seeds 1 and 2 beside seed 0;
-D. forgetting: each headline run's adaptation, active, on the backbone's own pretraining checks (test split),
-   beside the frozen backbone;
+D. forgetting: the adaptation of each headline run and of each method's chosen rate (seed 0), active, on the
+   backbone's own pretraining checks (test split), beside the frozen backbone (these checks run first: they
+   take seconds);
 E. new classes (classification): the classes split in half, each method trained on the base half at its rate
    from A (three seeds) and scored on the base half's test images and, without training, on the new half's.
 
@@ -341,7 +342,8 @@ class Sweep:
         script = [sys.executable, str(ROOT / "benchmarks" / "checks.py")]
         for task in self.tasks:
             config = str(ROOT / (self.recipes[task][1] or f"recipes/configs/{self.recipes[task][0]}.yaml"))
-            runs = [None] + [r for r in self.headline_runs(task) if self.result(r)]
+            chosen = [r for label in self.labels[task] for r in self.rate_runs(task, label) if r.lr == self.rate(task, label)]
+            runs = [None] + [r for r in dict.fromkeys(chosen + self.headline_runs(task)) if self.result(r)]
             for run in runs:
                 out = self.root / task / "checks-base.json" if run is None else run.folder(self.root) / "checks.json"
                 where = "none" if run is None else str(run.folder(self.root))
@@ -369,13 +371,13 @@ def run_sweep(sweep: Sweep, size: int) -> None:
     while True:
         jobs.reap()
         pending = []
+        for out, argv, log in sweep.check_jobs():  # seconds each: before the next training run
+            if str(out) not in jobs.running and str(out) not in failed_checks:
+                pending.append((str(out), (argv, log)))
         for run in sweep.training_runs() + sweep.newclass_runs():
             folder = run.folder(sweep.root)
             if not sweep.finished(run) and str(folder) not in jobs.running and not busy(folder):
                 pending.append((str(folder), run))
-        for out, argv, log in sweep.check_jobs():
-            if str(out) not in jobs.running and str(out) not in failed_checks:
-                pending.append((str(out), (argv, log)))
         orphans = [r for r in sweep.training_runs() + sweep.newclass_runs()
                    if str(r.folder(sweep.root)) not in jobs.running and busy(r.folder(sweep.root))]
         if not pending and not jobs.running and not orphans:

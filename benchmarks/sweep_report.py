@@ -103,6 +103,27 @@ def headline_table(sweep, task: str) -> list[str]:
     return lines
 
 
+def forgetting_table(sweep, task: str) -> list[str]:
+    """Each method at its chosen rate (middle budget, seed 0): the pretraining check with the adaptation active."""
+    base_path = sweep.root / task / "checks-base.json"
+    if not base_path.is_file():
+        return []
+    base = json.loads(base_path.read_text())
+    lines = [f"Forgetting ({base['check']}, {base['metric']}, {base['samples']} test samples; the frozen backbone "
+             f"{base['score']:.2f}), each method at its chosen rate, middle budget, seed 0:", "",
+             "| method | task test score | check score | % of the backbone's |", "|---|---:|---:|---:|"]
+    for label in sweep.labels[task]:
+        rate = sweep.rate(task, label)
+        run = next((r for r in sweep.rate_runs(task, label) if r.lr == rate), None)
+        path = run.folder(sweep.root) / "checks.json" if run else None
+        if path is None or not path.is_file():
+            continue
+        score = json.loads(path.read_text())["score"]
+        share = f"{100 * score / base['score']:.0f}%" if base["score"] else "-"
+        lines.append(f"| {label} | {_cell(_test(sweep, run))} | {score:.2f} | {share} |")
+    return lines
+
+
 def newclass_table(sweep) -> list[str]:
     if "classification" not in sweep.tasks:
         return []
@@ -171,6 +192,7 @@ def write(sweep) -> None:
     for task in sweep.tasks:
         lines += [f"## {NAMES.get(task, task)}", ""]
         lines += rate_table(sweep, task) + [""] + budget_table(sweep, task) + [""] + headline_table(sweep, task)
+        lines += [""] + forgetting_table(sweep, task)
         if figure(sweep, task, sweep.root / f"{task}.png"):
             lines += ["", f"![{task}]({task}.png)"]
         lines.append("")
