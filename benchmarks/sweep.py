@@ -72,8 +72,10 @@ VARIANTS = (
     Variant("prefix", "prefix", "prefix", "num_virtual_tokens", prefix_family=True),
     Variant("gated", "prefix", "prefix", "num_virtual_tokens", ("prefix.gate=head",), prefix_family=True),
     Variant("memory", "memory", "memory", "num_virtual_tokens", prefix_family=True),
-    Variant("conditioned", "prefix", "prefix", "num_virtual_tokens", ("prefix.condition=image",), prefix_family=True,
-            tasks=IMAGE_TASKS),
+    # a meta-network of width 8 (CoCoOp's 1/16 of the features' width, for the embedded CLIP's and BLIP's 128)
+    Variant("conditioned", "prefix", "prefix", "num_virtual_tokens", ("prefix.condition=image",
+                                                                        "prefix.condition_hidden=8"),
+            prefix_family=True, tasks=IMAGE_TASKS),
     Variant("prompt", "prompt", "prompt", "num_virtual_tokens"),
     Variant("lora", "lora", "lora", "r"),
     Variant("adapter", "adapter", "adapter", "width"),
