@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from .architectures import family_of, model_class
-from .families import ADAPTER_BY_LM, CAUSAL_LM, DEFAULT_ADAPTER, SEQ2SEQ_LM
+from .architectures import family_setting, model_class
+from .families import ADAPTER_BY_LM, DEFAULT_ADAPTER
 
 CONFIG_NAME = "bottleneck_config.json"  # not PEFT's adapter_config.json: the two must never be mistaken
 WEIGHTS_NAME = "bottleneck.safetensors"
@@ -63,11 +63,7 @@ class BottleneckAdapter(nn.Module):
 
 def adapter_targets(model: nn.Module) -> str:
     """The feed-forward output projections adapters follow, as a regular expression on module names."""
-    family = family_of(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if family is None or family in (CAUSAL_LM, SEQ2SEQ_LM):
-        return ADAPTER_BY_LM.get(model_type, DEFAULT_ADAPTER)
-    return family.adapter
+    return family_setting(model, "adapter", ADAPTER_BY_LM, DEFAULT_ADAPTER)
 
 
 def add_adapters(model: nn.Module, width: int = 16, targets: str | None = None) -> nn.Module:

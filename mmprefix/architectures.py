@@ -434,3 +434,12 @@ def select_sites(sites: list[Site], targets: list[str] | None) -> list[Site]:
                                  "negative from the last)")
         chosen.update(s.name for s in hits)
     return [s for s in sites if s.name in chosen]
+
+
+def family_setting(model: nn.Module, name: str, by_lm: dict[str, str], default: str) -> str:
+    """A setting of the model's family record (``Family.<name>``: LoRA's or the adapters' target modules); for a
+    plain language model, the one its ``model_type`` needs (``by_lm``), else ``default``."""
+    family = family_of(model)
+    if family is None or family in (CAUSAL_LM, SEQ2SEQ_LM):
+        return by_lm.get(getattr(getattr(model, "config", None), "model_type", None), default)
+    return getattr(family, name)

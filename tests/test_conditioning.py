@@ -210,10 +210,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     """The meta-networks run when the call starts, outside the checkpointed layers, so the layers recomputed in
     backward read the same shifts (computed inside the first layer, a recomputation would record other tensors)."""
     def gradients(checkpointing):
-        pm = conditioned()
-        for module in pm.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        pm = tiny.without_dropout(conditioned())
         if checkpointing:
             pm.gradient_checkpointing_enable()
         pm.train()

@@ -35,15 +35,10 @@ def reference_read(q, keys, values, scaling):
 def test_memory_on_the_interface_route_against_a_hand_computed_reference():
     """GPT-2 layer 0: c_proj(softmax attention over the input + the memory read), per head."""
     pm = memory_model()
-    model, store, name = pm.base_model, pm.prefixes["default"], "transformer.h.0.attn"
-    module = model.transformer.h[0].attn
-    h = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
-    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    module, store = pm.base_model.transformer.h[0].attn, pm.prefixes["default"]
+    out, q, base = tiny.gpt2_attention_by_hand(module)
     with torch.no_grad():
-        out = module(h, attention_mask=causal)[0]
-        q, k, v = (x.view(2, 5, 4, 8).transpose(1, 2) for x in module.c_attn(h).split(32, dim=2))
-        base = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~causal, float("-inf")).softmax(-1) @ v
-        mixed = base + reference_read(q, *store.kv(name), 8**-0.5)
+        mixed = base + reference_read(q, *store.kv("transformer.h.0.attn"), 8**-0.5)
         expected = module.c_proj(mixed.transpose(1, 2).reshape(2, 5, 32))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 

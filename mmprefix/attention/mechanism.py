@@ -208,24 +208,18 @@ def attend(
     """Run ``attention`` (an attention-interface function) over ``[prefix; key]`` and ``[prefix; value]``;
     for a gated prefix or a memory, run it untouched; then add what lies outside the softmax
     (`added_attention`)."""
-    if prefix.outside:
-        output, weights = attention(module, query, key, value, attention_mask, **kwargs)
-    else:
-        output, weights = _attend_with_slots(module, attention, prefix, query, key, value, attention_mask, **kwargs)
+    if not prefix.outside:
+        key, value, attention_mask, kwargs = _with_slots(module, attention, prefix, query, key, value, attention_mask,
+                                                         kwargs)
+    output, weights = attention(module, query, key, value, attention_mask, **kwargs)
     added = added_attention(query, prefix, kwargs.get("scaling"))
     return (output if added is None else output + added), weights
 
 
-def _attend_with_slots(
-    module: nn.Module,
-    attention: Callable,
-    prefix: Prefix,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _with_slots(module: nn.Module, attention: Callable, prefix: Prefix, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any],
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """Keys, values, mask and keyword arguments of an attention call over ``[prefix; key]``, ``[prefix; value]``."""
     batch = max(query.shape[0], key.shape[0])
     kv_len = key.shape[-2]
     p_keys, p_values = prefix.keys, prefix.values
@@ -252,7 +246,7 @@ def _attend_with_slots(
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:  # T5: prefix slots get no relative-position bias
         kwargs["position_bias"] = nn.functional.pad(position_bias, (prefix.keys.shape[-2], 0))
-    return attention(module, query, key, value, attention_mask, **kwargs)
+    return key, value, attention_mask, kwargs
 
 
 def sdpa_with_prefix(module: nn.Module, prefix: Prefix, query: torch.Tensor, key: torch.Tensor,

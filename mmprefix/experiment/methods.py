@@ -19,10 +19,9 @@ from typing import Any
 from torch import nn
 
 from .. import adapters
-from ..adapters import add_adapters
-from ..architectures import family_of
+from ..architectures import family_setting
 from ..config import PrefixConfig
-from ..families import CAUSAL_LM, DEFAULT_LORA, LORA_BY_LM, SEQ2SEQ_LM
+from ..families import DEFAULT_LORA, LORA_BY_LM
 from ..model import add_prefix, load_prefix
 
 METHODS = ("prefix", "prompt", "memory", "lora", "adapter", "full")
@@ -47,7 +46,7 @@ def prepare(model: nn.Module, method: str, options: PrefixConfig | dict[str, Any
         options.setdefault("fan_in_fan_out", model_type == "gpt2")  # GPT-2's Conv1D stores weights transposed
         return get_peft_model(model, LoraConfig(**options))
     if method == "adapter":
-        return add_adapters(model, **options)
+        return adapters.add_adapters(model, **options)
     if method == "full":
         if options:
             raise ValueError(f"method 'full' takes no options, got {sorted(options)}")
@@ -57,11 +56,7 @@ def prepare(model: nn.Module, method: str, options: PrefixConfig | dict[str, Any
 
 def lora_targets(model: nn.Module) -> str:
     """The attention projections LoRA adapts (queries and values), as a regular expression on module names."""
-    family = family_of(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if family is None or family in (CAUSAL_LM, SEQ2SEQ_LM):
-        return LORA_BY_LM.get(model_type, DEFAULT_LORA)
-    return family.lora
+    return family_setting(model, "lora", LORA_BY_LM, DEFAULT_LORA)
 
 
 def for_generation(model: nn.Module) -> nn.Module:

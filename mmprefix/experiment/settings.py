@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_origin
+from typing import Any, ClassVar, get_origin
 
 import yaml
 
@@ -287,11 +287,13 @@ class PrefixOptions(PrefixConfig):
     """The ``prefix:`` section: `PrefixConfig` fields, and the learning rate this method trains with."""
 
     learning_rate: float | None = None
+    section: ClassVar[str] = "prefix"  # the section, and the PrefixConfig method it configures
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.method != "prefix":
-            raise ValueError("prefix.method must stay 'prefix' (choose a soft prompt with method: prompt)")
+        section = type(self).section
+        if self.method != section:
+            raise ValueError(f"{section}.method must stay {section!r} (choose another method with method: ...)")
 
     def config(self) -> PrefixConfig:
         """The prefix's `PrefixConfig`."""
@@ -304,11 +306,7 @@ class PromptOptions(PrefixOptions):
     """The ``prompt:`` section: a soft prompt's `PrefixConfig` fields and learning rate."""
 
     method: str = "prompt"
-
-    def __post_init__(self) -> None:
-        PrefixConfig.__post_init__(self)
-        if self.method != "prompt":
-            raise ValueError("prompt.method must stay 'prompt'")
+    section: ClassVar[str] = "prompt"
 
 
 @dataclass
@@ -316,11 +314,7 @@ class MemoryOptions(PrefixOptions):
     """The ``memory:`` section: a decoupled prefix's `PrefixConfig` fields (``method="memory"``) and learning rate."""
 
     method: str = "memory"
-
-    def __post_init__(self) -> None:
-        PrefixConfig.__post_init__(self)
-        if self.method != "memory":
-            raise ValueError("memory.method must stay 'memory'")
+    section: ClassVar[str] = "memory"
 
 
 @dataclass
