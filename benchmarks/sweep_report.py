@@ -187,7 +187,10 @@ def figure(sweep, task: str, path: Path) -> bool:
 
 
 def write(sweep) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    stamp = Path(__file__).parents[1] / "COMMIT"  # a copy of the code made for a long sweep names its commit there
+    commit = commit or (stamp.read_text().strip() if stamp.is_file() else "unknown")
     lines = [f"# Methods sweep ({time.strftime('%Y-%m-%d %H:%M')}, commit {commit})", ""]
     for task in sweep.tasks:
         lines += [f"## {NAMES.get(task, task)}", ""]
