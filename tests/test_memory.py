@@ -70,6 +70,24 @@ def test_memory_on_torch_multihead_attention_of_open_clip_against_a_hand_compute
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_memory_on_open_clips_own_attention_with_qk_norm_and_head_scale_against_a_hand_computed_reference():
+    pm = memory_model(lambda: tiny.open_clip_model("mmprefix-tiny-clip-custom"), p=3)
+    name = "text.transformer.resblocks.0.attn"
+    module = pm.base_model.get_submodule(name)
+    keys, values = pm.prefixes["default"].kv(name)
+    with torch.no_grad():
+        module.head_scale.uniform_(0.5, 1.5)
+        x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(0))
+        causal = torch.full((12, 12), float("-inf")).triu(1)
+        out = module(x, attn_mask=causal)
+        q, k, v = (t.view(2, 12, 4, 8).transpose(1, 2) for t in F.linear(x, module.in_proj_weight, module.in_proj_bias).chunk(3, -1))
+        q, k = module.ln_q(q), module.ln_k(k)
+        base = (q @ k.transpose(-1, -2) * module.scale + causal).softmax(-1) @ v
+        context = (base + reference_read(q, keys, values, module.scale)) * module.head_scale.view(1, 4, 1, 1)
+        expected = module.out_proj(context.transpose(1, 2).reshape(2, 12, 32))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", sorted(tiny.FAMILIES))
 def test_a_memory_with_its_values_at_zero_is_the_base_model_bit_for_bit(family):
     """The default start (keys random, values zero) and init="zero", on every route; then trained values change it."""
