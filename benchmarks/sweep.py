@@ -6,8 +6,9 @@ recipe in its own niced process with one thread, and each finished run is kept o
 resumes where it was):
 
 A. the learning-rate grid: every method at its middle budget (the recipe config's), seed 0, at its config's
-   learning rate times 1/3, 1 and 3 (the same relative grid for every method); the rate with the best score on
-   the validation split at the end of training wins (ties: the config's rate);
+   learning rate times 1/3, 1 and 3 (the same relative grid for every method), extended by a factor 3 beyond an
+   edge where the best validation score lies (twice at most); the rate with the best score on the validation
+   split at the end of training wins (ties: the config's rate, then the lower one);
 B. the budgets: every method at its other two budgets with that rate, seed 0;
 C. the headline rows: LoRA at its best budget on validation, full fine-tuning, adapters at their best budget,
    and the best prefix-family method (plain, gated, memory, image-conditioned) among its budgets with no more
@@ -34,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LR_GRID = (1 / 3, 1.0, 3.0)
+EXTENSIONS = 2  # steps the grid may grow beyond an edge where the best validation score lies
 SEEDS = (0, 1, 2)
 IMAGE_TASKS = ("vqa", "captioning", "classification")  # BLIP and CLIP: the image-conditioned prefix applies
 CORE = ("prefix", "memory", "lora", "full")  # their learning-rate grids run first, on every task
@@ -243,21 +245,39 @@ class Sweep:
         return read_result(run.folder(self.root), self.primary[run.task]) is not None
 
     def rate_runs(self, task: str, label: str) -> list[Run]:
+        """The grid's runs at the middle budget; where the best validation score lies at an edge of the grid, the
+        grid is extended one step beyond it (at most ``EXTENSIONS`` times), for every method alike."""
         budgets, base = self.grid[(task, label)]
-        return [Run(task, label, budgets[len(budgets) // 2], base * m, 0) for m in LR_GRID]
+        middle = budgets[len(budgets) // 2]
+        runs = [Run(task, label, middle, base * m, 0) for m in LR_GRID]
+        for _ in range(EXTENSIONS):
+            if not all(self.finished(r) for r in runs):
+                break
+            best = self._best_rate(runs, base)
+            ordered = sorted(runs, key=lambda r: r.lr)
+            if best == ordered[0].lr:
+                runs.append(Run(task, label, middle, ordered[0].lr * LR_GRID[0], 0))
+            elif best == ordered[-1].lr:
+                runs.append(Run(task, label, middle, ordered[-1].lr * LR_GRID[-1], 0))
+            else:
+                break
+        return runs
+
+    def _best_rate(self, runs: list[Run], base: float) -> float:
+        """The rate with the best validation score; ties go to the config's rate, then to the lower one."""
+        scored = [(self.result(r) or {}).get("validation") for r in runs]
+        best = max((s for s in scored if s is not None), default=None)
+        if best is None:
+            return base
+        winners = sorted(r.lr for r, s in zip(runs, scored) if s == best)
+        return base if any(abs(lr - base) < 1e-12 for lr in winners) else winners[0]
 
     def rate(self, task: str, label: str) -> float | None:
         """The learning rate with the best validation score at the middle budget (None until all have run)."""
         runs = self.rate_runs(task, label)
         if not all(self.finished(r) for r in runs):
             return None
-        scored = [(self.result(r) or {}).get("validation") for r in runs]
-        best = max((s for s in scored if s is not None), default=None)
-        if best is None:
-            return runs[1].lr
-        # ties go to the config's rate, then to the lower one
-        winners = [r for r, s in zip(runs, scored) if s == best]
-        return next((r.lr for r in winners if r is runs[1]), winners[0].lr)
+        return next(r.lr for r in runs if abs(r.lr - self._best_rate(runs, self.grid[(task, label)][1])) < 1e-12)
 
     def budget_runs(self, task: str, label: str) -> list[Run]:
         rate = self.rate(task, label)

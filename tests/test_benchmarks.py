@@ -96,6 +96,10 @@ def test_the_sweep_chooses_rates_and_headlines_on_validation_never_on_test(tmp_p
         finish(low, 0.9, 0.1, 100)  # best on validation, worst on test
         finish(middle, 0.5, 0.9, 100)
         finish(high, 0.1, 0.95, 100)
+        assert plan.rate("textgen", label) is None  # the best lies at the grid's edge: one step beyond it first
+        beyond = plan.rate_runs("textgen", label)[3]
+        assert beyond.lr == pytest.approx(low.lr / 3) and not plan.finished(beyond)
+        finish(beyond, 0.3, 1.0, 100)
         assert plan.rate("textgen", label) == low.lr
     budgets = [r for r in plan.training_runs() if not plan.finished(r)]
     assert {r.lr for r in budgets if r.variant == "lora"} == {plan.rate("textgen", "lora")}
