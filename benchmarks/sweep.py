@@ -16,8 +16,9 @@ C. the headline rows: LoRA at its best budget on validation, full fine-tuning, a
 D. forgetting: the adaptation of each headline run and of each method's chosen rate (seed 0), active, on the
    backbone's own pretraining checks (test split), beside the frozen backbone (these checks run first: they
    take seconds);
-E. new classes (classification): the classes split in half, each method trained on the base half at its rate
-   from A (three seeds) and scored on the base half's test images and, without training, on the new half's.
+E. new classes (classification): the classes split in half, each method trained on the base half at its
+   config's rate and middle budget (three seeds) and scored on the base half's test images and, without
+   training, on the new half's.
 
 The test split is read only by the recipes' final scoring and the checks; no choice above reads it.
 """
@@ -39,6 +40,7 @@ EXTENSIONS = 2  # steps the grid may grow beyond an edge where the best validati
 SEEDS = (0, 1, 2)
 IMAGE_TASKS = ("vqa", "captioning", "classification")  # BLIP and CLIP: the image-conditioned prefix applies
 CORE = ("prefix", "memory", "lora", "full")  # their learning-rate grids run first, on every task
+NEWCLASS_FIRST = ("prompt", "prefix", "conditioned")  # CoOp, the prefix and CoCoOp's idea: new classes early
 ORDER = ("textgen", "vqa_llava", "classification", "vqa", "captioning")  # the cheapest recipes first
 
 
@@ -308,16 +310,20 @@ class Sweep:
 
     def training_runs(self) -> list[Run]:
         """Every run that can start, in the order they should: the learning-rate grids of the core methods on
-        every task, then those of the others, then the budgets, then the headline seeds."""
+        every task (and, after classification's, the new-class runs of the image-conditioned prefix and of what it
+        is compared with), then the grids of the others, then the budgets, then the headline seeds, then the
+        other new-class runs."""
         runs: list[Run] = []
         for core in (True, False):
             for task in self.tasks:
                 runs += [r for label in self.labels[task] if (label in CORE) == core for r in self.rate_runs(task, label)]
+                if core and task == "classification":
+                    runs += [r for r in self.newclass_runs() if r.variant in NEWCLASS_FIRST]
         for task in self.tasks:
             runs += [r for label in self.labels[task] for r in self.budget_runs(task, label)]
         for task in self.tasks:
             runs += self.headline_runs(task)
-        return list(dict.fromkeys(runs))
+        return list(dict.fromkeys(runs + self.newclass_runs()))
 
     # -- phases D and E: forgetting and new classes -------------------------------------------------------------
     def newclass_data(self) -> dict[str, Path]:
@@ -345,17 +351,17 @@ class Sweep:
         return files
 
     def newclass_runs(self) -> list[Run]:
+        """Phase E: each method on the base classes at its middle budget and its config's learning rate (the grid
+        of phase A runs on all the classes), three seeds."""
         if "classification" not in self.tasks:
             return []
         files = self.newclass_data()
         data = tuple(f"data.{split}.path={files[f'base_{split}']}" for split in ("train", "val", "test"))
         runs = []
         for label in self.labels["classification"]:
-            rate = self.rate("classification", label)
-            if rate is not None:
-                budgets = self.grid[("classification", label)][0]
-                budget = budgets[len(budgets) // 2]
-                runs += [Run("classification", label, budget, rate, seed, data, "newclass") for seed in SEEDS]
+            budgets, rate = self.grid[("classification", label)]
+            budget = budgets[len(budgets) // 2]
+            runs += [Run("classification", label, budget, rate, seed, data, "newclass") for seed in SEEDS]
         return runs
 
     def check_jobs(self) -> list[tuple[str, list[str], Path]]:
@@ -396,11 +402,11 @@ def run_sweep(sweep: Sweep, size: int) -> None:
         for out, argv, log in sweep.check_jobs():  # seconds each: before the next training run
             if str(out) not in jobs.running and str(out) not in failed_checks:
                 pending.append((str(out), (argv, log)))
-        for run in sweep.training_runs() + sweep.newclass_runs():
+        for run in sweep.training_runs():
             folder = run.folder(sweep.root)
             if not sweep.finished(run) and str(folder) not in jobs.running and not busy(folder):
                 pending.append((str(folder), run))
-        orphans = [r for r in sweep.training_runs() + sweep.newclass_runs()
+        orphans = [r for r in sweep.training_runs()
                    if str(r.folder(sweep.root)) not in jobs.running and busy(r.folder(sweep.root))]
         if not pending and not jobs.running and not orphans:
             return
