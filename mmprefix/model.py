@@ -281,23 +281,28 @@ class PrefixModel(nn.Module):
         call = routing.current(self)
         if call.disabled:
             return None
-        if call.store is not None:
-            prefix, stores = call.store.prefix(site_name, call.cache), [call.store] * batch_size
-        else:
-            route = self._route(call)
-            if route is None:
-                return None
-            if isinstance(route, Routing):
-                chunks = call.cache.get(("chunks", site_name)) if call.cache is not None else None
-                prefix = route.prefix(site_name, batch_size, call, next(chunks) if chunks is not None else None)
-                stores = route.row_stores if call.condition is not None else None
-            else:
-                prefix, stores = self.prefixes[route].prefix(site_name, call.cache), [self.prefixes[route]] * batch_size
+        prefix = self._prefix(call, site_name, batch_size)
         if prefix is None or call.condition is None or not conditioning.conditioned(self._installed[site_name]):
             return prefix
-        if callable(stores):
-            stores = stores(site_name, batch_size, call)
-        return conditioning.shifted(prefix, site_name, stores, call.condition)
+        return conditioning.shifted(prefix, site_name, self._row_stores(call, site_name, batch_size), call.condition)
+
+    def _prefix(self, call: Call, site_name: str, batch_size: int) -> Prefix | None:
+        if call.store is not None:
+            return call.store.prefix(site_name, call.cache)
+        route = self._route(call)
+        if route is None:
+            return None
+        if isinstance(route, Routing):
+            chunks = call.cache.get(("chunks", site_name)) if call.cache is not None else None
+            return route.prefix(site_name, batch_size, call, next(chunks) if chunks is not None else None)
+        return self.prefixes[route].prefix(site_name, call.cache)
+
+    def _row_stores(self, call: Call, site_name: str, batch_size: int) -> list[PrefixStore | None]:
+        """The prefix store of each of the ``batch_size`` rows a site sees."""
+        route = self._route(call)
+        if isinstance(route, Routing):
+            return route.row_stores(site_name, batch_size, call)
+        return [call.store or self.prefixes[route]] * batch_size
 
     @property
     def capturing(self) -> bool:
