@@ -124,6 +124,12 @@ class Condition:
         nets = [store.condition for store in stores]
         return Condition(self.features, {id(net): net(self.features.to(net.net[0].weight.device)) for net in nets})
 
+    def output(self, net: ConditionNet) -> torch.Tensor:
+        """``net`` on the features: computed when the call started, or now for a call that did not go through the
+        `PrefixModel` (a method of the wrapped model called inside a `PrefixModel.conditioned_on` scope)."""
+        found = self.outputs.get(id(net))
+        return found if found is not None else net(self.features.to(net.net[0].weight.device))
+
     def index(self, rows: int) -> torch.Tensor:
         """The feature row of each of ``rows`` rows (each image's features repeated for its rows in a row)."""
         count = self.features.shape[0]
@@ -139,7 +145,7 @@ def shifted(prefix: Prefix, site_name: str, row_stores: list[Any], condition: Co
     index = condition.index(len(row_stores))
     shifts: dict[bool, list] = {}  # memory or not -> (keys, values) shift of each row, None where unshifted
     for store in {id(s): s for s in row_stores if s is not None and s.condition is not None}.values():
-        got = store.condition.shift(site_name, condition.outputs[id(store.condition)])
+        got = store.condition.shift(site_name, condition.output(store.condition))
         if got is None:
             continue
         rows = torch.tensor([s is store for s in row_stores], device=got[0].device)

@@ -222,3 +222,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain["default.condition.net.2.weight"].abs().sum() > 0
     for name, grad in checkpointed.items():
         torch.testing.assert_close(grad, plain[name], rtol=1e-6, atol=1e-7)
+
+
+def test_open_clip_text_reads_each_images_shift_in_forward_and_inside_conditioned_on():
+    """open_clip: forward(image, text) conditions each image's texts; a text-only call of the wrapped model's own
+    encode_text inside conditioned_on gives the same features."""
+    pm = conditioned(tiny.open_clip_model)
+    images, text = tiny.pixels(2), tiny.open_clip_text(1)
+    with torch.no_grad():
+        out = pm(image=images, text=text.repeat(2, 1))
+        features = out["text_features"] if isinstance(out, dict) else out[1]
+        alone = []
+        for row in range(2):
+            with pm.conditioned_on(images[row : row + 1]):
+                alone.append(pm.encode_text(text, normalize=True)[0])
+    torch.testing.assert_close(features, torch.stack(alone), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(alone[0], alone[1], atol=1e-4), "each image must shift its text differently"
