@@ -1,6 +1,12 @@
-"""Prefix tuning against a soft prompt, LoRA and full fine-tuning, on the recipes' embedded default.
+"""Prefix tuning against a soft prompt, LoRA, adapters and full fine-tuning, on the recipes' embedded default.
 
     python benchmarks/methods.py [--recipes vqa captioning textgen classification vqa_llava] [--methods prefix prompt lora full]
+    python benchmarks/methods.py --sweep [--jobs 2] [--recipes ...] [--variants prefix gated memory ...]
+
+``--sweep``: every method at three parameter budgets with learning rates chosen on the validation split, three
+seeds for each task's headline rows, forgetting and new classes; a stopped sweep resumes (see
+``benchmarks/sweep.py``). It writes ``sweep.md`` (the tables) and one ``<task>.png`` per task (test score against
+trainable parameters) into ``--output-dir``; ``--report`` writes them from the runs finished so far.
 
 Each (recipe, method) runs the recipe with its default config in a fresh process, one after the other
 (``vqa_llava``: the VQA recipe with ``recipes/configs/vqa_llava_embedded.yaml``, the embedded LLaVA-style backbone); the
@@ -48,8 +54,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="+", default=[r for r in PRIMARY if r != "vqa_llava"], choices=list(PRIMARY))
     parser.add_argument("--methods", nargs="+", default=["prefix", "prompt", "lora", "full"])
-    parser.add_argument("--output-dir", type=Path, default=Path("out/methods"))
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: out/methods (out/sweep with --sweep)")
+    parser.add_argument("--sweep", action="store_true", help="budgets, learning rates, seeds, forgetting, new classes")
+    parser.add_argument("--report", action="store_true", help="with --sweep: only write the tables and figures")
+    parser.add_argument("--jobs", type=int, default=2, help="--sweep: runs at once (each niced, one thread)")
+    parser.add_argument("--variants", nargs="+", default=None, help="--sweep: methods (default: all of sweep.VARIANTS)")
     args = parser.parse_args()
+    if args.sweep:
+        import sweep
+        import sweep_report
+
+        root = args.output_dir or Path("out/sweep")
+        labels = args.variants or [v.label for v in sweep.VARIANTS]
+        tasks = args.recipes if "--recipes" in sys.argv else list(PRIMARY)
+        plan = sweep.Sweep(root, RECIPES, PRIMARY, tasks, labels)
+        if not args.report:
+            sweep.run_sweep(plan, args.jobs)
+        sweep_report.write(plan)
+        return
+    args.output_dir = args.output_dir or Path("out/methods")
 
     rows = []
     for recipe in args.recipes:

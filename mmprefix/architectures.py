@@ -19,6 +19,7 @@ from functools import lru_cache
 from torch import nn
 
 from .reach import unread_attention
+from .targets import select_sites  # noqa: F401  (its old home)
 from .families import (
     BY_KEY,
     ITEMS,
@@ -467,30 +468,10 @@ def check_reachable(model: nn.Module, sites: list[Site], targets: list[str] | No
         )
 
 
-_TARGET = re.compile(r"(?P<tower>[\w*?]+)(?:\.(?P<kind>[\w*?]+))?(?P<slice>\[(?P<start>-?\d+)?:(?P<stop>-?\d+)?\])?")
-
-
-def select_sites(sites: list[Site], targets: list[str] | None) -> list[Site]:
-    """The sites selected by ``PrefixConfig.targets`` strings (``"tower.kind[start:stop]"``, shell wildcards)."""
-    if targets is None:
-        return list(sites)
-    valid = ", ".join(sorted({f"{s.tower}.{s.kind}" for s in sites}))
-    chosen: set[str] = set()
-    for target in targets:
-        match = _TARGET.fullmatch(target.strip())
-        if match is None:
-            raise ValueError(f"cannot parse target {target!r}: expected 'tower', 'tower.kind' or 'tower.kind[start:stop]'")
-        tower, kind = match["tower"], match["kind"] or "*"
-        hits = [s for s in sites if fnmatchcase(s.tower, tower) and fnmatchcase(s.kind, kind)]
-        if not hits:
-            raise ValueError(f"target {target!r} matches no attention site; valid targets for this model: {valid}")
-        if match["slice"]:
-            layer_slice = slice(int(match["start"]) if match["start"] else None, int(match["stop"]) if match["stop"] else None)
-            layers = {t: sorted({s.layer for s in hits if s.tower == t}) for t in {s.tower for s in hits}}
-            hits = [s for s in hits if s.layer in layers[s.tower][layer_slice]]
-            if not hits:
-                counts = ", ".join(f"{t} has {len(v)}" for t, v in sorted(layers.items()))
-                raise ValueError(f"target {target!r} selects no layer ({counts}; the slice counts layers from 0, "
-                                 "negative from the last)")
-        chosen.update(s.name for s in hits)
-    return [s for s in sites if s.name in chosen]
+def family_setting(model: nn.Module, name: str, by_lm: dict[str, str], default: str) -> str:
+    """A setting of the model's family record (``Family.<name>``: LoRA's or the adapters' target modules); for a
+    plain language model, the one its ``model_type`` needs (``by_lm``), else ``default``."""
+    family = family_of(model)
+    if family is None or family in (CAUSAL_LM, SEQ2SEQ_LM):
+        return by_lm.get(getattr(getattr(model, "config", None), "model_type", None), default)
+    return getattr(family, name)

@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
-    from .architectures import scan, select_sites  # torch loads from here on
+    from .architectures import scan  # torch loads from here on
+    from .targets import select_sites
 
     try:
         model = build_skeleton(args.model)

@@ -19,7 +19,8 @@ def compose(
 
     ``parts`` is either ``{"a": 0.7, "b": 0.3}``, a weighted sum of prefixes with the same sites and lengths
     (gates are summed with the same weights), or ``["style", "task"]``, their concatenation along the prefix
-    axis (same sites; lengths add up; ungated only). Entries may also be prefix folders, loaded first. The
+    axis (same sites; lengths add up; ungated only). Memories (``method="memory"``) compose with memories only:
+    their slots are summed or concatenated the same way. Entries may also be prefix folders, loaded first. The
     result is a flat prefix that can be saved and routed like any other.
     """
     if not isinstance(model, PrefixModel):
@@ -70,7 +71,14 @@ def compose(
 
 def _check_compatible(stores: list[PrefixStore], names: list[str], weighted: bool) -> None:
     first, reference = stores[0], [s.name for s in stores[0].sites]
+    conditioned = [name for name, store in zip(names, stores) if store.config.condition is not None]
+    if conditioned:
+        raise ValueError(f"cannot compose {conditioned[0]!r}: an image-conditioned prefix's meta-network has no sum or "
+                         "concatenation with another's")
     for store, label in zip(stores[1:], names[1:]):
+        if store.config.method != first.config.method:
+            raise ValueError(f"cannot compose {names[0]!r} (method={first.config.method!r}) and {label!r} "
+                             f"(method={store.config.method!r}): slots inside attention and memory slots do not mix")
         sites = [s.name for s in store.sites]
         if sites != reference:
             only = sorted(set(sites) ^ set(reference))

@@ -21,6 +21,9 @@ ENCODER_DECODER_LM = (("encoder.", "lm_encoder"), ("decoder.", "lm_decoder"))
 LANGUAGE_TOWERS = tuple(tower for _, tower in DECODER_ONLY_LM + ENCODER_DECODER_LM)
 
 DEFAULT_LORA = r".*\.(q_proj|v_proj)$"  # Llama, Mistral, Qwen2, OPT, BART, and the LMs inside today's VLMs
+# The feed-forward output projection a bottleneck adapter follows (mmprefix.adapters): CLIP-style vision and text
+# towers (mlp.fc2) and Llama-style LMs (mlp.down_proj), so CLIP, LLaVA-style VLMs and most LMs.
+DEFAULT_ADAPTER = r".*\.mlp\.(fc2|down_proj)$"
 
 
 # How the items of one input (images, videos, audio clips) reach the towers that see them (`Media.layout`):
@@ -80,6 +83,7 @@ class Family:
     # with its replacement forward (attention/blip.py, git.py, open_clip.py)
     attention: dict[str, str] = field(default_factory=dict)
     shard_layers: tuple[str, ...] = ()  # layer classes FSDP shards one by one that _no_split_modules leaves out
+    adapter: str = DEFAULT_ADAPTER  # module names of the feed-forward output projections adapters follow
 
     @property
     def packed(self) -> tuple[str, ...]:
@@ -141,6 +145,7 @@ FAMILIES: tuple[Family, ...] = (
                           "BlipForImageTextRetrieval": (None, 1, False)},
            tasks={"vqa": ("BlipForQuestionAnswering",), "caption": ("BlipForConditionalGeneration",)},
            lora=r".*\.(query|value|qkv)$", prompt_format="blip", media=PER_ROW_IMAGES, shard_layers=("BlipTextLayer",),
+           adapter=r".*(\.mlp\.fc2|\.layer\.\d+\.output\.dense)$",  # vision MLP; text FFN, not attention output
            attention={"transformers.models.blip.modeling_blip.BlipAttention": "blip_vision",
                       "transformers.models.blip.modeling_blip_text.BlipTextSelfAttention": "blip_text"}),
     Family("blip-2", ("blip-2",), (("vision_model.", "vision"), ("qformer.", "qformer"), ("language_model.", LANGUAGE_MODEL)),
@@ -241,7 +246,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("whisper", ("whisper",), (("encoder.", "audio"), ("decoder.", "text_decoder")),
            media=(Media("input_features", ROWS, towers=("audio",)),)),
     Family("open_clip CLIP", ("open_clip.model.CLIP",), (("visual.", "vision"), ("transformer.", "text")),
-           media=PER_ROW_IMAGES, **OPEN_CLIP),
+           media=PER_ROW_IMAGES, adapter=r".*\.mlp\.c_proj$", **OPEN_CLIP),
     Family("open_clip CustomTextCLIP", ("open_clip.model.CustomTextCLIP",), (("visual.", "vision"), ("text.", "text")),
            media=PER_ROW_IMAGES, **OPEN_CLIP),
     Family("open_clip CoCa", ("open_clip.coca_model.CoCa",),
@@ -254,5 +259,6 @@ CAUSAL_LM = Family("causal LM", (), DECODER_ONLY_LM, prompt_format="lm")
 SEQ2SEQ_LM = Family("seq2seq LM", (), ENCODER_DECODER_LM, prompt_format="lm")
 LORA_BY_LM = {"gpt2": r".*\.c_attn$", "t5": r".*\.(q|v)$"}  # model_type -> LoRA targets of a plain LM
 POSITIONS_FROM_MASK = ("opt",)  # causal LMs that number positions from the attention mask (a cumsum), not the cache
+ADAPTER_BY_LM = {"gpt2": r".*\.mlp\.c_proj$", "t5": r".*\.DenseReluDense\.wo$", "opt": r".*\.fc2$"}
 
 BY_KEY = {key: family for family in FAMILIES for key in family.keys}

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import media, routing, saving, text_init
-from .architectures import Site, check_reachable, find_sites, is_open_clip, select_sites, tower_layout
+from . import conditioning, media, routing, saving, text_init
+from .architectures import Site, check_reachable, find_sites, is_open_clip, tower_layout
+from .targets import select_sites
 from .attention import Prefix, install, uninstall
 from .config import PrefixConfig
 from .devices import execution_device
@@ -119,7 +120,7 @@ class PrefixModel(nn.Module):
         if config.init == "text" and processor is None:
             raise ValueError('init="text" needs the model\'s processor or tokenizer: add_prefix(..., processor=...)')
         sites = []
-        if config.method == "prefix":
+        if config.method != "prompt":
             available = find_sites(self.base_model, config.target_modules)
             if not config.target_modules:
                 check_reachable(self.base_model, available, config.targets)
@@ -146,7 +147,8 @@ class PrefixModel(nn.Module):
                 self._soft_prompts = SoftPrompts(self.base_model, lambda: routing.current(self).insertion)
             store = self._soft_prompts.new_store(config)
         else:
-            store = PrefixStore(config, sites, self._devices(sites))
+            width = conditioning.feature_width(self.base_model) if config.condition is not None else None
+            store = PrefixStore(config, sites, self._devices(sites), condition_width=width)
         for site in sites:
             if site.name not in self._installed:
                 install(self.base_model.get_submodule(site.name), site, self)
@@ -230,7 +232,9 @@ class PrefixModel(nn.Module):
         store = self.prefixes[name]
         if store.config.reparam is None:
             return store
-        flat = PrefixStore(dataclasses.replace(store.config, reparam=None), store.sites, self._devices(store.sites))
+        width = store.condition.net[0].in_features if store.condition is not None else None
+        flat = PrefixStore(dataclasses.replace(store.config, reparam=None), store.sites, self._devices(store.sites),
+                           condition_width=width)
         flat.load_tensors(store.tensors())
         self.prefixes[name] = flat
         return flat
@@ -262,8 +266,47 @@ class PrefixModel(nn.Module):
             call.media = self._call_media(route, kwargs)
         if self._soft_prompts is not None and not call.disabled and route is not None and call.store is not route:
             kwargs, call.insertion = self._soft_prompts.insert(kwargs, route, self.prefixes, generating)
+        conditioned = self._conditioned(route) if not call.disabled else []
+        if conditioned:  # the scope's images (conditioned_on), else the call's own; the meta-networks run now
+            condition = call.condition or self._condition(args, kwargs, conditioned[0][0])
+            call.condition = condition.for_stores([store for _, store in conditioned])
         with routing.inside(self, call):
             yield kwargs
+
+    def image_conditioned(self, prefix: Any = ACTIVE) -> bool:
+        """Whether a call routed to ``prefix`` (default: this moment's routing) uses an image-conditioned prefix,
+        and so needs the images of its rows."""
+        route = self._route(routing.current(self)) if prefix is ACTIVE else routing.resolve(prefix, self.prefixes, (), {})
+        return bool(self._conditioned(route))
+
+    def _conditioned(self, route: str | None | PrefixStore | Routing) -> list[tuple[str, PrefixStore]]:
+        """The image-conditioned prefixes a route uses: (name, store) pairs (a held store is named "held")."""
+        if isinstance(route, Routing):
+            used = list(route.by_name.items())
+        elif isinstance(route, PrefixStore):
+            used = [("held", route)]
+        else:
+            used = [(route, self.prefixes[route])] if route is not None else []
+        return [(name, store) for name, store in used if getattr(store, "condition", None) is not None]
+
+    def _condition(self, args: tuple, kwargs: dict, name: str) -> conditioning.Condition:
+        """The pooled features of the call's images for image-conditioned prefixes (``name``: one of them): the
+        frozen vision tower, every prefix off, once per call."""
+        images = conditioning.call_images(self.base_model, args, kwargs)
+        if images is None:
+            raise ValueError(f"prefix {name!r} is conditioned on images (condition='image') but this call passes "
+                             "none: give it the images, or run it inside model.conditioned_on(images)")
+        with routing.inside(self, dataclasses.replace(routing.current(self), disabled=True, cache=None)):
+            return conditioning.Condition(conditioning.image_features(self.base_model, images))
+
+    @contextlib.contextmanager
+    def conditioned_on(self, images: torch.Tensor) -> Iterator[None]:
+        """Calls inside condition their image-conditioned prefixes on ``images`` (model inputs, e.g. ``pixel_values``,
+        one per row or per group of rows) instead of their own, e.g. the texts of a CLIP model:
+        ``with model.conditioned_on(pixels): model.get_text_features(ids)`` (each image's texts in a row)."""
+        condition = self._condition((), {"pixel_values": images, "image": images}, "the conditioned prefix")
+        with routing.inside(self, dataclasses.replace(routing.current(self), condition=condition, cache=None)):
+            yield
 
     @contextlib.contextmanager
     def using(self, prefix: str | None | Sequence[str | None]) -> Iterator[None]:
@@ -301,6 +344,12 @@ class PrefixModel(nn.Module):
         call = routing.current(self)
         if call.disabled:
             return None
+        prefix = self._prefix(call, site_name, batch_size)
+        if prefix is None or call.condition is None or not conditioning.conditioned(self._installed[site_name]):
+            return prefix
+        return conditioning.shifted(prefix, site_name, self._row_stores(call, site_name, batch_size), call.condition)
+
+    def _prefix(self, call: Call, site_name: str, batch_size: int) -> Prefix | None:
         if call.store is not None:
             return call.store.prefix(site_name, call.cache)
         route = self._route(call)
@@ -311,6 +360,13 @@ class PrefixModel(nn.Module):
             return route.prefix(site_name, batch_size, call, next(chunks) if chunks is not None else None)
         store = route if isinstance(route, PrefixStore) else self.prefixes[route]
         return store.prefix(site_name, call.cache)
+
+    def _row_stores(self, call: Call, site_name: str, batch_size: int) -> list[PrefixStore | None]:
+        """The prefix store of each of the ``batch_size`` rows a site sees."""
+        route = self._route(call)
+        if isinstance(route, Routing):
+            return route.row_stores(site_name, batch_size, call)
+        return [call.store or self.prefixes[route]] * batch_size
 
     @property
     def capturing(self) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .attention import Prefix
+from .attention.memory import Memory
 from .families import UNMAPPED
 from .media import CallMedia
 from .store import PrefixStore
@@ -50,6 +51,7 @@ class Call:
     cache: dict | None = None  # built routed prefixes and widened masks; None outside a call
     captured: dict | None = None  # keys and values recorded for a text initialisation
     media: CallMedia | None = None  # a routed call's images (videos, audio), for the towers that see them
+    condition: Any = None  # image features for image-conditioned prefixes (conditioning.Condition)
 
     def open(self, **changes: Any) -> Call:
         """A call inside this scope: the scope's routing, the changes, and a fresh cache."""
@@ -119,7 +121,8 @@ def resolve(prefix: Any, stores: Mapping[str, Any], args: tuple, kwargs: dict,
         return entries[0]
     if any(table[n].config.position_offset for n in used):
         raise ValueError("prefixes with position_offset (PEFT adapters) cannot be mixed with others in one batch")
-    if len({table[n].config.method for n in used}) > 1:
+    methods = {table[n].config.method for n in used}
+    if "prompt" in methods and len(methods) > 1:
         raise ValueError(f"soft prompts and prefixes cannot share a batch (routing {sorted(used)})")
     return Routing(names, table)
 
@@ -220,6 +223,11 @@ class Routing:
             call.cache[key] = prefix
         return prefix
 
+    def row_stores(self, site_name: str, batch_size: int, call: Call) -> list[PrefixStore | None]:
+        """The prefix store of each of the ``batch_size`` rows this site sees (None: no prefix)."""
+        stores = self.stores + [None]
+        return [stores[self.rows[row]] for row in self._batch_rows(site_name, batch_size, call, None)]
+
     def _batch_rows(self, site_name: str, batch_size: int, call: Call, chunk_row: int | None) -> list[int]:
         """The text row of each of the ``batch_size`` rows this site sees."""
         rows = len(self.names)
@@ -235,14 +243,34 @@ class Routing:
         )
 
     def _build(self, site_name: str, batch_rows: list[int], cache: dict | None) -> Prefix:
+        rows = [self.rows[row] for row in batch_rows]
+        here = [s.has_site(site_name) and s.num_virtual_tokens > 0 for s in self.stores]  # some, by `reaches`
+        memory = [store.config.method == "memory" for store in self.stores]
+        # Slots inside the softmax and memory slots read outside it are two tables; a row has slots in one at most
+        slots = self._table(site_name, rows, [p and not m for p, m in zip(here, memory)], cache)
+        read = self._table(site_name, rows, [p and m for p, m in zip(here, memory)], cache)
+        gates = None
+        if self.gated:
+            heads = max(store.gate(site_name).shape[0] for store, present in zip(self.stores, here) if present)
+            closed = slots[0].new_zeros(heads)
+            gated = [store.gate(site_name).expand(heads) if present else closed for store, present in zip(self.stores, here)]
+            gates = torch.stack([(gated + [closed])[row] for row in rows])
+        keys, values, visible = slots or (None, None, None)
+        return Prefix(keys, values, visible, gates, cache, Memory(*read) if read is not None else None)
+
+    def _table(self, site_name: str, rows: list[int], members: list[bool], cache: dict | None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """Keys, values ``[batch, kv_heads, slots, head_dim]`` and visibility of the member stores' slots at one
+        site, for the batch rows' stores ``rows``; rows of other stores see only masked slots. None: no member
+        has slots here."""
         # Each table is one stack of the rows' own tensors: few small ops per site, because on a busy CPU every
         # op costs far more than its arithmetic (advanced indexing, table[rows], took milliseconds per site).
-        here = [s.has_site(site_name) and s.num_virtual_tokens > 0 for s in self.stores]  # some, by `reaches`
-        kvs = [store.kv(site_name) if present else None for store, present in zip(self.stores, here)]
+        if not any(members):
+            return None
+        kvs = [store.kv(site_name) if member else None for store, member in zip(self.stores, members)]
         slots = max(kv[0].shape[1] for kv in kvs if kv is not None)
         reference = next(kv[0] for kv in kvs if kv is not None)
-        rows = [self.rows[row] for row in batch_rows]
-        blank = any(row == len(kvs) or kvs[row] is None for row in rows)  # a row that sees no prefix here
+        blank = any(row == len(kvs) or kvs[row] is None for row in rows)  # a row that sees no slot here
         empty = reference.new_zeros(reference.shape[0], slots, reference.shape[2]) if blank else None
 
         def table(tensors: list[torch.Tensor | None]) -> torch.Tensor:
@@ -251,15 +279,7 @@ class Routing:
 
         lengths = tuple(kv[0].shape[1] if kv else 0 for kv in kvs) + (0,)
         visible = self._visible(lengths, slots, rows, reference.device, cache)
-        gates = None
-        if self.gated:
-            heads = max(store.gate(site_name).shape[0] for store, present in zip(self.stores, here) if present)
-            closed = reference.new_zeros(heads)
-            gated = [store.gate(site_name).expand(heads) if present else closed for store, present in zip(self.stores, here)]
-            gates = torch.stack([(gated + [closed])[row] for row in rows])
-        keys = table([kv[0] if kv else None for kv in kvs])
-        values = table([kv[1] if kv else None for kv in kvs])
-        return Prefix(keys, values, visible, gates, cache)
+        return table([kv[0] if kv else None for kv in kvs]), table([kv[1] if kv else None for kv in kvs]), visible
 
     def _visible(
         self, lengths: tuple[int, ...], slots: int, rows: list[int], device: torch.device, cache: dict | None,

@@ -27,7 +27,9 @@ from safetensors.torch import save as serialize
 from torch import nn
 
 from . import peft_compat, typed
-from .architectures import Site, find_sites, model_class, prompt_input, select_sites
+from .architectures import Site, find_sites, model_class, prompt_input
+from .targets import select_sites
+from .conditioning import conditioned
 from .config import PrefixConfig
 from .files import (FLOATS, atomic_write, load_finite, locked_folder, not_a_file, parse_json_object, read_json,
                     refuse_non_finite, remove_stale_temporaries, safetensors_header, write_text)
@@ -173,6 +175,11 @@ def _expected_shapes(meta: PrefixMeta, has_reparam: bool, source: str) -> dict[s
         shapes[f"{site.name}.key"] = shapes[f"{site.name}.value"] = (site.kv_heads, p, site.head_dim)
         if config.gate is not None:
             shapes[f"{site.name}.gate"] = (1,) if config.gate == "scalar" else (site.heads,)
+    if config.condition is not None:  # the meta-network; the width of the image features is the model's
+        hidden = config.condition_hidden
+        width = sum(2 * s.kv_heads * s.head_dim for s in meta.sites if conditioned(s))
+        shapes.update({"condition.0.weight": (hidden, None), "condition.0.bias": (hidden,),
+                       "condition.2.weight": (width, hidden), "condition.2.bias": (width,)})
     if (config.reparam is not None) != has_reparam:
         raise ValueError(f"{source}: prefix_config.reparam is {config.reparam!r} but the file "
                          f"{'holds' if has_reparam else 'holds no'} reparam.* tensors")
@@ -347,7 +354,7 @@ def read_for(model: nn.Module, directory: str | os.PathLike) -> tuple[PrefixConf
     if problems:
         raise ValueError(f"{origin} and does not fit this {_describe(model)}: " + "; ".join(problems))
     # names and shapes were checked against the metadata; the metadata's geometry against the model's sites
-    tensors = {k: v for k, v in saved_tensors.items() if k.startswith("reparam.")}
+    tensors = {k: v for k, v in saved_tensors.items() if k.startswith(("reparam.", "condition."))}
     for entry, site in zip(meta.sites, sites):
         for part in ("key", "value", "gate"):
             if f"{entry.name}.{part}" in saved_tensors:

@@ -6,8 +6,10 @@ import torch
 from torch import nn
 
 from .architectures import Site
+from .conditioning import ConditionNet
 from .config import PrefixConfig
 from .attention import Prefix
+from .attention.memory import Memory
 
 
 def parameter_key(site_name: str) -> str:
@@ -23,7 +25,8 @@ class PrefixStore(nn.Module):
     its own slice of the last layer, so no per-call cache is needed.
     """
 
-    def __init__(self, config: PrefixConfig, sites: list[Site], devices: dict[str, torch.device] | None = None):
+    def __init__(self, config: PrefixConfig, sites: list[Site], devices: dict[str, torch.device] | None = None,
+                 condition_width: int | None = None):
         super().__init__()
         self.config = config
         self.sites = list(sites)
@@ -37,7 +40,7 @@ class PrefixStore(nn.Module):
             for site in self.sites:
                 for table in (self.keys, self.values):
                     data = torch.empty(site.kv_heads, p, site.head_dim, device=devices.get(site.name))
-                    table[parameter_key(site.name)] = nn.Parameter(self._initial(data))
+                    table[parameter_key(site.name)] = nn.Parameter(self._initial(data, table is self.values))
             # Read per attention call: the tables' own parameter dicts skip nn.Module attribute lookups, and
             # stay current when a wrapper (FSDP, offloading) swaps the parameters.
             self._key_table, self._value_table = self.keys._parameters, self.values._parameters
@@ -57,14 +60,26 @@ class PrefixStore(nn.Module):
             if config.init == "zero":
                 nn.init.zeros_(self.mlp[2].weight)
                 nn.init.zeros_(self.mlp[2].bias)
+            elif config.method == "memory":  # the values' rows of every site's slice start at zero
+                with torch.no_grad():
+                    for begin, end in self._slices.values():
+                        self.mlp[2].weight[begin:end].view(2, -1, config.reparam_hidden)[1].zero_()
+                        self.mlp[2].bias[begin:end].view(2, -1)[1].zero_()
+        self.condition: ConditionNet | None = None  # the meta-network of an image-conditioned prefix
+        if config.condition is not None:
+            if condition_width is None:
+                raise ValueError("an image-conditioned prefix needs the width of the model's image features")
+            device = next((d for d in devices.values() if d is not None), None)
+            self.condition = ConditionNet(condition_width, config.condition_hidden, self.sites, device)
         if config.gate is not None:
             self.gates = nn.ParameterDict()
             for site in self.sites:
                 size = 1 if config.gate == "scalar" else site.heads
                 self.gates[parameter_key(site.name)] = nn.Parameter(torch.zeros(size, device=devices.get(site.name)))
 
-    def _initial(self, data: torch.Tensor) -> torch.Tensor:
-        if self.config.init == "zero":
+    def _initial(self, data: torch.Tensor, values: bool) -> torch.Tensor:
+        # A memory's values start at zero: its term is then exactly zero, as a LoRA up-projection starts
+        if self.config.init == "zero" or (values and self.config.method == "memory"):
             return nn.init.zeros_(data)
         return nn.init.normal_(data, std=self.config.init_std)  # "text" is overwritten after capture
 
@@ -98,18 +113,23 @@ class PrefixStore(nn.Module):
         if site_name not in self._by_name or self.config.num_virtual_tokens == 0:
             return None
         keys, values = self.kv(site_name)
+        if self.config.method == "memory":
+            return Prefix(None, None, cache=cache, memory=Memory(keys[None], values[None]))
         if self.config.gate is None:
             return Prefix(keys[None], values[None], None, None, cache)
         return Prefix(keys[None], values[None], None, self.gate(site_name)[None], cache)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Flat tensors by ``"<site>.key"``, ``"<site>.value"`` (and ``"<site>.gate"``), as saved on disk."""
+        """Flat tensors by ``"<site>.key"``, ``"<site>.value"`` (and ``"<site>.gate"``, and an image-conditioned
+        prefix's meta-network as ``"condition.<layer>.<weight|bias>"``), as saved on disk."""
         out = {}
         with torch.no_grad():
             for site in self.sites:
                 out[f"{site.name}.key"], out[f"{site.name}.value"] = (t.detach() for t in self.kv(site.name))
                 if self.config.gate is not None:
                     out[f"{site.name}.gate"] = self.gate(site.name).detach()
+            if self.condition is not None:
+                out.update({f"condition.{k}": v.detach() for k, v in self.condition.net.state_dict().items()})
         return out
 
     def reparam_tensors(self) -> dict[str, torch.Tensor]:
@@ -128,6 +148,13 @@ class PrefixStore(nn.Module):
         if self.config.gate is not None:
             for site in self.sites:
                 self.gates[self._by_name[site.name]].copy_(tensors[f"{site.name}.gate"])
+        if self.condition is not None:
+            net = {k[len("condition."):]: v for k, v in tensors.items() if k.startswith("condition.")}
+            width = self.condition.net[0].in_features
+            if net["0.weight"].shape[1] != width:
+                raise ValueError(f"the prefix's meta-network reads image features of width {net['0.weight'].shape[1]}, "
+                                 f"this model's vision tower gives {width}")
+            self.condition.net.load_state_dict(net)
 
     @torch.no_grad()
     def set_kv(self, kv: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:

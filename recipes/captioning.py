@@ -2,7 +2,7 @@
 
 examples:
   python recipes/captioning.py                              # embedded default: tiny BLIP learns caption style B
-  python recipes/captioning.py --method full                # or prompt / lora, for comparison (out/captioning/full)
+  python recipes/captioning.py --method full                # or prompt / memory / lora / adapter (out/captioning/full)
   python recipes/captioning.py train.learning_rate=3e-3 prefix.num_virtual_tokens=8   # any setting, by its key
   python recipes/captioning.py --config recipes/configs/captioning_blip_coco.yaml   # BLIP base, COCO Karpathy
   accelerate launch recipes/captioning.py --config ...      # several processes or GPUs

@@ -5,8 +5,9 @@ similarities, so the prefix (in both towers) is trained with cross-entropy over 
 
 examples:
   python recipes/classification.py                          # embedded default: tiny CLIP, a new kind of label
-  python recipes/classification.py --method prompt          # or lora / full (out/classification/prompt)
+  python recipes/classification.py --method prompt          # or memory / lora / adapter / full (out/classification/prompt)
   python recipes/classification.py train.learning_rate=3e-3 prefix.num_virtual_tokens=8   # any setting
+  python recipes/classification.py prefix.condition=image   # an image-conditioned prefix (CoCoOp in every layer)
   python recipes/classification.py --config recipes/configs/classification_openclip_imagenet.yaml
   accelerate launch recipes/classification.py --config ...  # several processes or GPUs
 """

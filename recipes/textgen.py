@@ -2,7 +2,7 @@
 
 examples:
   python recipes/textgen.py                                 # embedded default: tiny Llama learns record format B
-  python recipes/textgen.py --method lora                   # or prompt / full, for comparison (out/textgen/lora)
+  python recipes/textgen.py --method lora                   # or prompt / memory / adapter / full (out/textgen/lora)
   python recipes/textgen.py train.learning_rate=3e-3 prefix.num_virtual_tokens=8   # any setting, by its key
   python recipes/textgen.py --config recipes/configs/textgen_llama.yaml   # a Llama checkpoint on a JSONL task
   accelerate launch recipes/textgen.py --config ...         # several processes or GPUs

@@ -2,8 +2,9 @@
 
 examples:
   python recipes/vqa.py                                    # embedded default: tiny BLIP, new question types
-  python recipes/vqa.py --method lora                      # or prompt / full, for comparison (out/vqa/lora)
+  python recipes/vqa.py --method lora                      # or prompt / memory / adapter / full (out/vqa/lora)
   python recipes/vqa.py train.learning_rate=3e-3 prefix.num_virtual_tokens=8   # any setting, by its key
+  python recipes/vqa.py prefix.gate=head                   # the gated prefix (LLaMA-Adapter)
   python recipes/vqa.py --config recipes/configs/vqa_blip_vqav2.yaml           # Salesforce/blip-vqa-base, VQAv2
   accelerate launch recipes/vqa.py --config ...            # several processes or GPUs
 """

@@ -17,15 +17,21 @@ from mmprefix import PrefixConfig, add_prefix  # noqa: E402
 from mmprefix.training import distributed  # noqa: E402
 
 FAMILIES = ["llama", "gpt2", "t5", "clip", "blip_caption", "blip_vqa", "blip2_opt", "blip2_t5", "instructblip"]
+MEMORY = ["llama", "blip_caption", "clip"]  # also with a memory prefix (method="memory"), as "<family>:memory"
 
 
-def run(family, shard, checkpointing):
+def run(case, shard, checkpointing):
+    family, _, method = case.partition(":")
     build, inputs, output = tiny.FAMILIES[family]
     model = build()
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    pm = add_prefix(model, PrefixConfig(num_virtual_tokens=3, init_std=0.5))
+    pm = add_prefix(model, PrefixConfig(num_virtual_tokens=3, init_std=0.5, method=method or "prefix"))
+    if method == "memory":  # values start at zero: give the memory a visible effect
+        with torch.no_grad():
+            for value in pm.prefixes["default"].values.values():
+                value.normal_(generator=torch.Generator().manual_seed(1))
     whole = distributed.local_parameter_bytes(pm.base_model)
     if checkpointing:
         pm.gradient_checkpointing_enable()
@@ -49,8 +55,8 @@ def run(family, shard, checkpointing):
 def main():
     dist.init_process_group("gloo")
     results = {}
-    for family in FAMILIES:
-        checkpointing = family in ("llama", "blip_vqa", "blip2_opt")
+    for family in FAMILIES + [f"{f}:memory" for f in MEMORY]:
+        checkpointing = family in ("llama", "blip_vqa", "blip2_opt", "llama:memory")
         loss, grads, tokens, whole, _ = run(family, shard=False, checkpointing=False)
         sharded_loss, sharded_grads, sharded_tokens, _, local = run(family, shard=True, checkpointing=checkpointing)
         results[family] = {

@@ -92,3 +92,69 @@ def test_the_serving_load_and_memory_benchmark_runs_small_and_every_answer_is_ri
     memory = table(run(ROOT / "benchmarks" / "serve_load.py", "memory", "--counts", "1", "2"), "| prefixes N |")
     (one, _), (two, apart) = [[float(cell.split()[0]) for cell in r[1:]] for r in memory]
     assert two < 1.1 * one and apart > 1.6 * one
+
+
+def test_the_sweep_chooses_rates_and_headlines_on_validation_never_on_test(tmp_path):
+    """Fake finished runs where test and validation disagree: the sweep follows validation, phase by phase."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import methods
+    import sweep
+
+    plan = sweep.Sweep(tmp_path, methods.RECIPES, methods.PRIMARY, ["textgen"], ["prefix", "memory", "lora", "full"])
+
+    def finish(run, validation, test, parameters):
+        folder = run.folder(tmp_path)
+        folder.mkdir(parents=True)
+        (folder / "benchmark.json").write_text(json.dumps({
+            "validation": validation, "tuned": {"Bleu_4": test}, "zero_shot": {"Bleu_4": 0.0},
+            "trainable_parameters": parameters}))
+
+    first = plan.training_runs()
+    assert [r.variant for r in first] == ["prefix"] * 3 + ["memory"] * 3 + ["lora"] * 3 + ["full"] * 3
+    assert all(r.seed == 0 for r in first)
+    for label in ("prefix", "memory", "lora", "full"):
+        low, middle, high = plan.rate_runs("textgen", label)
+        finish(low, 0.9, 0.1, 100)  # best on validation, worst on test
+        finish(middle, 0.5, 0.9, 100)
+        finish(high, 0.1, 0.95, 100)
+        assert plan.rate("textgen", label) is None  # the best lies at the grid's edge: one step beyond it first
+        beyond = plan.rate_runs("textgen", label)[3]
+        assert beyond.lr == pytest.approx(low.lr / 3) and not plan.finished(beyond)
+        finish(beyond, 0.3, 1.0, 100)
+        assert plan.rate("textgen", label) == low.lr
+    budgets = [r for r in plan.training_runs() if not plan.finished(r)]
+    assert {r.lr for r in budgets if r.variant == "lora"} == {plan.rate("textgen", "lora")}
+    assert sorted(r.budget for r in budgets if r.variant == "lora") == [2, 16]
+    assert plan.headlines("textgen") is None  # the budgets have not run
+    sizes = {("lora", 2): 50, ("lora", 16): 400, ("memory", 32): 300, ("prefix", 32): 500}
+    for run in budgets:
+        # LoRA is best on validation at rank 16 (400 parameters); the prefix at 32 slots scores higher still but
+        # has more parameters than that, so the prefix family's headline is the memory at 32 slots
+        best = {("lora", 16): 0.95, ("memory", 32): 0.95, ("prefix", 32): 0.99}.get((run.variant, run.budget), 0.2)
+        finish(run, best, 1.0 - best, sizes.get((run.variant, run.budget), 40))
+    assert sorted(plan.headlines("textgen")) == [("full", None), ("lora", 16), ("memory", 32)]
+    seeds = [r for r in plan.training_runs() if not plan.finished(r)]
+    assert sorted((r.variant, r.seed) for r in seeds) == [(v, s) for v in ("full", "lora", "memory") for s in (1, 2)]
+
+
+@pytest.mark.slow
+def test_the_comparison_table_runs_on_tiny_models():
+    output = run(ROOT / "benchmarks" / "comparison.py", "--tiny", "--repeats", "2")
+    rows = table(output, "| method | trainable parameters |")
+    assert [r[0] for r in rows] == ["prefix", "memory prefix", "gated prefix", "soft prompt", "LoRA", "LoRA merged",
+                                    "adapters"]
+    assert all(int(r[1].replace(",", "")) > 0 for r in rows)
+    mixes = {r[0]: r[4].startswith("yes") for r in rows}
+    assert mixes == {"prefix": True, "memory prefix": True, "gated prefix": True, "soft prompt": True, "LoRA": True,
+                     "LoRA merged": False, "adapters": False}
+    assert [r[0] for r in rows if r[5] == "yes"] == ["LoRA", "LoRA merged"]
+
+
+@pytest.mark.slow
+def test_the_overhead_benchmark_measures_a_memory_prefix_against_its_goal():
+    output = run(ROOT / "benchmarks" / "overhead.py", "--method", "memory", "--models", "gpt2", "--quick",
+                 "--skip-training", "--batch-size", "1")
+    forward = [line for line in output.splitlines() if line.startswith("gpt2   forward")]
+    assert len(forward) == 1 and "<=1.05" in forward[0] and "(memory)" in output

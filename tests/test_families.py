@@ -297,6 +297,72 @@ def test_routed_generation_gives_each_row_what_it_gets_alone(name):
                 torch.testing.assert_close(mixed.scores[0][rows], alone.scores[0][rows], rtol=1e-5, atol=1e-5)
 
 
+# -- the decoupled prefix (method="memory") -----------------------------------------------------------------------
+def memorised(name, **config) -> PrefixModel:
+    """A memory prefix whose values are random (they start at zero)."""
+    pm = prefixed(name, method="memory", **config)
+    with torch.no_grad():
+        for store in pm.prefixes.values():
+            for value in store.values.values():
+                value.normal_()
+    return pm
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_empty_memory_is_the_untouched_model_and_a_filled_one_changes_it_and_saves(name, tmp_path):
+    expected = untouched(name)
+    with torch.no_grad():
+        torch.testing.assert_close(output(name, prefixed(name, method="memory")), expected, rtol=0, atol=0)
+        pm = memorised(name)
+        assert not torch.allclose(output(name, pm), expected, atol=1e-4), "a filled memory must change the output"
+        pm.save_prefix(tmp_path)
+        torch.testing.assert_close(output(name, load_prefix(CASES[name].build(), tmp_path)), output(name, pm),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ROWS)
+@pytest.mark.parametrize("routing", [["m", "a"], ["m", None]], ids=["memory-prefix", "memory-none"])
+def test_memory_rows_beside_prefix_rows_and_rows_without_equal_each_row_alone(name, routing):
+    pm = routed(name)
+    pm.add_prefix("m", PrefixConfig(num_virtual_tokens=4, method="memory", init_std=1.0,
+                                    targets=CASES[name].routable or CASES[name].targets))
+    with torch.no_grad():
+        for value in pm.prefixes["m"].values.values():
+            value.normal_()
+        mixed = output(name, pm, prefix=routing)
+        for row, prefix in enumerate(routing):
+            torch.testing.assert_close(real(name, mixed, row), real(name, output(name, pm, prefix=prefix), row),
+                                       rtol=1e-5, atol=1e-5, msg=f"row {row} ({prefix})")
+
+
+@pytest.mark.parametrize("name", GENERATING)
+def test_memory_generation_with_and_without_cache_and_routed_beams_equal_a_full_recompute(name):
+    """Each new query reads the memory once: greedy decoding (cached or not) equals a full recompute of every step,
+    and memory rows beside prefix rows keep their own through greedy and beam search."""
+    pm = memorised(name)
+    with torch.no_grad():
+        reference = _new_tokens(name, _recompute_greedy(name, pm), _start(name, pm))
+        start = _start(name, pm)
+        start.pop("decoder_input_ids", None)
+        scored = dict(return_dict_in_generate=True, max_new_tokens=NEW_TOKENS, do_sample=False,
+                      suppress_tokens=suppressed(name))
+        for use_cache in (True, False):
+            got = _new_tokens(name, pm.generate(**start, **scored, use_cache=use_cache).sequences, _start(name, pm))
+            for row in range(got.shape[0]):
+                assert _until_eos(got[row], _eos(pm)) == _until_eos(reference[row], _eos(pm)), (row, use_cache)
+        targets = CASES[name].routable or CASES[name].targets
+        pm.add_prefix("a", PrefixConfig(num_virtual_tokens=3, init_std=1.0, targets=targets))
+        pm.add_prefix("m", PrefixConfig(num_virtual_tokens=2, method="memory", init_std=1.0, targets=targets))
+        for value in pm.prefixes["m"].values.values():
+            value.normal_()
+        for beams in (1, 3) if CASES[name].beams else (1,):  # the bare model's beams fail where .beams is False
+            mixed = pm.generate(**start, **scored, num_beams=beams, prefix=["m", "a"])
+            for row, prefix in enumerate(["m", "a"]):
+                alone = pm.generate(**start, **scored, num_beams=beams, prefix=prefix)
+                assert _until_eos(mixed.sequences[row], _eos(pm)) == _until_eos(alone.sequences[row], _eos(pm)), \
+                    f"row {row} ({prefix}), {beams} beams"
+
+
 # -- saving, text initialisation, soft prompts ---------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_save_and_load_reproduce_the_outputs(name, tmp_path):

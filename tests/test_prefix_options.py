@@ -168,12 +168,8 @@ def test_gated_attention_against_a_hand_computed_reference():
     with torch.no_grad():
         store.gate(name).copy_(torch.tensor([0.3, -0.7, 1.2, 0.0]))
     module = model.transformer.h[0].attn
-    h = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
-    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    out, q, base = tiny.gpt2_attention_by_hand(module)
     with torch.no_grad():
-        out = module(h, attention_mask=causal)[0]
-        q, k, v = (x.view(2, 5, 4, 8).transpose(1, 2) for x in module.c_attn(h).split(32, dim=2))
-        base = ((q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~causal, float("-inf")).softmax(-1) @ v)
         pk, pv = store.kv(name)
         extra = (q @ pk.transpose(-1, -2) / 8**0.5).softmax(-1) @ pv
         mixed = base + torch.tanh(store.gate(name))[None, :, None, None] * extra

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import tiny
 from mmprefix import PrefixConfig, add_prefix, load_prefix, saving, typed
-from mmprefix.architectures import Site, select_sites
+from mmprefix.architectures import Site
+from mmprefix.targets import select_sites
 from mmprefix.attention.mechanism import Prefix, widen_mask
 from mmprefix.data.readers import AnnotationError, read_caption_jsonl, read_text_jsonl, read_vqa_jsonl
 from mmprefix.experiment import settings as run_settings

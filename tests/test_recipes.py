@@ -123,15 +123,24 @@ def test_classification_trains_on_the_models_own_similarities(stand_ins):
     assert ranked["top1"] == pytest.approx(100 * hits, abs=0.01)
 
 
-@pytest.mark.parametrize("name, checkpoint", [("vqa", "blip"), ("captioning", "blip"), ("textgen", "lm"),
-                                              ("classification", "clip")])
-@pytest.mark.parametrize("method", ["prompt", "lora", "full"])
+RECIPE_CHECKPOINTS = [("vqa", "blip"), ("captioning", "blip"), ("textgen", "lm"), ("classification", "clip")]
+# The memory and the adapters: two recipes each in the default suite, all four in the slow one
+COMPARED = [pytest.param(name, checkpoint, method,
+                         marks=[pytest.mark.slow] if method in ("memory", "adapter") and
+                         (name, method) not in {("vqa", "memory"), ("textgen", "memory"), ("classification", "adapter"),
+                                                ("captioning", "adapter")} else [])
+            for name, checkpoint in RECIPE_CHECKPOINTS for method in ("prompt", "memory", "lora", "adapter", "full")]
+
+
+@pytest.mark.parametrize("name, checkpoint, method", COMPARED)
 def test_the_comparison_methods_run_through_the_same_recipe(name, checkpoint, method, stand_ins, tmp_path):
     out = tmp_path / method
     metrics = load(name).main([f"model={stand_ins / checkpoint}", f"output_dir={out}", "--method", method, *QUICK,
                                *world({"train": 24, "val": 6, "test": 6})])
     assert (metrics["trainable_percent"] == 100) == (method == "full")
-    saved = {"prompt": "prompt/prefix.safetensors", "lora": "lora/adapter_model.safetensors", "full": "model/config.json"}
+    saved = {"prompt": "prompt/prefix.safetensors", "memory": "memory/prefix.safetensors",
+             "lora": "lora/adapter_model.safetensors", "adapter": "adapter/bottleneck.safetensors",
+             "full": "model/config.json"}
     assert (out / saved[method]).is_file() and not (out / "prefix").exists()
 
 

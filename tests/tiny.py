@@ -360,3 +360,24 @@ def world_blip2(seed: int = 0):
     with torch.no_grad():
         model.query_tokens.normal_()
     return model.eval()
+
+
+def without_dropout(model):
+    """``model`` with every dropout off (two forwards then compute the same)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def gpt2_attention_by_hand(module, batch: int = 2, length: int = 5):
+    """A GPT-2 attention module on random hidden states with a causal mask, and the same by hand: (its output, the
+    queries ``[B, heads, T, 8]``, softmax attention over the input before the output projection, ``[B, heads, T,
+    8]``). Tiny GPT-2: 4 heads of 8."""
+    h = torch.randn(batch, length, 32, generator=torch.Generator().manual_seed(0))
+    causal = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+    with torch.no_grad():
+        out = module(h, attention_mask=causal)[0]
+        q, k, v = (x.view(batch, length, 4, 8).transpose(1, 2) for x in module.c_attn(h).split(32, dim=2))
+        base = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~causal, float("-inf")).softmax(-1) @ v
+    return out, q, base

@@ -26,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..architectures import Site
+from .memory import Memory, memory_read
 
 ATTENTION_NAME = "mmprefix"
 MASKS_KEPT = 64  # widened masks one call keeps (a step of generation makes one per kind of mask: self, cross)
@@ -33,17 +34,25 @@ SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 class Prefix(NamedTuple):
-    """The prefix one attention call sees: keys and values ``[B or 1, kv_heads, P, head_dim]``, which slots
-    each row may attend to (``[B, P]`` bool; None when every slot is visible to every row), for gated
-    prefixes the gate of each row (``[B or 1, 1 or heads]``), and the current call's cache (a dict that
-    lives for one call of the model, or None): every layer of a call widens the same mask the same way, so
-    the widened mask is made once per call."""
+    """The prefix one attention call sees: keys and values ``[B or 1, kv_heads, P, head_dim]`` (None when the
+    call has only a memory), which slots each row may attend to (``[B, P]`` bool; None when every slot is
+    visible to every row), for gated prefixes the gate of each row (``[B or 1, 1 or heads]``), the current
+    call's cache (a dict that lives for one call of the model, or None: every layer of a call widens the same
+    mask the same way, so the widened mask is made once per call), and the memory read outside the softmax
+    (``method="memory"``, see `mmprefix.attention.memory`)."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
     visible: torch.Tensor | None = None
     gate: torch.Tensor | None = None
     cache: dict | None = None
+    memory: Memory | None = None
+
+    @property
+    def outside(self) -> bool:
+        """Whether the module's own attention runs untouched and the prefix only adds to its output (a gated
+        prefix, a memory): the routes then run the original code, bit-exact, and add `added_attention`."""
+        return self.keys is None or self.gate is not None
 
 
 class PrefixSource(Protocol):
@@ -198,10 +207,20 @@ def attend(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ``attention`` (an attention-interface function) over ``[prefix; key]`` and ``[prefix; value]``;
-    for a gated prefix, run it untouched and add the gated prefix attention."""
-    if prefix.gate is not None:
-        output, weights = attention(module, query, key, value, attention_mask, **kwargs)
-        return output + gated_prefix_attention(query, prefix, kwargs.get("scaling")), weights
+    for a gated prefix or a memory, run it untouched; then add what lies outside the softmax
+    (`added_attention`)."""
+    if not prefix.outside:
+        key, value, attention_mask, kwargs = _with_slots(module, attention, prefix, query, key, value, attention_mask,
+                                                         kwargs)
+    output, weights = attention(module, query, key, value, attention_mask, **kwargs)
+    added = added_attention(query, prefix, kwargs.get("scaling"))
+    return (output if added is None else output + added), weights
+
+
+def _with_slots(module: nn.Module, attention: Callable, prefix: Prefix, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any],
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """Keys, values, mask and keyword arguments of an attention call over ``[prefix; key]``, ``[prefix; value]``."""
     batch = max(query.shape[0], key.shape[0])
     kv_len = key.shape[-2]
     p_keys, p_values = prefix.keys, prefix.values
@@ -228,7 +247,7 @@ def attend(
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:  # T5: prefix slots get no relative-position bias
         kwargs["position_bias"] = nn.functional.pad(position_bias, (prefix.keys.shape[-2], 0))
-    return attention(module, query, key, value, attention_mask, **kwargs)
+    return key, value, attention_mask, kwargs
 
 
 def sdpa_with_prefix(module: nn.Module, prefix: Prefix, query: torch.Tensor, key: torch.Tensor,
@@ -248,6 +267,18 @@ def sdpa_with_prefix(module: nn.Module, prefix: Prefix, query: torch.Tensor, key
         is_causal=False,
     )
     return output
+
+
+def added_attention(query: torch.Tensor, prefix: Prefix, scaling: float | None) -> torch.Tensor | None:
+    """What a prefix adds to the attention output outside the softmax, ``[B, T, heads, head_dim]`` like an
+    attention function's output: a gated prefix attention and/or a memory read; None when nothing is added."""
+    added = None
+    if prefix.gate is not None:
+        added = gated_prefix_attention(query, prefix, scaling)
+    if prefix.memory is not None:
+        read = memory_read(query, prefix.memory, scaling)
+        added = read if added is None else added + read
+    return added
 
 
 def gated_prefix_attention(query: torch.Tensor, prefix: Prefix, scaling: float | None) -> torch.Tensor:

@@ -4,7 +4,7 @@
 
 Like ``attention/blip.py``, each projects queries, keys and values with the module's frozen weights and attends
 through ``mechanism.attend`` with SDPA; without a prefix it runs the module's own code (bit-exact), and a gated
-prefix adds its gated attention to that code's output.
+prefix or a memory adds its term to that code's output.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .mechanism import attend, gated_prefix_attention, heads, project
+from .mechanism import added_attention, attend, heads, project
 
 
 def check_mha(module: nn.MultiheadAttention) -> None:
@@ -89,10 +89,10 @@ def mha_attention(
         hook.observe(k, v)
     if prefix is None:
         return original()
-    if prefix.gate is not None:
+    if prefix.outside:
         output, weights = original()
-        gated = project(self.out_proj, gated_prefix_attention(q, prefix, None).flatten(2))
-        return output + (gated if self.batch_first else gated.transpose(0, 1)), weights
+        added = project(self.out_proj, added_attention(q, prefix, None).flatten(2))
+        return output + (added if self.batch_first else added.transpose(0, 1)), weights
     mask = additive_mask(attn_mask, key_padding_mask, q.shape[0], self.num_heads, q.dtype)
     output, _ = attend(
         self, sdpa_attention_forward, prefix, q, k, v, mask,
@@ -115,13 +115,14 @@ def open_clip_attention(self, x: torch.Tensor, attn_mask: torch.Tensor | None = 
         hook.observe(k, v)
     if prefix is None:
         return type(self).forward(self, x, attn_mask)
-    if prefix.gate is not None:
+    if prefix.outside:
         if not isinstance(self.ln_inner, nn.Identity):
-            raise ValueError("gated prefixes need open_clip attention without an inner norm (scale_attn_inner=False)")
-        gated = gated_prefix_attention(q, prefix, self.scale)
+            raise ValueError("gated and memory prefixes need open_clip attention without an inner norm "
+                             "(scale_attn_inner=False)")
+        added = added_attention(q, prefix, self.scale)
         if self.head_scale is not None:
-            gated = gated * self.head_scale.transpose(0, 1)
-        return type(self).forward(self, x, attn_mask) + project(self.out_proj, gated.flatten(2))
+            added = added * self.head_scale.transpose(0, 1)
+        return type(self).forward(self, x, attn_mask) + project(self.out_proj, added.flatten(2))
     mask = None
     if attn_mask is not None:
         mask = _additive(attn_mask, q.dtype)

@@ -33,17 +33,33 @@ def classification_logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """``[images, classes]`` logits through the model's ``forward`` (so that DDP synchronises gradients): the
     model's logit scale times the cosine similarity of each image with each class, a class being the
     normalised mean of its templates' unit text embeddings, as zero-shot evaluation ranks them."""
+    # An image-conditioned prefix reads each image's prompts with that image's shift: every image gets the whole
+    # block of prompts (CoCoOp's cost: images x prompts texts), and each image its own class embeddings.
+    images = batch["image"] if is_open_clip(model) else batch["pixel_values"]
+    copies = images.shape[0] if conditioned(model) else 1
     if is_open_clip(model):  # forward(image, text) -> features and the exponentiated logit scale
-        out = model(image=batch["image"], text=batch["text"])
+        out = model(image=batch["image"], text=batch["text"].repeat(copies, 1))
         image, text, scale = (out["image_features"], out["text_features"], out["logit_scale"]) \
             if isinstance(out, dict) else out[:3]
     else:
-        out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"])
+        out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"].repeat(copies, 1),
+                    attention_mask=batch["attention_mask"].repeat(copies, 1))
         image, text = out.image_embeds, out.text_embeds
         scale = unwrap(model).logit_scale.exp()
     classes = class_embeddings(text, batch["num_templates"])
-    return scale * F.normalize(image, dim=-1) @ classes.T
+    if copies == 1:
+        return scale * F.normalize(image, dim=-1) @ classes.T
+    return scale * torch.einsum("bd,bcd->bc", F.normalize(image, dim=-1), classes.view(copies, -1, classes.shape[-1]))
+
+
+def conditioned(model: Any, prefix: Any = ACTIVE) -> bool:
+    """Whether ``model`` (a PrefixModel, possibly inside DDP) routes ``prefix`` to an image-conditioned prefix."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    try:
+        check = inner.image_conditioned
+    except AttributeError:
+        return False
+    return bool(check(prefix))
 
 
 def classification_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -64,23 +80,28 @@ class _ClipEncoder:
         parameter = next(iter(model.parameters()), None)
         self.device = parameter.device if parameter is not None else torch.device("cpu")
 
-    @torch.no_grad()
-    def images(self, images: Sequence[Any]) -> torch.Tensor:
+    def pixels(self, images: Sequence[Any]) -> torch.Tensor:
         if self.open_clip:
-            pixels = torch.stack([self.processor[1](image) for image in images]).to(self.device)
-            features = self.model.encode_image(pixels)
-        else:
-            pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
-            features = self.model.get_image_features(pixel_values=pixels)
-        return _unit(features)
+            return torch.stack([self.processor[1](image) for image in images]).to(self.device)
+        return self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
 
     @torch.no_grad()
-    def texts(self, texts: Sequence[str]) -> torch.Tensor:
+    def images(self, images: Sequence[Any]) -> torch.Tensor:
+        pixels = self.pixels(images)
         if self.open_clip:
-            features = self.model.encode_text(self.processor[0](list(texts)).to(self.device))
+            return _unit(self.model.encode_image(pixels))
+        return _unit(self.model.get_image_features(pixel_values=pixels))
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str], copies: int = 1) -> torch.Tensor:
+        """Unit text embeddings; ``copies``: the whole list that many times (one per image of a
+        `PrefixModel.conditioned_on` scope)."""
+        if self.open_clip:
+            features = self.model.encode_text(self.processor[0](list(texts)).to(self.device).repeat(copies, 1))
         else:
             inputs = self.processor(text=list(texts), return_tensors="pt", padding=True)
-            inputs = {k: v.to(self.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+            inputs = {k: v.to(self.device).repeat(copies, 1) for k, v in inputs.items()
+                      if k in ("input_ids", "attention_mask")}
             features = self.model.get_text_features(**inputs)
         return _unit(features)
 
@@ -132,6 +153,32 @@ def _encode_images(encoder: _ClipEncoder, sources: Sequence[Any], batch_size: in
     return (torch.cat(features) if features else None), kept, errors
 
 
+def _conditioned_scores(encoder: _ClipEncoder, sources: Sequence[Any], prompts: list[str], num_templates: int,
+                        batch_size: int, loader: ImageLoader, progress: bool) -> tuple[torch.Tensor | None, list, list]:
+    """Class scores ``[images, classes]`` of an image-conditioned prefix: each image against class embeddings
+    read with its own shift (every prompt once per image), with the readable images' indices and the errors."""
+    scores, kept, errors = [], [], []
+    per_batch = max(1, batch_size // len(prompts))  # images per text batch of about batch_size rows
+    for chunk in tqdm(list(chunks(list(range(len(sources))), per_batch)), desc="classify", disable=not progress):
+        images = []
+        for index in chunk:
+            image = loader.load(sources[index])
+            if image is None:
+                errors.append({"id": index, "image": loader.skipped[-1].path, "reason": loader.skipped[-1].reason})
+            else:
+                images.append(image)
+                kept.append(index)
+        if not images:
+            continue
+        pixels = encoder.pixels(images)
+        features = encoder.images(images)
+        with encoder.model.conditioned_on(pixels):
+            text = encoder.texts(prompts, copies=len(images))
+        classes = class_embeddings(text, num_templates).view(len(images), -1, text.shape[-1])
+        scores.append(torch.einsum("bd,bcd->bc", features, classes))
+    return (torch.cat(scores) if scores else None), kept, errors
+
+
 def classify(
     model: Any,
     processor: Any,
@@ -162,15 +209,21 @@ def classify(
     labels = [label if isinstance(label, int) else index[label] for _, label in samples]
     encoder = _ClipEncoder(model, processor)
     loader = ImageLoader(on_bad_image=on_bad_image)
+    prompts = class_prompts(classnames, templates)
     with routed(model, prefix):
-        text = _encode_texts(encoder, class_prompts(classnames, templates), batch_size)
-        classes = class_embeddings(text, len(templates))
-        images, kept, bad = _encode_images(encoder, [s[0] for s in samples], batch_size, loader, progress, "classify")
+        if conditioned(model):  # each image's own class embeddings (CoCoOp)
+            scores, kept, bad = _conditioned_scores(encoder, [s[0] for s in samples], prompts, len(templates),
+                                                    batch_size, loader, progress)
+        else:
+            classes = class_embeddings(_encode_texts(encoder, prompts, batch_size), len(templates))
+            images, kept, bad = _encode_images(encoder, [s[0] for s in samples], batch_size, loader, progress,
+                                               "classify")
+            scores = None if images is None else images @ classes.T
     if errors is not None:
         errors += bad
-    if images is None:
+    if scores is None:
         raise ValueError("no readable image to classify")
-    accuracy = metrics.topk_accuracy(images @ classes.T, [labels[i] for i in kept], k=(1, 5))
+    accuracy = metrics.topk_accuracy(scores, [labels[i] for i in kept], k=(1, 5))
     return {name: round(100 * value, 2) for name, value in accuracy.items()}
 
 

@@ -4,30 +4,34 @@
 
 * ``prefix``: mmprefix prefixes (``options`` are `PrefixConfig` fields);
 * ``prompt``: a soft prompt in the text input (`PrefixConfig(method="prompt")`);
+* ``memory``: a decoupled prefix, read outside the softmax (`PrefixConfig(method="memory")`);
 * ``lora``: LoRA from PEFT on the attention projections the model's family record names;
+* ``adapter``: bottleneck adapters after the feed-forward blocks the family record names (`mmprefix.adapters`);
 * ``full``: every weight (full fine-tuning, the reference the others are measured against).
 """
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..architectures import family_of
+from .. import adapters
+from ..architectures import family_setting
 from ..config import PrefixConfig
-from ..families import CAUSAL_LM, DEFAULT_LORA, LORA_BY_LM, SEQ2SEQ_LM
-from ..model import add_prefix
+from ..families import DEFAULT_LORA, LORA_BY_LM
+from ..model import add_prefix, load_prefix
 from .settings import METHODS
-
 
 
 def prepare(model: nn.Module, method: str, options: PrefixConfig | dict[str, Any] | None = None,
             processor: Any = None) -> nn.Module:
     """The model to train with ``method``; ``options`` configure it (a PrefixConfig or its fields, LoraConfig
     fields)."""
-    if method in ("prefix", "prompt"):
+    if method in ("prefix", "prompt", "memory"):
         if not isinstance(options, PrefixConfig):
             options = PrefixConfig(**{"method": method, **(options or {})})
         if options.method != method:
@@ -40,6 +44,8 @@ def prepare(model: nn.Module, method: str, options: PrefixConfig | dict[str, Any
         options.setdefault("target_modules", lora_targets(model))
         options.setdefault("fan_in_fan_out", _transposed(model, options["target_modules"]))
         return get_peft_model(model, LoraConfig(**options))
+    if method == "adapter":
+        return adapters.add_adapters(model, **options)
     if method == "full":
         if options:
             raise ValueError(f"method 'full' takes no options, got {sorted(options)}")
@@ -57,18 +63,32 @@ def _transposed(model: nn.Module, targets: str) -> bool:
 
 def lora_targets(model: nn.Module) -> str:
     """The attention projections LoRA adapts (queries and values), as a regular expression on module names."""
-    family = family_of(model)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if family is None or family in (CAUSAL_LM, SEQ2SEQ_LM):
-        return LORA_BY_LM.get(model_type, DEFAULT_LORA)
-    return family.lora
+    return family_setting(model, "lora", LORA_BY_LM, DEFAULT_LORA)
 
 
 def for_generation(model: nn.Module) -> nn.Module:
-    """The module to call ``generate`` on: PEFT's wrapper leaves generation to the model it adapted in place."""
+    """The module to call ``generate`` on: PEFT's wrapper leaves generation to the model it adapted in place (an
+    adapted model, `mmprefix.adapters`, is itself that module)."""
     if type(model).__name__.startswith("Peft"):
         return model.get_base_model()
     return model
+
+
+def load_trained(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """``model`` with what a recipe trained and saved in ``folder`` (its ``prefix/``, ``prompt/``, ``memory/``,
+    ``adapter/``, ``lora/`` or ``model/``), ready to evaluate: ``evaluated`` routes it."""
+    folder = Path(folder)
+    if (folder / "prefix.safetensors").is_file():
+        return load_prefix(model, folder)
+    if (folder / adapters.CONFIG_NAME).is_file():
+        return adapters.load_adapters(model, folder)
+    if (folder / "adapter_config.json").is_file():  # PEFT (LoRA)
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, folder)
+    if (folder / "config.json").is_file():  # every weight (full fine-tuning)
+        return type(model).from_pretrained(folder).eval()
+    raise ValueError(f"{folder} holds no trained prefix, adapters, LoRA or model")
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

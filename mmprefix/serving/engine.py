@@ -142,7 +142,7 @@ class Engine:
                 job.prepared = prepare(unwrap(self.model), self._checker, job, self.limits["max_new_tokens"], extra)
         if job.setting("temperature") and not self.steps(job):  # transformers' generate would sample from one RNG
             stepping = self.stepper is not None and job.prepared is not None
-            why = "its prefix is a soft prompt" if stepping else self.why_not_stepped
+            why = "its prefix is a soft prompt or image-conditioned" if stepping else self.why_not_stepped
             raise ValueError(f"sampling (temperature, top_p) needs step-level decoding, which this request cannot "
                              f"have: {why}; use greedy decoding or beam search")
         length = self.token_count(job.text) if needs_same_length(job.task, self.model) else None
@@ -151,10 +151,12 @@ class Engine:
 
     def steps(self, job: Job) -> bool:
         """Whether ``job`` decodes step by step: a prepared generative job of a model with a stepper, without
-        beam search, whose prefix (if any) is a prefix, not a soft prompt."""
+        beam search, whose prefix (if any) is a prefix, neither a soft prompt nor image-conditioned."""
         if self.stepper is None or job.prepared is None or job.setting("num_beams", 1) > 1:
             return False
-        return job.prefix is None or isinstance(self._store(job.prefix), PrefixStore)
+        store = self._store(job.prefix)
+        # A conditioned prefix reads its rows' images in every call; a decoding step passes none
+        return job.prefix is None or (isinstance(store, PrefixStore) and store.condition is None)
 
     def _store(self, name: str | None) -> Any:
         return self.model.prefixes[name] if name is not None and name in self.model.prefixes else None

@@ -38,8 +38,9 @@ BASE = "base"  # the model id of the frozen model without a prefix
 BATCHING = ("step", "request")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # Where a prefix may sit below a served entry: the entry itself, a recipe run's folder (``prefix/`` in it), or a
-# recipe's task folder, whose prefix run is ``prefix/`` with its own ``prefix/`` (out/vqa -> out/vqa/prefix/prefix).
-RECIPE_PLACES = ("", "prefix", "prefix/prefix")
+# recipe's task folder, whose prefix run is ``prefix/`` with its own ``prefix/`` (out/vqa -> out/vqa/prefix/prefix);
+# a memory prefix's run names both ``memory/`` (out/vqa/memory/memory).
+RECIPE_PLACES = ("", "prefix", "prefix/prefix", "memory", "memory/memory")
 
 
 class InvalidName(ValueError):

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from ..adapters import adapters_of, save_adapters
 from ..devices import placed_by_hooks
 from ..model import PrefixModel
 from . import checkpoints, distributed, lock
@@ -50,9 +51,12 @@ def default_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 def saved_name(model: nn.Module) -> str:
     """The folder a trained model is saved in, named for what was trained: ``prefix``, ``prompt`` (a soft
-    prompt), a PEFT adapter's type (``lora``), or ``model`` (every weight)."""
+    prompt), ``memory``, a PEFT adapter's type (``lora``), ``adapter`` (bottleneck adapters), or ``model``
+    (every weight)."""
     if isinstance(model, PrefixModel):
         return model.prefixes[model.active_prefix].config.method
+    if adapters_of(model):
+        return "adapter"
     peft_config = getattr(model, "peft_config", None)
     if isinstance(peft_config, dict) and peft_config:
         kind = next(iter(peft_config.values())).peft_type
@@ -65,6 +69,8 @@ def save_trained(model: nn.Module, directory: str | os.PathLike) -> None:
     its trainable weights as safetensors."""
     if isinstance(model, PrefixModel):
         model.save_prefix(directory)
+    elif adapters_of(model):
+        save_adapters(model, directory)
     elif hasattr(model, "save_pretrained"):
         model.save_pretrained(directory)
     else:

@@ -16,14 +16,15 @@ is valid; the merged settings then run the dataclasses' own checks. Nothing here
 
 from .yamlfile import SettingsError, parse_yaml, read_yaml
 from .layers import check_layer, check_path_variables, layered, override_layer, set_in, unset_variables
-from .recipes import (DataSettings, EvalSection, FLAGS, FullOptions, GENERATION_INTEGERS, METHODS, ON_BAD_IMAGE,
-                      PrefixOptions, PromptOptions, RecipeSettings, Split, recipe_parser, recipe_settings)
+from .recipes import (AdapterOptions, DataSettings, EvalSection, FLAGS, FullOptions, GENERATION_INTEGERS, METHODS,
+                      MemoryOptions, ON_BAD_IMAGE, PrefixOptions, PromptOptions, RecipeSettings, Split, recipe_parser,
+                      recipe_settings)
 from .evaluation import EvaluationSettings, REQUIRED_FOR_EVALUATION, evaluation_settings
 from .runner import run
 
 __all__ = [
-    "DataSettings", "EvalSection", "EvaluationSettings", "FLAGS", "FullOptions", "GENERATION_INTEGERS",
-    "METHODS", "ON_BAD_IMAGE", "PrefixOptions", "PromptOptions", "REQUIRED_FOR_EVALUATION", "RecipeSettings",
+    "AdapterOptions", "DataSettings", "EvalSection", "EvaluationSettings", "FLAGS", "FullOptions", "GENERATION_INTEGERS",
+    "MemoryOptions", "METHODS", "ON_BAD_IMAGE", "PrefixOptions", "PromptOptions", "REQUIRED_FOR_EVALUATION", "RecipeSettings",
     "SettingsError", "Split", "check_layer", "check_path_variables", "evaluation_settings", "layered",
     "override_layer", "parse_yaml", "read_yaml", "recipe_parser", "recipe_settings", "run", "set_in",
     "unset_variables"

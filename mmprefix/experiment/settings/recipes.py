@@ -8,8 +8,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
+from typing import Any, ClassVar
 
 from ... import typed
 from ...config import PrefixConfig
@@ -18,7 +17,7 @@ from ..loading import QUANTIZATIONS
 from .layers import check_path_variables, layered, override_layer, set_in
 from .yamlfile import SettingsError, read_yaml
 
-METHODS = ("prefix", "prompt", "lora", "full")
+METHODS = ("prefix", "prompt", "memory", "lora", "adapter", "full")
 ON_BAD_IMAGE = ("error", "skip")
 # generate() settings of eval.generation that are whole numbers, and their least values (the rest go to generate)
 GENERATION_INTEGERS = {"max_new_tokens": 1, "min_new_tokens": 0, "num_beams": 1, "max_length": 1, "min_length": 0,
@@ -83,11 +82,13 @@ class PrefixOptions(PrefixConfig):
     """The ``prefix:`` section: `PrefixConfig` fields, and the learning rate this method trains with."""
 
     learning_rate: float | None = None
+    section: ClassVar[str] = "prefix"  # the section, and the PrefixConfig method it configures
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.method != "prefix":
-            raise ValueError("prefix.method must stay 'prefix' (choose a soft prompt with method: prompt)")
+        section = type(self).section
+        if self.method != section:
+            raise ValueError(f"{section}.method must stay {section!r} (choose another method with method: ...)")
         _check_trainable(self)
 
     def config(self) -> PrefixConfig:
@@ -101,12 +102,28 @@ class PromptOptions(PrefixOptions):
     """The ``prompt:`` section: a soft prompt's `PrefixConfig` fields and learning rate."""
 
     method: str = "prompt"
+    section: ClassVar[str] = "prompt"
+
+
+@dataclass
+class MemoryOptions(PrefixOptions):
+    """The ``memory:`` section: a decoupled prefix's `PrefixConfig` fields (``method="memory"``) and learning rate."""
+
+    method: str = "memory"
+    section: ClassVar[str] = "memory"
+
+
+@dataclass
+class AdapterOptions:
+    """The ``adapter:`` section: the bottleneck width of the adapters (`mmprefix.adapters`) and the learning rate."""
+
+    width: int = 16
+    learning_rate: float | None = None
 
     def __post_init__(self) -> None:
-        PrefixConfig.__post_init__(self)
-        if self.method != "prompt":
-            raise ValueError("prompt.method must stay 'prompt'")
-        _check_trainable(self)
+        if self.width < 1:
+            raise ValueError(f"adapter.width must be >= 1, got {self.width}")
+        _check_rate(self.learning_rate)
 
 
 def _check_trainable(options: PrefixOptions) -> None:
@@ -134,8 +151,9 @@ class FullOptions:
 @dataclass
 class RecipeSettings:
     """Everything a recipe run reads. ``output_dir`` may hold ``{method}`` (the shipped configs write each
-    method into its own folder); the method's section (``prefix:``, ``prompt:``, ``lora:``, ``full:``) may set
-    the learning rate that method trains with, unless ``train.learning_rate`` is given on the command line."""
+    method into its own folder); the method's section (``prefix:``, ``prompt:``, ``memory:``, ``lora:``,
+    ``adapter:``, ``full:``) may set the learning rate that method trains with, unless ``train.learning_rate`` is
+    given on the command line."""
 
     model: str
     method: str = "prefix"
@@ -143,7 +161,9 @@ class RecipeSettings:
     output_dir: str = "out/{method}"
     prefix: PrefixOptions = field(default_factory=PrefixOptions)
     prompt: PromptOptions = field(default_factory=PromptOptions)
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
     lora: dict[str, Any] = field(default_factory=dict)  # peft.LoraConfig fields, and learning_rate
+    adapter: AdapterOptions = field(default_factory=AdapterOptions)
     full: FullOptions = field(default_factory=FullOptions)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -163,10 +183,12 @@ class RecipeSettings:
 
     def method_options(self) -> Any:
         """What `mmprefix.experiment.methods.prepare` takes for this method: a `PrefixConfig`, LoRA options."""
-        if self.method in ("prefix", "prompt"):
+        if self.method in ("prefix", "prompt", "memory"):
             return getattr(self, self.method).config()
         if self.method == "lora":
             return {k: v for k, v in self.lora.items() if k != "learning_rate"}
+        if self.method == "adapter":
+            return {"width": self.adapter.width}
         return {}
 
     def train_config(self) -> TrainConfig:
@@ -185,8 +207,9 @@ class RecipeSettings:
 FLAGS = {  # recipe flag -> (dotted key, argparse keywords)
     "--output-dir": ("output_dir", dict(metavar="DIR", help="where the run writes everything (default: the config's "
                                         "output_dir, e.g. out/vqa/{method})")),
-    "--method": ("method", dict(choices=METHODS, help="what to train: a prefix (default), a soft prompt, LoRA or "
-                                "every weight (full fine-tuning), for comparison")),
+    "--method": ("method", dict(choices=METHODS, help="what to train: a prefix (default), a soft prompt, a memory "
+                                "prefix (decoupled from the softmax), LoRA, bottleneck adapters or every weight "
+                                "(full fine-tuning), for comparison")),
     "--max-steps": ("train.max_steps", dict(type=int, metavar="N", help="optimizer steps to train")),
     "--save-every": ("train.save_every", dict(type=int, metavar="N", help="write a resumable checkpoint every N "
                                               "steps (0: only when SIGTERM/SIGINT stops the run)")),
