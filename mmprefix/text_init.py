@@ -19,7 +19,7 @@ from . import routing
 from .architectures import family_of, is_open_clip
 from .config import PrefixConfig
 from .data.images import BadImageError
-from .data.formatting import chat_prompt
+from .processors import chat_prompt
 from .data.images import load_image as read_image
 from .devices import execution_device
 from .families import PER_ROW_IMAGES, Media

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..architectures import family_of, unwrap
+from ..processors import chat_prompt
 
 IGNORE = -100
 VQA_PROMPT = "Question: {question} Answer:"
@@ -45,13 +46,6 @@ def words(tokenizer: Any, text: str) -> list[int]:
 def per_row(images: Sequence[Any]) -> list[list[Any]]:
     """One list of images per row: what every multi-image processor takes."""
     return [[image] for image in images]
-
-
-def chat_prompt(processor: Any, text: str) -> str:
-    """One user turn, an image then ``text``, through the processor's chat template (which puts the family's
-    image placeholders where the model expects them), with the assistant's turn opened."""
-    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    return processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
 
 
 def image_prompt_inputs(processor: Any, images: Sequence[Any], texts: Sequence[str]) -> dict[str, Any]:
