@@ -33,7 +33,8 @@ SAVED = ("prefix", "memory", "prompt", "adapter", "lora", "model")  # what a rec
 
 def adapted(spec: str, task: str, run: str):
     """The backbone of ``spec`` with what ``run`` trained (``"none"``: as it is), the prefix to route and the processor."""
-    from mmprefix.experiment import loading, methods, recipe
+    from mmprefix.models import loading, methods
+    from mmprefix.experiment import recipe
 
     model, processor = loading.load_model(spec, task)
     if run != "none":
@@ -49,7 +50,7 @@ def forgetting(args: argparse.Namespace, config) -> dict:
     from mmprefix import evaluation
     from mmprefix.data import read_samples
     from mmprefix.evaluation.contrastive import retrieve
-    from mmprefix.experiment import loading
+    from mmprefix.models import loading
 
     recipe_task, task, source, metric, limit = CHECKS[args.task]
     model, prefix, processor = adapted(config.model, recipe_task, args.run)

@@ -23,8 +23,9 @@ import torch
 import transformers as tf
 from overhead import interleaved, ratio_interval
 
-from mmprefix import PrefixConfig, PrefixModel, adapters
-from mmprefix.experiment.methods import prepare
+from mmprefix import PrefixConfig, PrefixModel
+from mmprefix.models import adapters
+from mmprefix.models.methods import prepare
 
 # method -> (how it is built, whether rows of one batch can use different ones, whether it merges into the weights)
 METHODS = {

@@ -1,6 +1,6 @@
 """The compatibility table: every class of the family matrix, its sites per tower and kind, and which checks pass.
 
-    python benchmarks/compatibility.py            # runs tests/test_families.py, prints the Markdown table
+    python benchmarks/compatibility.py            # runs tests/core/test_families.py, prints the Markdown table
 
 The table is the family matrix's own results (pytest runs it in this process and records each outcome), so
 it says exactly what the tests check, on the installed transformers version: sites with the expected towers,
@@ -35,7 +35,7 @@ CHECKS = {
     "test_save_and_load_reproduce_the_outputs": "save/load",
     "test_text_initialisation_through_the_family_processor_reaches_every_site": "init text",
     "test_a_soft_prompt_equals_the_same_vectors_read_as_tokens": "soft prompt",
-    # tests/test_media_routing.py: several images in a row, text-only rows, images of other sizes, image + video
+    # tests/core/test_media_routing.py: several images in a row, text-only rows, images of other sizes, image + video
     "test_each_row_sees_its_own_prefix_in_every_tower_or_the_call_is_refused": "mixed media rows",
     "test_generation_keeps_each_rows_prefix_through_the_cache_and_the_beams": "mixed media generation",
 }
@@ -69,13 +69,13 @@ def main() -> int:
     import transformers
 
     outcomes = Outcomes()
-    from mmprefix.architectures import tower_layout
+    from mmprefix.core.architectures import tower_layout
 
     tests = [str(ROOT / "tests" / f) for f in ("test_families.py", "test_media_routing.py")]
     code = pytest.main([*tests, "-q", "-p", "no:cacheprovider"], plugins=[outcomes])
     columns = list(CHECKS.values())
     lines = [
-        f"transformers {transformers.__version__}; tiny configs, tests/test_families.py and tests/test_media_routing.py",
+        f"transformers {transformers.__version__}; tiny configs, tests/core/test_families.py and tests/core/test_media_routing.py",
         "",
         "| family | class | covered by | sites (tower.kind count) | " + " | ".join(columns) + " | notes |",
         "|---|---|---|---|" + "---|" * (len(columns) + 1),

@@ -41,7 +41,7 @@ from gpu import SPECS  # noqa: E402  (the models of the GPU benchmark)
 from quantized import weight_bytes  # noqa: E402
 
 from mmprefix import PrefixConfig, add_prefix  # noqa: E402
-from mmprefix.experiment.loading import quantize_weights  # noqa: E402
+from mmprefix.models.loading import quantize_weights  # noqa: E402
 
 GOALS = {"bf16": 1.3, "int8": 0.7}  # peak over the bf16 model's weight bytes
 

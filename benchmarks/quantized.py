@@ -28,7 +28,7 @@ from mmprefix import PrefixConfig, add_prefix
 from mmprefix.data import formatting, load_image, read_samples
 from mmprefix.data.synthetic import build_world
 from mmprefix.evaluation import PRIMARY_METRIC
-from mmprefix.experiment import loading
+from mmprefix.models import loading
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"vqa": ("vqa", "vqa_accuracy", 2.0), "captioning": ("caption", "CIDEr", 0.3)}  # task, metric, goal

@@ -329,7 +329,7 @@ class Sweep:
     def newclass_data(self) -> dict[str, Path]:
         """The classification splits of the base half of the classes, and the new half's test split (the sorted
         class names, alternately); written once, with absolute image paths."""
-        from mmprefix.experiment import loading
+        from mmprefix.models import loading
 
         folder = self.root / "classification" / "newclass-data"
         files = {name: folder / f"{name}.jsonl" for name in ("base_train", "base_val", "base_test", "new_test")}

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .config import PrefixConfig
+from .core.config import PrefixConfig
 from .defaults import DEFAULT_MODEL
 
 
@@ -57,7 +57,7 @@ def _config(spec: str) -> Any:
     """A model config from a folder, the local cache, or the hub (not when offline): one line when it fails."""
     import transformers
 
-    from .experiment.loading import first_line, offline
+    from .models.loading import first_line, offline
 
     local = os.path.isdir(spec)
     if not local and spec.startswith((".", "/", "~")):
@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
-    from .architectures import scan  # torch loads from here on
-    from .targets import select_sites
+    from .core.architectures import scan  # torch loads from here on
+    from .core.targets import select_sites
 
     try:
         model = build_skeleton(args.model)
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def coverage_notes(model: Any, sites: list, unused: dict[str, str]) -> list[str]:
     """Which record covers the model (or that the generic fallback named its towers), and what was left out."""
-    from .architectures import model_class, tower_layout, unreachable_towers
-    from .reach import unread_attention
+    from .core.architectures import model_class, tower_layout, unreachable_towers
+    from .core.reach import unread_attention
 
     layout = tower_layout(model)
     if layout is None:
@@ -202,7 +202,7 @@ def serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         print(f"mmprefix serve needs the serve extra (pip install 'mmprefix[serve]'): {err}", file=sys.stderr)
         return 2
-    from .experiment.loading import LoadError
+    from .models.loading import LoadError
 
     prefixes = args.prefixes or DEFAULT_PREFIXES
     if not os.path.isdir(prefixes):

@@ -24,7 +24,8 @@ CONFIG = Path(__file__).parent / "configs" / "vqa.yaml"
 def main(argv: list[str] | None = None) -> dict:
     config = settings.recipe_settings(argv, TASK, CONFIG, __doc__)  # --help and bad settings end here, at once
     from mmprefix.data import formatting  # torch loads from here on
-    from mmprefix.experiment import loading, methods, recipe
+    from mmprefix.models import loading, methods
+    from mmprefix.experiment import recipe
     from mmprefix.training import train
 
     recipe.seed_everything(config.train.seed)

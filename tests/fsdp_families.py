@@ -1,5 +1,5 @@
 """Every family with its base sharded by FSDP on two processes against the same model unsharded, run by
-tests/test_fsdp.py under torchrun: python tests/fsdp_families.py RESULT_JSON. Each process computes the
+tests/training/test_fsdp.py under torchrun: python tests/fsdp_families.py RESULT_JSON. Each process computes the
 unsharded reference itself (same seed, same inputs), then the sharded model: loss, prefix gradients, greedy
 generation, and the bytes of base weights it holds."""
 

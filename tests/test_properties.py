@@ -15,13 +15,14 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import tiny
-from mmprefix import PrefixConfig, add_prefix, load_prefix, saving, typed
-from mmprefix.architectures import Site
-from mmprefix.targets import select_sites
-from mmprefix.attention.mechanism import Prefix, widen_mask
+from mmprefix import PrefixConfig, add_prefix, load_prefix
+from mmprefix.core import saving, typed
+from mmprefix.core.architectures import Site
+from mmprefix.core.targets import select_sites
+from mmprefix.core.attention.mechanism import Prefix, widen_mask
 from mmprefix.data.readers import AnnotationError, read_caption_jsonl, read_text_jsonl, read_vqa_jsonl
 from mmprefix.experiment import settings as run_settings
-from mmprefix.routing import Call, Routing
+from mmprefix.core.routing import Call, Routing
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])

@@ -1,5 +1,5 @@
 """Tiny random models of every family mmprefix names, each with its real processor built offline, for the family
-test matrix (tests/test_families.py) and the compatibility table (benchmarks/compatibility.py).
+test matrix (tests/core/test_families.py) and the compatibility table (benchmarks/compatibility.py).
 
 Sizes: hidden 32, 2 layers, 4 heads (2 key/value heads in the language models), 32 px images. Tokenizers are
 word-level over the synthetic world's words plus each family's special tokens (`word_tokenizer`), so that the
@@ -92,7 +92,7 @@ class Case:
     suppress: tuple = ()  # tokens generation never picks (default: the processor's added tokens but end of text)
     positions: int | None = 0  # generate() numbers a left-padded prompt from its mask, from this (None: the model does)
     routable: list | None = None  # targets that per-row routing can reach, where some tower is refused
-    beams: bool = True  # False: the model's own beam search fails (tests/test_families.py shows it on the bare model)
+    beams: bool = True  # False: the model's own beam search fails (tests/core/test_families.py shows it on the bare model)
 
 
 def seeded(build: Callable[[], Any]) -> Callable[[], Any]:

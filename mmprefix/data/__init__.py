@@ -1,6 +1,6 @@
 """Data for training and evaluation: sample records, readers for benchmark formats, images, the synthetic world."""
 
-from .images import BadImageError, ImageLoader, NoReadableImages, UnreadableImage, load_image
+from ..core.images import BadImageError, ImageLoader, NoReadableImages, UnreadableImage, load_image
 from .readers import AnnotationError, read_samples
 from .records import CaptionSample, TextSample, VQASample
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ..architectures import family_of, unwrap
-from ..processors import chat_prompt
+from ..core.architectures import family_of, unwrap
+from ..core.processors import chat_prompt
 
 IGNORE = -100
 VQA_PROMPT = "Question: {question} Answer:"

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..architectures import is_open_clip
+from ..core.architectures import is_open_clip
 from .formats import (IGNORE, blip_decoder_text, chat_prompt, image_prompt_inputs, per_row, prompt_and_target,
                       prompt_format)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..files import write_text
+from ..core.files import write_text
 
 # v6 writes "an" before vowels and names the object in shape answers, v5 added the vqa_verify files, v4 the
 # classification files; the images are v3's

@@ -5,17 +5,8 @@ models: classification and retrieval), ``metrics.py`` (the official metrics), ``
 """
 
 from .contrastive import classify, retrieve
-from .predict import (
-    GENERATIVE_TASKS,
-    PRIMARY_METRIC,
-    TASKS,
-    ResumeError,
-    evaluate_runs,
-    official_results,
-    predict,
-    sample_id,
-    score,
-)
+from .predict import (GENERATIVE_TASKS, PRIMARY_METRIC, TASKS, ResumeError, evaluate_runs, official_results, predict,
+                      sample_id, score)
 
 __all__ = [
     "GENERATIVE_TASKS",

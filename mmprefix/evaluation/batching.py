@@ -7,8 +7,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..data.formats import prompt_format
-from ..model import PrefixModel
-from ..routing import ACTIVE
+from ..core.model import PrefixModel
+from ..core.routing import ACTIVE
 
 
 def routed(model: Any, prefix: Any) -> contextlib.AbstractContextManager:

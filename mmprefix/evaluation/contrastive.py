@@ -14,10 +14,10 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..architectures import is_open_clip, unwrap
+from ..core.architectures import is_open_clip, unwrap
 from ..data import CaptionSample, ImageLoader
 from ..data.formatting import class_prompts
-from ..routing import ACTIVE
+from ..core.routing import ACTIVE
 from . import metrics
 from .batching import chunks, routed, same_length_batches
 

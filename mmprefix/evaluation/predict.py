@@ -24,8 +24,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..data import CaptionSample, ImageLoader, NoReadableImages, TextSample, VQASample
-from ..files import write_json
-from ..routing import ACTIVE
+from ..core.files import write_json
+from ..core.routing import ACTIVE
 from . import decode, metrics
 from .batching import chunks, needs_same_length, prefix_label, routed, same_length_batches
 from .contrastive import classify, retrieve

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics
-from ..files import write_text
+from ..core.files import write_text
 from ..data import CaptionSample, TextSample, VQASample, load_image
 from .predict import GENERATIVE_TASKS, PRIMARY_METRIC, sample_id
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import settings as layering
-from .loading import LoadError
+from ..models.loading import LoadError
 from .settings import EvaluationSettings, SettingsError
 
 TASKS = "vqa, caption, text (generation), classification, retrieval"
@@ -116,7 +116,7 @@ def prefix_runs(prefixes: list[str], base: bool) -> dict[str, str | None]:
 def add_prefixes(model: Any, runs: dict[str, str | None]) -> tuple[Any, dict[str, str | None]]:
     """Load every prefix of ``runs`` (see `prefix_runs`) onto one PrefixModel; the runs as ``evaluate_runs`` takes
     them: ``{"base": None, NAME: NAME, ...}``."""
-    from ..model import PrefixModel
+    from ..core.model import PrefixModel
 
     if any(folder is not None for folder in runs.values()):
         model = model if isinstance(model, PrefixModel) else PrefixModel(model)
@@ -136,7 +136,7 @@ def read_data(settings: EvaluationSettings) -> tuple[list, list[str] | None]:
     """(samples, class names for classification), limited to the first ``limit`` samples."""
     from ..data import read_samples
     from ..data.classification import read_classification
-    from . import loading
+    from ..models import loading
 
     task, path, classnames = settings.task, loading.data_path(settings.data), None
     try:
@@ -167,7 +167,7 @@ def generation_settings(settings: EvaluationSettings) -> dict[str, int]:
 def run(settings: EvaluationSettings) -> dict[str, dict]:
     from .. import evaluation
     from ..data import NoReadableImages
-    from . import loading
+    from ..models import loading
     from ..evaluation import report
 
     task, output_dir = settings.task, Path(settings.output_dir)

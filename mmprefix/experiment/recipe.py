@@ -21,10 +21,10 @@ from ..data import ImageLoader, NoReadableImages, read_samples
 from ..data.classification import read_classification
 from ..evaluation.contrastive import classify
 from ..evaluation.report import write_report
-from ..model import PrefixModel, load_prefix
+from ..core.model import PrefixModel, load_prefix
 from ..training import distributed, lock
-from . import loading
-from .methods import for_generation
+from ..models import loading
+from ..models.methods import for_generation
 from .settings import DataSettings, EvalSection, RecipeSettings
 
 def is_main_process() -> bool:

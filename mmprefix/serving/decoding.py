@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..store import PrefixStore
+from ..core.store import PrefixStore
 from .cache_rows import CacheRows, merge
 from .inputs import Prepared
 from .jobs import ClientGone, Completion, Job, notify

@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 
-from ..architectures import is_open_clip, unwrap
+from ..core.architectures import is_open_clip, unwrap
 from ..data.formats import prompt_format
 from ..data.formatting import class_prompts
 from ..evaluation import decode
 from ..evaluation.batching import needs_same_length
 from ..evaluation.contrastive import _ClipEncoder, _encode_texts, class_embeddings
-from ..model import PrefixModel
-from ..store import PrefixStore
+from ..core.model import PrefixModel
+from ..core.store import PrefixStore
 from .generate import generate_batch
 from .inputs import preparable, prepare
 from .jobs import DEFAULT_TEMPLATES, Completion, Job

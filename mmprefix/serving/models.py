@@ -1,4 +1,4 @@
-"""Frozen models to serve, from the model specs the recipes use (``mmprefix.experiment.loading``)."""
+"""Frozen models to serve, from the model specs the recipes use (``mmprefix.models.loading``)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from ..experiment.loading import load_model, offline, task_classes, transformers_config
+from ..models.loading import load_model, offline, task_classes, transformers_config
 from ..defaults import DEFAULT_MODEL
 from ..embedded import backbone
-from ..model import PrefixModel
+from ..core.model import PrefixModel
 from .engine import Engine
 
 # Tasks tried in turn to pick a transformers class for a model spec; embedded backbones have one task each.

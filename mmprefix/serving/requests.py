@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..data.images import BadImageError, load_image
+from ..core.images import BadImageError, load_image
 
 CHARS_PER_TOKEN = 16  # far above any tokenizer's average for text (English ~4): it bounds only pathological input
 

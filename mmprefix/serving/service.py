@@ -25,8 +25,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..model import check_prefix_name
-from ..saving import detect_format, read_for
+from ..core.model import check_prefix_name
+from ..core.saving import detect_format, read_for
 from .batcher import Batcher
 from .engine import Engine, Job
 from .jobs import ClientGone

@@ -25,10 +25,10 @@ import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.pytorch_utils import apply_chunking_to_forward
 
-from ..architectures import unwrap
+from ..core.architectures import unwrap
 from ..data.formats import prompt_format
-from ..model import PrefixModel
-from ..store import PrefixStore
+from ..core.model import PrefixModel
+from ..core.store import PrefixStore
 from .cache_rows import CacheRows, from_cache, start_rows, to_cache
 from .inputs import padded_batch
 

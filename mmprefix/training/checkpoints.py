@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .. import typed
-from ..files import load_finite, sync_folder
+from ..core import typed
+from ..core.files import load_finite, sync_folder
 
 PREFIX = "step-"
 SET_ASIDE = "set-aside-"  # OUTPUT_DIR/set-aside-<when>/: an earlier run's checkpoints, never deleted by a run

@@ -32,8 +32,8 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-from ..architectures import family_of
-from ..model import PrefixModel
+from ..core.architectures import family_of
+from ..core.model import PrefixModel
 from .config import TrainingError
 
 # Methods that run sub-modules without the root's forward (generation, feature extraction): FSDP must gather the

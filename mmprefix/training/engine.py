@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..adapters import adapters_of, save_adapters
-from ..devices import placed_by_hooks
-from ..model import PrefixModel
+from ..models.adapters import adapters_of, save_adapters
+from ..core.devices import placed_by_hooks
+from ..core.model import PrefixModel
 from . import checkpoints, distributed, lock
 from .checkpoints import Position
 from .config import TrainConfig, TrainingError, TrainingInterrupted

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import write_text
+from ..core.files import write_text
 from . import checkpoints, distributed
 from .checkpoints import Position
 from .config import TrainConfig, TrainingError

@@ -4,7 +4,7 @@ Every reader returns ``list[VQASample]``, ``list[CaptionSample]`` or ``list[Text
 ``records.py``) so that recipes and the evaluation harness never see a format. Design choices:
 
 * Images are *referenced*, not opened, so reading even VQAv2 train takes seconds; a bad or missing
-  image surfaces when :func:`mmprefix.data.images.load_image` opens it (and can be skipped there).
+  image surfaces when :func:`mmprefix.core.images.load_image` opens it (and can be skipped there).
   A missing ``image_root`` folder is reported at once, and a warning is logged when the first sample's
   image does not exist (the usual sign of a wrong ``image_root`` or ``image_pattern``).
 * Image paths are stored as absolute, normalised strings. Relative names in an annotation file are
@@ -23,12 +23,13 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .captions import (_coco, _karpathy, read_caption_imagefolder, read_caption_jsonl, read_coco_captions, read_karpathy,
-                       read_nocaps)
+from .captions import (_coco, _karpathy, read_caption_imagefolder, read_caption_jsonl, read_coco_captions,
+                       read_karpathy, read_nocaps)
 from .common import AnnotationError, read_json
 from .hf import read_hf_captions, read_hf_text, read_hf_vqa
 from .text import read_text_jsonl
-from .vqa import COCO_IMAGE_PATTERN, OKVQA_QUESTION_TYPES, _gqa, _vqav2, read_gqa, read_okvqa, read_vqa_jsonl, read_vqav2
+from .vqa import (COCO_IMAGE_PATTERN, OKVQA_QUESTION_TYPES, _gqa, _vqav2, read_gqa, read_okvqa, read_vqa_jsonl,
+                  read_vqav2)
 
 __all__ = [
     "AnnotationError",

@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..images import UnreadableImage
+from ...core.images import UnreadableImage
 from ..records import CaptionSample, TextSample, VQASample
 from .common import AnnotationError, PathLike, Record, UniqueIds, image_root_of, join, short
 
@@ -181,7 +181,7 @@ def read_hf_captions(dataset: Any, *, columns: Mapping[str, str] | None = None, 
 
     Images are never decoded while reading: an ``Image`` column whose file exists on disk becomes its
     path; embedded bytes become a lazily opened PIL image (header read only; a file that cannot even
-    be opened becomes an :class:`~mmprefix.data.images.UnreadableImage` naming the row, which loading treats
+    be opened becomes an :class:`~mmprefix.core.images.UnreadableImage` naming the row, which loading treats
     as any bad image: skipped or an error, per ``on_bad_image``). Path strings and
     stored relative paths resolve against ``image_root`` if given, else the current directory, which is
     what ``datasets`` itself does.

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, get_origin
 
 
-from ... import typed
+from ...core import typed
 from .yamlfile import SettingsError, parse_yaml
 
 

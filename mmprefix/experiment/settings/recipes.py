@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ... import typed
-from ...config import PrefixConfig
+from ...core import typed
+from ...core.config import PrefixConfig
 from ...training.config import TrainConfig, TrainSettings
-from ..loading import QUANTIZATIONS
+from ...models.loading import QUANTIZATIONS
 from .layers import check_path_variables, layered, override_layer, set_in
 from .yamlfile import SettingsError, read_yaml
 
@@ -115,7 +115,8 @@ class MemoryOptions(PrefixOptions):
 
 @dataclass
 class AdapterOptions:
-    """The ``adapter:`` section: the bottleneck width of the adapters (`mmprefix.adapters`) and the learning rate."""
+    """The ``adapter:`` section: the bottleneck width of the adapters (`mmprefix.models.adapters`) and the learning
+    rate."""
 
     width: int = 16
     learning_rate: float | None = None
@@ -182,7 +183,7 @@ class RecipeSettings:
         self.output_dir = self.output_dir.replace("{method}", self.method)
 
     def method_options(self) -> Any:
-        """What `mmprefix.experiment.methods.prepare` takes for this method: a `PrefixConfig`, LoRA options."""
+        """What `mmprefix.models.methods.prepare` takes for this method: a `PrefixConfig`, LoRA options."""
         if self.method in ("prefix", "prompt", "memory"):
             return getattr(self, self.method).config()
         if self.method == "lora":

@@ -8,7 +8,7 @@ from typing import Any
 
 
 from ...training.config import TrainingError, TrainingInterrupted
-from ..loading import LoadError
+from ...models.loading import LoadError
 from .yamlfile import SettingsError
 
 
