@@ -300,3 +300,45 @@ assert sft.add_fused_lm_head.__mmprefix__
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, "tests")
+from test_trainer import *
+
+out, how = Path(sys.argv[1]), sys.argv[2]
+
+
+class Kill(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if how == "mid-run" and state.global_step == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+if how == "mid-save":
+    kill_at(out / "checkpoint-4", 3)  # the third file operation of that checkpoint: its prefix is being written
+Trainer(model=gpt2_prefix_model(), args=arguments(out, max_steps=6, save_steps=2), train_dataset=token_rows(),
+        callbacks=[Kill()]).train()
+"""
+
+
+@pytest.mark.slow  # two processes start torch and transformers
+@pytest.mark.parametrize("how", ["mid-run", "mid-save"])
+def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_runs_prefix(how, tmp_path):
+    whole = gpt2_prefix_model()
+    Trainer(model=whole, args=arguments(tmp_path / "whole", max_steps=6, save_steps=2), train_dataset=token_rows()).train()
+    out, root = tmp_path / "killed", Path(__file__).resolve().parents[1]
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, str(out), how], cwd=root, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = gpt2_prefix_model(prefix_seed=1)
+    trainer = Trainer(model=resumed, args=arguments(out, max_steps=6, save_steps=2), train_dataset=token_rows())
+    if how == "mid-save":
+        assert not (out / "checkpoint-4" / "trainer_state.json").exists()
+        with pytest.raises(ValueError, match="checkpoint-4 is not a complete checkpoint"):
+            trainer.train(resume_from_checkpoint=True)
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    else:
+        trainer.train(resume_from_checkpoint=True)
+    assert same(prefix_tensors(resumed), prefix_tensors(whole))
