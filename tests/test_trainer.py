@@ -277,6 +277,8 @@ def test_bf16_trains_the_float32_prefix_and_a_cpu_without_bf16_is_told_so(tmp_pa
 
 
 def test_other_models_are_saved_as_before(tmp_path):
+    add_prefix(tiny.gpt2())  # Trainer learns about prefix models when the first one is built
+    assert Trainer._save.__mmprefix__
     trainer = Trainer(model=tiny.gpt2(), args=arguments(tmp_path / "out", max_steps=1), train_dataset=token_rows())
     trainer.train()
     trainer.save_model()
