@@ -1,0 +1,100 @@
+"""Instruction following: one prefix for several tasks asked in varied words, against one prefix per task.
+
+examples:
+  python recipes/instruct.py                                # embedded LLaVA: counts, sizes, sides and captions
+  python recipes/instruct.py train.max_steps=600 prefix.num_virtual_tokens=16   # any setting, by its key
+  python recipes/instruct.py data.test.limit=30             # fewer test questions per task: a quicker look
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from mmprefix.experiment import settings
+
+TASK = "vqa"
+CONFIG = Path(__file__).parent / "configs" / "instruct.yaml"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config = settings.recipe_settings(argv, TASK, CONFIG, __doc__)  # --help and bad settings end here, at once
+    if config.method != "prefix" or config.data.train is None or config.data.test is None:
+        raise settings.SettingsError("recipes/instruct.py compares prefixes: method must be prefix, and data.train "
+                                     "and data.test must be set")
+    from mmprefix.data import formatting  # torch loads from here on
+    from mmprefix.experiment import instructions, loading, methods, recipe
+    from mmprefix.training import train
+
+    recipe.seed_everything(config.train.seed)
+    out = recipe.fresh_start(config)
+    evaluate = config.eval
+
+    # 1. The frozen backbone, and the world's tasks asked in varied words: training rows, three test sets.
+    model, processor = loading.load_model(config.model, TASK, config.quantize)
+    train_split, test_split = config.data.train, config.data.test
+    rows = instructions.load_rows(train_split.path, train_split.options["captions"], train_split.limit)
+    test_rows = instructions.load_rows(test_split.path, test_split.options["captions"], test_split.limit)
+    asked = instructions.phrased(rows, "train", config.train.seed)
+    tests = {kind: instructions.phrased(test_rows, kind, config.train.seed + 1) for kind in instructions.SETS}
+    print(f"{len(asked)} training instructions; {len(test_rows)} test rows, each asked {len(tests)} ways")
+
+    # 2. One instruction prefix: every task, every trained phrasing. The frozen model is the prefix disabled.
+    model = methods.prepare(model, "prefix", config.method_options(), processor)
+    trainable, total = methods.trainable_parameters(model)
+    results = {"frozen": instructions.score(model, processor, tests, lambda task: None, evaluate.batch_size,
+                                            evaluate.generation)}
+
+    def collate(batch):
+        samples = [sample for sample, _ in batch]
+        inputs = formatting.vqa_batch(model, processor, [image for _, image in batch], [s.question for s in samples],
+                                      [s.answers[0] for s in samples])
+        return {**inputs, "prefix": [s.question_type for s in samples]}  # the task: which per-task prefix trains
+
+    dataset = recipe.SampleDataset(asked, config.data.on_bad_image)
+    one_prefix = dataclasses.replace(config.train_config(), output_dir=str(out / "instruction"))
+    started = time.perf_counter()
+    train(model, dataset, collate, one_prefix, loss_fn=lambda m, b: m(**{**b, "prefix": "default"}).loss,
+          settings=config.identity())
+    seconds = {"instruction prefix": time.perf_counter() - started}
+    results["instruction prefix"] = instructions.score(model, processor, tests, lambda task: "default",
+                                                       evaluate.batch_size, evaluate.generation)
+
+    # 3. A prefix per task on the same rows and steps: each row trains its own task's prefix (one routed run).
+    for task in instructions.TASKS:
+        model.add_prefix(task, config.method_options(), processor=processor)
+    model.prefixes["default"].requires_grad_(False)
+    per_task = dataclasses.replace(config.train_config(), output_dir=str(out / "per-task"))
+
+    def save_each(trained, folder):
+        for task in instructions.TASKS:
+            trained.save_prefix(Path(folder) / task, task)
+
+    started = time.perf_counter()
+    train(model, dataset, collate, per_task, save=save_each, settings=config.identity())
+    seconds["per-task prefixes"] = time.perf_counter() - started
+    results["per-task prefixes"] = instructions.score(model, processor, tests, lambda task: task,
+                                                      evaluate.batch_size, evaluate.generation)
+
+    # 4. The comparison.
+    means = {name: {kind: sets[kind]["mean"] for kind in sets} for name, sets in results.items()}
+    summary = {"zero_shot": means["frozen"], "tuned": means["instruction prefix"],
+               "per_task_prefixes": means["per-task prefixes"], "results": results, "trainable_parameters": trainable,
+               "total_parameters": total, "trainable_percent": 100 * trainable / total,
+               "training_seconds": seconds["instruction prefix"], "per_task_training_seconds": seconds["per-task prefixes"]}
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\ntrainable parameters per prefix: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)\n")
+    print(instructions.report(results))
+    held_out = results["instruction prefix"]["held-out phrasings"]["mean"]
+    specialists = results["per-task prefixes"]["seen"]["mean"]
+    print(f"\nheld-out phrasings: the instruction prefix {held_out:.1f}, the per-task prefixes on the phrasings they "
+          f"trained on {specialists:.1f} ({held_out - specialists:+.1f} points; goal: within 5)")
+    print(f"outputs in {out}: instruction/prefix/, per-task/prefix/<task>/, metrics.json")
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(settings.run(main, sys.argv[1:]))
