@@ -1,6 +1,6 @@
 """Prefix tuning against a soft prompt, LoRA and full fine-tuning, on the recipes' embedded default.
 
-    python benchmarks/methods.py [--recipes vqa captioning textgen classification vqa_llava] [--methods prefix prompt lora full]
+    python benchmarks/methods.py [--recipes vqa captioning textgen classification vqa_llava instruct align] [--methods ...]
 
 Each (recipe, method) runs the recipe with its default config in a fresh process, one after the other
 (``vqa_llava``: the VQA recipe with ``recipes/configs/vqa_llava_embedded.yaml``, the embedded LLaVA-style backbone); the
@@ -22,7 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIMARY = {"vqa": "vqa_accuracy", "captioning": "CIDEr", "textgen": "Bleu_4", "classification": "top1",
-           "vqa_llava": "vqa_accuracy"}
+           "vqa_llava": "vqa_accuracy", "instruct": "held-out phrasings", "align": "preference_accuracy"}
+PREFIX_ONLY = ("instruct", "align")  # the seed's use cases compare a prefix with their own baselines, not methods
 # benchmark name -> (recipe script, config; None: the recipe's default)
 RECIPES = {name: (name, None) for name in PRIMARY} | {"vqa_llava": ("vqa", "recipes/configs/vqa_llava_embedded.yaml")}
 
@@ -46,14 +47,15 @@ def run(recipe: str, method: str, output: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="+", default=[r for r in PRIMARY if r != "vqa_llava"], choices=list(PRIMARY))
+    parser.add_argument("--recipes", nargs="+", default=[r for r in PRIMARY if r not in ("vqa_llava", *PREFIX_ONLY)],
+                        choices=list(PRIMARY))
     parser.add_argument("--methods", nargs="+", default=["prefix", "prompt", "lora", "full"])
     parser.add_argument("--output-dir", type=Path, default=Path("out/methods"))
     args = parser.parse_args()
 
     rows = []
     for recipe in args.recipes:
-        for method in args.methods:
+        for method in ["prefix"] if recipe in PREFIX_ONLY else args.methods:
             result = run(recipe, method, args.output_dir / recipe / method)
             rows.append((recipe, method, result))
             print(f"[{time.strftime('%H:%M:%S')}] {recipe} {method}: {result['tuned'][PRIMARY[recipe]]:.2f}", file=sys.stderr)

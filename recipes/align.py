@@ -19,10 +19,7 @@ CONFIG = Path(__file__).parent / "configs" / "align.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = settings.recipe_settings(argv, TASK, CONFIG, __doc__)  # --help and bad settings end here, at once
-    if config.method != "prefix" or config.data.train is None or config.data.test is None:
-        raise settings.SettingsError("recipes/align.py trains a prefix: method must be prefix, and data.train and "
-                                     "data.test must be set")
+    config = settings.prefix_recipe(settings.recipe_settings(argv, TASK, CONFIG, __doc__), "recipes/align.py")
     import torch  # torch, TRL and the model load from here on
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer

@@ -21,10 +21,7 @@ CONFIG = Path(__file__).parent / "configs" / "instruct.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = settings.recipe_settings(argv, TASK, CONFIG, __doc__)  # --help and bad settings end here, at once
-    if config.method != "prefix" or config.data.train is None or config.data.test is None:
-        raise settings.SettingsError("recipes/instruct.py compares prefixes: method must be prefix, and data.train "
-                                     "and data.test must be set")
+    config = settings.prefix_recipe(settings.recipe_settings(argv, TASK, CONFIG, __doc__), "recipes/instruct.py")
     from mmprefix.data import formatting  # torch loads from here on
     from mmprefix.experiment import instructions, loading, methods, recipe
     from mmprefix.training import train

@@ -91,6 +91,30 @@ def kill_at(folder, count):
     return seen
 
 
+def kill_outcomes(folder, prepare, save, candidates, after_each=lambda: None):
+    """``save()`` run once in a child to count its file operations in ``folder``; then, for every one of them,
+    ``prepare()`` the folder and SIGKILL a child's ``save()`` just before that operation. Returns the number of
+    operations and, per kill, which of ``candidates`` the folder then loads as (None: neither)."""
+    reader, writer = os.pipe()
+
+    def count():
+        seen = kill_at(folder, -1)
+        save()
+        os.write(writer, str(seen[0]).encode())
+
+    prepare()
+    assert run_in_child(count) == 0
+    operations = int(os.read(reader, 100))
+    outcomes = []
+    for point in range(1, operations + 1):
+        prepare()
+        status = run_in_child(lambda: (kill_at(folder, point), save()))
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        outcomes.append(which(folder, candidates))
+        after_each()
+    return operations, outcomes
+
+
 @pytest.mark.parametrize("start", ["format 2", "format 1"])
 def test_a_save_killed_before_any_file_operation_leaves_the_old_or_the_new_prefix(start, tmp_path):
     old, new = prefix_model(1, p=4), prefix_model(2, p=4)  # kill points are exact: small prefixes will do
@@ -104,27 +128,15 @@ def test_a_save_killed_before_any_file_operation_leaves_the_old_or_the_new_prefi
         else:
             old.save_prefix(folder)
 
-    # how many file operations one save makes (counted in a child: audit hooks cannot be removed)
-    reader, writer = os.pipe()
-
-    def count():
-        seen = kill_at(folder, -1)
-        new.save_prefix(folder)
-        os.write(writer, str(seen[0]).encode())
-
-    prepare()
-    assert run_in_child(count) == 0
-    operations = int(os.read(reader, 100))
-    assert operations >= 8, "lock, temporary file, rename, JSON removal, JSON temporary, rename, ..."
-    outcomes = []
-    for point in range(1, operations + 1):
-        prepare()
-        status = run_in_child(lambda: (kill_at(folder, point), new.save_prefix(folder)))
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        outcomes.append(which(folder, [old_tensors, new_tensors]))
+    def after_each():
         new.save_prefix(tmp_path / "elsewhere")  # unrelated
         old.save_prefix(folder)  # the next save into the folder ...
         assert temporaries(folder) == []  # ... removes what the killed one left
+
+    # the file operations one save makes are counted in a child (audit hooks cannot be removed)
+    operations, outcomes = kill_outcomes(folder, prepare, lambda: new.save_prefix(folder), [old_tensors, new_tensors],
+                                         after_each)
+    assert operations >= 8, "lock, temporary file, rename, JSON removal, JSON temporary, rename, ..."
     assert None not in outcomes, outcomes
     assert outcomes[0] == 0 and outcomes[-1] == 1, "killed first: old prefix; killed last: the new one"
     load_prefix(tiny.gpt2(), folder)

@@ -19,7 +19,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 import tiny
-from test_prefix_folders import kill_at, run_in_child, which
+from test_prefix_folders import kill_at, kill_outcomes
 
 from mmprefix import PrefixConfig, add_prefix, load_prefix, saving
 from mmprefix.embedded import load_backbone
@@ -172,23 +172,8 @@ def test_save_model_killed_at_any_file_operation_leaves_the_old_or_the_new_prefi
         trainer.save_model(folder)
         store.load_tensors(new)
 
-    reader, writer = os.pipe()
-
-    def count():
-        seen = kill_at(folder, -1)
-        trainer.save_model(folder)
-        os.write(writer, str(seen[0]).encode())
-
-    prepare()
-    assert run_in_child(count) == 0
-    operations = int(os.read(reader, 100))
+    operations, outcomes = kill_outcomes(folder, prepare, lambda: trainer.save_model(folder), [old, new])
     assert operations >= 8
-    outcomes = []
-    for point in range(1, operations + 1):
-        prepare()
-        status = run_in_child(lambda: (kill_at(folder, point), trainer.save_model(folder)))
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        outcomes.append(which(folder, [old, new]))
     assert None not in outcomes and outcomes[0] == 0 and 1 in outcomes, outcomes
 
 

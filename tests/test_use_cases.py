@@ -117,3 +117,13 @@ def test_the_instruct_recipe_as_written_reaches_its_goal(tmp_path):
     held_out = metrics["tuned"]["held-out phrasings"]
     assert held_out >= metrics["per_task_prefixes"]["seen"] - 5, metrics
     assert held_out >= metrics["zero_shot"]["held-out phrasings"] + 20, metrics
+
+
+@pytest.mark.parametrize("name", ["instruct", "align"])
+def test_the_use_case_recipes_train_a_prefix_only(name):
+    from mmprefix.experiment.settings import SettingsError
+
+    with pytest.raises(SettingsError, match=rf"recipes/{name}.py trains a prefix: method must be prefix \(got 'lora'\)"):
+        load(name).main(["--method", "lora"])
+    with pytest.raises(SettingsError, match="data.test must be set"):
+        load(name).main(["data.test=null"])
