@@ -1,9 +1,9 @@
 """Instruction following: one prefix for several tasks asked in varied words, against one prefix per task.
 
 examples:
-  python recipes/instruct.py                                # embedded LLaVA: counts, sizes, sides and captions
-  python recipes/instruct.py train.max_steps=600 prefix.num_virtual_tokens=16   # any setting, by its key
-  python recipes/instruct.py data.test.limit=30             # fewer test questions per task: a quicker look
+  python recipes/instruct.py                                # embedded LM: count, caption, answer, describe
+  python recipes/instruct.py train.max_steps=1200 prefix.num_virtual_tokens=32   # any setting, by its key
+  python recipes/instruct.py data.test.limit=30             # fewer test scenes: a quicker look
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mmprefix.experiment import settings
 
-TASK = "vqa"
+TASK = "text"
 CONFIG = Path(__file__).parent / "configs" / "instruct.yaml"
 
 
@@ -28,41 +28,37 @@ def main(argv: list[str] | None = None) -> dict:
 
     recipe.seed_everything(config.train.seed)
     out = recipe.fresh_start(config)
-    evaluate = config.eval
+    evaluate, seed = config.eval, config.train.seed
 
-    # 1. The frozen backbone, and the world's tasks asked in varied words: training rows, three test sets.
-    model, processor = loading.load_model(config.model, TASK, config.quantize)
-    train_split, test_split = config.data.train, config.data.test
-    rows = instructions.load_rows(train_split.path, train_split.options["captions"], train_split.limit)
-    test_rows = instructions.load_rows(test_split.path, test_split.options["captions"], test_split.limit)
-    asked = instructions.phrased(rows, "train", config.train.seed)
-    tests = {kind: instructions.phrased(test_rows, kind, config.train.seed + 1) for kind in instructions.SETS}
-    print(f"{len(asked)} training instructions; {len(test_rows)} test rows, each asked {len(tests)} ways")
+    # 1. The frozen model, and the world's tasks asked in varied words: training rows, three test sets.
+    model, tokenizer = loading.load_model(config.model, TASK, config.quantize)
+    rows = instructions.load_rows(config.data.train.path, seed, config.data.train.limit)
+    test_rows = instructions.load_rows(config.data.test.path, seed + 1, config.data.test.limit)
+    asked = instructions.phrased(rows, "train", seed)
+    tests = {kind: instructions.phrased(test_rows, kind, seed + 2) for kind in instructions.SETS}
+    print(f"{len(asked)} training instructions; {len(test_rows)} test questions, each asked {len(tests)} ways")
 
     # 2. One instruction prefix: every task, every trained phrasing. The frozen model is the prefix disabled.
-    model = methods.prepare(model, "prefix", config.method_options(), processor)
+    model = methods.prepare(model, "prefix", config.method_options(), tokenizer)
     trainable, total = methods.trainable_parameters(model)
-    results = {"frozen": instructions.score(model, processor, tests, lambda task: None, evaluate.batch_size,
+    results = {"frozen": instructions.score(model, tokenizer, tests, lambda task: None, evaluate.batch_size,
                                             evaluate.generation)}
 
     def collate(batch):
-        samples = [sample for sample, _ in batch]
-        inputs = formatting.vqa_batch(model, processor, [image for _, image in batch], [s.question for s in samples],
-                                      [s.answers[0] for s in samples])
-        return {**inputs, "prefix": [s.question_type for s in samples]}  # the task: which per-task prefix trains
+        inputs = formatting.prompt_and_target(tokenizer, [s.prompt for _, s in batch], [s.target for _, s in batch])
+        return {**inputs, "prefix": [task for task, _ in batch]}  # the task: which per-task prefix a row trains
 
-    dataset = recipe.SampleDataset(asked, config.data.on_bad_image)
     one_prefix = dataclasses.replace(config.train_config(), output_dir=str(out / "instruction"))
     started = time.perf_counter()
-    train(model, dataset, collate, one_prefix, loss_fn=lambda m, b: m(**{**b, "prefix": "default"}).loss,
+    train(model, asked, collate, one_prefix, loss_fn=lambda m, b: m(**{**b, "prefix": "default"}).loss,
           settings=config.identity())
     seconds = {"instruction prefix": time.perf_counter() - started}
-    results["instruction prefix"] = instructions.score(model, processor, tests, lambda task: "default",
+    results["instruction prefix"] = instructions.score(model, tokenizer, tests, lambda task: "default",
                                                        evaluate.batch_size, evaluate.generation)
 
     # 3. A prefix per task on the same rows and steps: each row trains its own task's prefix (one routed run).
     for task in instructions.TASKS:
-        model.add_prefix(task, config.method_options(), processor=processor)
+        model.add_prefix(task, config.method_options(), processor=tokenizer)
     model.prefixes["default"].requires_grad_(False)
     per_task = dataclasses.replace(config.train_config(), output_dir=str(out / "per-task"))
 
@@ -71,9 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
             trained.save_prefix(Path(folder) / task, task)
 
     started = time.perf_counter()
-    train(model, dataset, collate, per_task, save=save_each, settings=config.identity())
+    train(model, asked, collate, per_task, save=save_each, settings=config.identity())
     seconds["per-task prefixes"] = time.perf_counter() - started
-    results["per-task prefixes"] = instructions.score(model, processor, tests, lambda task: task,
+    results["per-task prefixes"] = instructions.score(model, tokenizer, tests, lambda task: task,
                                                       evaluate.batch_size, evaluate.generation)
 
     # 4. The comparison.

@@ -5,6 +5,11 @@ row run alone); DPO's reference log-probabilities equal an untouched copy of the
 holds no weights of its own."""
 
 import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +181,15 @@ def test_dpo_refuses_a_model_whose_prefix_is_disabled(tmp_path):
     model.prefixes.requires_grad_(True)
     with pytest.raises(ValueError, match="sync_ref_model"):
         dpo_trainer(model, tmp_path / "d", sync_ref_model=True)
+
+
+@pytest.mark.slow  # three processes start torch, transformers and TRL
+def test_the_trainers_memory_benchmark_runs_at_reduced_size():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "trainers_memory.py"), "--reduced"], cwd=root,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = re.findall(r"^\| (sft|dpo|dpo, copied reference) \| (\d+) MiB \| ([\d.]+) \| ([\d.]+) \|$", done.stdout, re.M)
+    assert [r[0] for r in rows] == ["sft", "dpo", "dpo, copied reference"], done.stdout
+    assert rows[0][3] == "1.00" and all(int(r[1]) > 0 for r in rows)
+    assert "DPO's reference (the prefix disabled) adds" in done.stdout

@@ -42,35 +42,41 @@ def test_preference_pairs_are_right_against_wrong_in_exactly_one_attribute():
     assert not preferences.attributes_right("a small red circle and a blue square", "shape=circle color=red size=small ->")
 
 
+def test_scene_rows_answer_from_the_worlds_own_captions():
+    captions = read_samples("caption", loading.data_path("world:captions_a_val"))[:40]
+    rows = instructions.scene_rows(captions, seed=0)
+    assert [r.task for r in rows[:4]] == list(instructions.TASKS) and len(rows) == 4 * len(captions)
+    for sample, (count, caption, answer, describe) in zip(captions, zip(*[iter(rows)] * 4)):
+        objects = sample.captions[0].split(": ")[1].split(" and ")  # "a small red circle", ... left to right
+        assert count.answer == sample.captions[0].split()[0] == synthetic.COUNTS[len(objects) - 1]
+        assert caption.answer == sample.captions[0] and count.scene.count("shape=") == len(objects)
+        chosen = objects[0] if answer.side == "left" else objects[-1]
+        assert answer.answer == chosen.split()[2] and describe.answer == chosen and describe.side == answer.side
+
+
 def test_instruction_sets_hold_phrasings_and_combinations_training_never_saw():
-    rows = instructions.load_rows("world:vqa_downstream_val", "world:captions_b_val", limit=60)
-    assert {r.task for r in rows} == set(instructions.TASKS) and all(sum(r.task == t for r in rows) == 60 for t in instructions.TASKS)
+    rows = instructions.load_rows("world:captions_a_val", seed=0, limit=60)
     train = instructions.phrased(rows, "train", seed=0)
     sets = {kind: instructions.phrased(rows, kind, seed=1) for kind in instructions.SETS}
-
     by_id = {row.id: row for row in rows}
 
-    def pattern(sample):
-        """The (core, frame) a sample's question was made of."""
-        row = by_id[sample.question_id.rsplit(":", 1)[0]]
-        return next((core, frame) for core in range(len(instructions.TASKS[row.task]))
-                    for frame in range(len(instructions.FRAMES)) if instructions.phrasing(row, core, frame) == sample.question)
+    def pattern(task, sample):
+        """The (task, core, frame) a sample's prompt was made of."""
+        row = by_id[sample.id.rsplit(":", 1)[0]]
+        asked = sample.prompt.removesuffix(f" {row.scene} =>")
+        return next((task, core, frame) for core in range(len(instructions.TASKS[task]))
+                    for frame in range(len(instructions.FRAMES)) if instructions.phrasing(row, core, frame) == asked)
 
-    trained = {(s.question_type, *pattern(s)) for s in train}
+    trained = {pattern(task, sample) for task, sample in train}
     for kind, samples in sets.items():
         assert len(samples) == len(rows)
-        asked = {(s.question_type, *pattern(s)) for s in samples}
-        if kind == "seen":
-            assert asked <= trained
-        else:
-            assert not asked & trained, kind
-    combos = {(s.question_type, pattern(s)[1]) for s in sets["held-out combinations"]}
-    assert all(frame == instructions.skipped_frame(task) for task, frame in combos)
-    frames_trained = {(task, frame) for task, _, frame in trained}
-    assert all((t, f) in frames_trained for t in instructions.TASKS for f in range(len(instructions.FRAMES))
-               if f != instructions.skipped_frame(t))
-    counts = [s for s in sets["seen"] if s.question_type == "count"]
-    assert all(s.answers[0] in synthetic.COUNTS for s in counts)
+        asked = {pattern(task, sample) for task, sample in samples}
+        assert asked <= trained if kind == "seen" else not asked & trained, kind
+    combos = {(task, frame) for task, _, frame in (pattern(t, s) for t, s in sets["held-out combinations"])}
+    assert combos == {(task, instructions.skipped_frame(task)) for task in instructions.TASKS}
+    assert {(task, frame) for task, _, frame in trained} == {
+        (task, frame) for task in instructions.TASKS for frame in range(len(instructions.FRAMES))
+        if frame != instructions.skipped_frame(task)}, "every other frame is trained with every task"
 
 
 def test_the_align_recipe_runs_end_to_end(tmp_path, capsys):
@@ -86,12 +92,13 @@ def test_the_align_recipe_runs_end_to_end(tmp_path, capsys):
 
 def test_the_instruct_recipe_runs_end_to_end(tmp_path, capsys):
     summary = load("instruct").main([f"output_dir={tmp_path}", "train.max_steps=2", "train.batch_size=4",
-                                     "data.train.limit=4", "data.test.limit=2", "eval.generation.max_new_tokens=3"])
+                                     "data.train.limit=8", "data.test.limit=2", "eval.generation.max_new_tokens=3"])
     printed = capsys.readouterr().out
     assert set(summary["results"]) == {"frozen", "instruction prefix", "per-task prefixes"}
     assert all(set(sets) == set(instructions.SETS) for sets in summary["results"].values())
     assert "held-out phrasings: the instruction prefix" in printed
     assert (tmp_path / "instruction" / "prefix" / "prefix.safetensors").is_file()
+    assert summary["zero_shot"] == {kind: summary["results"]["frozen"][kind]["mean"] for kind in instructions.SETS}
     assert all((tmp_path / "per-task" / "prefix" / task / "prefix.safetensors").is_file() for task in instructions.TASKS)
 
 

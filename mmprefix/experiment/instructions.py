@@ -1,17 +1,20 @@
 """The world's tasks asked in varied words, for one instruction prefix (``recipes/instruct.py``).
 
-Four tasks over the world's images: how many shapes there are, the size of a named shape, the colour of the
-shape on the left or right, and a caption in the downstream style. Each is asked in six phrasings made of words
-the embedded backbones know (their vocabulary is the world's: any other word would be one unknown token). A
-phrasing is a task's *core* (how it asks) set in a *frame* (how the request is laid out): training uses each
-task's first four cores in three of the four frames. The test images are asked three ways:
+Each scene of the world is given as records, left to right (``"shape=circle color=red size=small | shape=square
+color=blue size=large"``), and four tasks are asked about it: how many shapes there are (count), a caption (the
+pretraining style: "two shapes: a small red circle and a large blue square"), the colour of the shape on the left
+or right (answer), and a phrase for the shape on one side (describe a record: "a small red circle"). Each task is
+asked in six phrasings made of words the embedded backbones know (their vocabulary is the world's: any other word
+would be one unknown token). A phrasing is a task's *core* (how it asks) set in a *frame* (how the request is laid
+out); training uses each task's first four cores in three of the four frames. The test scenes are asked three
+ways:
 
 * ``"seen"``: trained cores in trained frames;
 * ``"held-out phrasings"``: each task's two cores never trained, in its trained frames;
 * ``"held-out combinations"``: trained cores in the one frame the task never trained with (other tasks did).
 
-Every sample is a VQA sample (the phrasing as its question, the answer or caption ten times as its answers), so
-the harness's VQA accuracy scores each as an exact match after VQA's normalisation.
+A sample is a `TextSample` (``prompt``: the phrasing, the scene and ``=>``; ``target``: the answer), scored by
+exact match.
 """
 
 from __future__ import annotations
@@ -22,45 +25,54 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..data.records import CaptionSample, VQASample
+from ..data import synthetic
+from ..data.records import CaptionSample, TextSample
 
-TASKS: dict[str, tuple[str, ...]] = {  # task -> cores; {obj} and {side} are filled from the world's question
+TASKS: dict[str, tuple[str, ...]] = {  # task -> cores; {side} is filled per scene
     "count": ("how many shapes are there?", "how many shapes?", "shapes: how many?", "how many are there?",
               "name how many shapes there are", "there are how many shapes?"),
-    "size": ("what size is the {obj}?", "the {obj} is what size?", "{obj}: what size?", "what size is the {obj} there?",
-             "name the size, {obj}", "size? the {obj}"),
-    "position": ("what color is the shape on the {side}?", "the shape on the {side} is what color?",
-                 "{side} shape: what color?", "what color is on the {side}?", "name the color on the {side}",
-                 "on the {side}, what color is the shape?"),
     "caption": ("describe the shapes", "name the shapes", "what shapes are there?", "describe what is there",
                 "what are the shapes?", "name what is there"),
+    "answer": ("what color is the shape on the {side}?", "the shape on the {side} is what color?",
+               "{side} shape: what color?", "what color is on the {side}?", "name the color on the {side}",
+               "on the {side}, what color is the shape?"),
+    "describe": ("describe the shape on the {side}", "what is the shape on the {side}?", "{side} shape: describe it",
+                 "describe the {side} shape", "name the shape on the {side}", "on the {side}, what is there?"),
 }
 FRAMES = ("{core}", "question: {core}", "{core} - answer:", "| {core} |")
 TRAINED_CORES = 4
 SETS = ("seen", "held-out phrasings", "held-out combinations")
+_OBJECT = re.compile(r"an? (small|large) (\w+) (circle|square|triangle)")
 
 
 @dataclass(frozen=True)
 class TaskRow:
-    """One thing to ask about one image: the task, the words its cores need, and the answer."""
+    """One task asked about one scene: the scene as records, the side a question names, and the answer."""
 
     id: str
     task: str
-    image: Any
+    scene: str
     answer: str
-    slots: tuple[tuple[str, str], ...] = ()
+    side: str = "left"
 
 
-def task_rows(questions: Sequence[VQASample], captions: Sequence[CaptionSample]) -> list[TaskRow]:
-    """The world's downstream questions (count, size, position) and style-B captions as task rows."""
+def scene_rows(captions: Sequence[CaptionSample], seed: int) -> list[TaskRow]:
+    """Every task about each scene, read from its pretraining-style caption (which lists every object, left to
+    right); the side a question names is drawn with ``seed``."""
+    rng = random.Random(seed)
     rows = []
-    for sample in questions:
-        size = re.fullmatch(r"what size is the (.+)\?", sample.question)
-        side = re.fullmatch(r"what color is the shape on the (\w+)\?", sample.question)
-        slots = (("obj", size[1]),) if size else (("side", side[1]),) if side else ()
-        if sample.question_type in TASKS:
-            rows.append(TaskRow(str(sample.question_id), sample.question_type, sample.image, sample.answers[0], slots))
-    rows += [TaskRow(f"{s.image_id}-caption", "caption", s.image, s.captions[0]) for s in captions]
+    for sample in captions:
+        caption = sample.captions[0]
+        shapes = [synthetic.Shape(shape, color, size, slot)
+                  for slot, (size, color, shape) in enumerate(_OBJECT.findall(caption))]
+        scene = " | ".join(f"shape={s.shape} color={s.color} size={s.size}" for s in shapes)
+        side = rng.choice(("left", "right"))
+        chosen = shapes[0] if side == "left" else shapes[-1]
+        key = str(sample.image_id)
+        rows += [TaskRow(f"{key}-count", "count", scene, synthetic.COUNTS[len(shapes) - 1]),
+                 TaskRow(f"{key}-caption", "caption", scene, caption),
+                 TaskRow(f"{key}-answer", "answer", scene, chosen.color, side),
+                 TaskRow(f"{key}-describe", "describe", scene, synthetic.indefinite(chosen.phrase), side)]
     return rows
 
 
@@ -70,19 +82,14 @@ def skipped_frame(task: str) -> int:
 
 
 def phrasing(row: TaskRow, core: int, frame: int) -> str:
-    return FRAMES[frame].format(core=TASKS[row.task][core].format(**dict(row.slots)))
+    return FRAMES[frame].format(core=TASKS[row.task][core].format(side=row.side))
 
 
-def phrased(rows: Sequence[TaskRow], kind: str, seed: int, per_task: int | None = None) -> list[VQASample]:
-    """Each row (at most ``per_task`` of each task) asked one way of ``kind`` (``"train"`` or one of `SETS`),
-    drawn with ``seed``."""
+def phrased(rows: Sequence[TaskRow], kind: str, seed: int) -> list[tuple[str, TextSample]]:
+    """Each row asked one way of ``kind`` (``"train"`` or one of `SETS`), drawn with ``seed``: (task, sample)."""
     rng = random.Random(seed)
-    taken: dict[str, int] = {}
     samples = []
     for row in rows:
-        if per_task is not None and taken.get(row.task, 0) >= per_task:
-            continue
-        taken[row.task] = taken.get(row.task, 0) + 1
         trained = [f for f in range(len(FRAMES)) if f != skipped_frame(row.task)]
         if kind == "held-out phrasings":
             core, frame = rng.randrange(TRAINED_CORES, len(TASKS[row.task])), rng.choice(trained)
@@ -90,56 +97,41 @@ def phrased(rows: Sequence[TaskRow], kind: str, seed: int, per_task: int | None 
             core, frame = rng.randrange(TRAINED_CORES), skipped_frame(row.task)
         else:
             core, frame = rng.randrange(TRAINED_CORES), rng.choice(trained)
-        samples.append(VQASample(f"{row.id}:{kind}", row.image, phrasing(row, core, frame), [row.answer] * 10,
-                                 question_type=row.task))
+        prompt = f"{phrasing(row, core, frame)} {row.scene} =>"
+        samples.append((row.task, TextSample(f"{row.id}:{kind}", prompt, row.answer)))
     return samples
 
 
-def accuracies(scores: dict[str, float]) -> dict[str, float]:
-    """Per-task accuracy (percent) from the harness's VQA scores, and their mean over the tasks."""
-    by_task = {task: scores[f"vqa_accuracy_by_question/{task}"] for task in TASKS
-               if f"vqa_accuracy_by_question/{task}" in scores}
-    return {**by_task, "mean": round(sum(by_task.values()) / len(by_task), 2)}
-
-
-def load_rows(questions: str, captions: str, limit: int | None = None) -> list[TaskRow]:
-    """Task rows from a VQA file of the world's downstream questions and a caption file of the same images
-    (paths or ``world:NAME``); ``limit``: at most that many rows of each task."""
+def load_rows(captions: str, seed: int, limit: int | None = None) -> list[TaskRow]:
+    """Task rows of the scenes of a pretraining-style caption file (a path or ``world:NAME``); ``limit``: the
+    first scenes only."""
     from ..data import read_samples
     from .loading import data_path
 
-    rows = task_rows(read_samples("vqa", data_path(questions)), read_samples("caption", data_path(captions)))
-    if limit is None:
-        return rows
-    taken: dict[str, int] = {}
-    kept = []
-    for row in rows:
-        taken[row.task] = taken.get(row.task, 0) + 1
-        if taken[row.task] <= limit:
-            kept.append(row)
-    return kept
+    samples = read_samples("caption", data_path(captions))
+    return scene_rows(samples[:limit] if limit else samples, seed)
 
 
-def score(model: Any, processor: Any, tests: dict[str, list[VQASample]], prefix_of: Any, batch_size: int,
-          generation: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Accuracy per test set and task, each task's samples routed to ``prefix_of(task)`` (a prefix name, or None
-    for the frozen model)."""
+def score(model: Any, tokenizer: Any, tests: dict[str, list[tuple[str, TextSample]]], prefix_of: Any,
+          batch_size: int, generation: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Exact match (%) per test set and task, and the mean over tasks; each task's samples routed to
+    ``prefix_of(task)`` (a prefix name, or None for the frozen model)."""
     from .. import evaluation
 
     results = {}
-    for kind, samples in tests.items():
+    for kind, asked in tests.items():
         scores = {}
         for task in TASKS:
-            asked = [s for s in samples if s.question_type == task]
-            predictions, _ = evaluation.predict("vqa", model, processor, asked, prefix=prefix_of(task),
-                                                batch_size=batch_size, generation=generation, progress=False)
-            scores.update(evaluation.score("vqa", predictions, asked))
-        results[kind] = accuracies(scores)
+            samples = [sample for name, sample in asked if name == task]
+            written, _ = evaluation.predict("text", model, tokenizer, samples, prefix=prefix_of(task),
+                                            batch_size=batch_size, generation=generation, progress=False)
+            scores[task] = evaluation.score("text", written, samples)["exact_match"]
+        results[kind] = {**scores, "mean": round(sum(scores.values()) / len(scores), 2)}
     return results
 
 
 def report(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """The comparison as Markdown: mean accuracy per model and test set, then per task."""
+    """The comparison as Markdown: mean exact match per model and test set, then per task."""
     lines = ["| model | " + " | ".join(SETS) + " |", "|---|" + "---:|" * len(SETS)]
     lines += [f"| {name} | " + " | ".join(f"{sets[kind]['mean']:.1f}" for kind in SETS) + " |"
               for name, sets in results.items()]
