@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     one_prefix = dataclasses.replace(config.train_config(), output_dir=str(out / "instruction"))
     started = time.perf_counter()
-    train(model, asked, collate, one_prefix, loss_fn=lambda m, b: m(**{**b, "prefix": "default"}).loss,
+    train(model, asked, collate, one_prefix, loss_fn=lambda m, b: instructions.row_mean_loss(m, b, "default"),
           settings=config.identity())
     seconds = {"instruction prefix": time.perf_counter() - started}
     results["instruction prefix"] = instructions.score(model, tokenizer, tests, lambda task: "default",
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
             trained.save_prefix(Path(folder) / task, task)
 
     started = time.perf_counter()
-    train(model, asked, collate, per_task, save=save_each, settings=config.identity())
+    train(model, asked, collate, per_task, loss_fn=instructions.row_mean_loss, save=save_each,
+          settings=config.identity())
     seconds["per-task prefixes"] = time.perf_counter() - started
     results["per-task prefixes"] = instructions.score(model, tokenizer, tests, lambda task: task,
                                                       evaluate.batch_size, evaluate.generation)

@@ -63,7 +63,7 @@ def test_instruction_sets_hold_phrasings_and_combinations_training_never_saw():
     def pattern(task, sample):
         """The (task, core, frame) a sample's prompt was made of."""
         row = by_id[sample.id.rsplit(":", 1)[0]]
-        asked = sample.prompt.removesuffix(f" {row.scene} =>")
+        asked = sample.prompt.removeprefix(f"{row.scene} ").removesuffix(" =>")
         return next((task, core, frame) for core in range(len(instructions.TASKS[task]))
                     for frame in range(len(instructions.FRAMES)) if instructions.phrasing(row, core, frame) == asked)
 

@@ -1,6 +1,6 @@
 """The world's tasks asked in varied words, for one instruction prefix (``recipes/instruct.py``).
 
-Each scene of the world is given as records, left to right (``"shape=circle color=red size=small | shape=square
+Each scene of the world is given as records, left to right (``"shape=circle color=red size=small , shape=square
 color=blue size=large"``), and four tasks are asked about it: how many shapes there are (count), a caption (the
 pretraining style: "two shapes: a small red circle and a large blue square"), the colour of the shape on the left
 or right (answer), and a phrase for the shape on one side (describe a record: "a small red circle"). Each task is
@@ -13,7 +13,7 @@ ways:
 * ``"held-out phrasings"``: each task's two cores never trained, in its trained frames;
 * ``"held-out combinations"``: trained cores in the one frame the task never trained with (other tasks did).
 
-A sample is a `TextSample` (``prompt``: the phrasing, the scene and ``=>``; ``target``: the answer), scored by
+A sample is a `TextSample` (``prompt``: the scene, the phrasing and ``=>``; ``target``: the answer), scored by
 exact match.
 """
 
@@ -65,7 +65,7 @@ def scene_rows(captions: Sequence[CaptionSample], seed: int) -> list[TaskRow]:
         caption = sample.captions[0]
         shapes = [synthetic.Shape(shape, color, size, slot)
                   for slot, (size, color, shape) in enumerate(_OBJECT.findall(caption))]
-        scene = " | ".join(f"shape={s.shape} color={s.color} size={s.size}" for s in shapes)
+        scene = " , ".join(f"shape={s.shape} color={s.color} size={s.size}" for s in shapes)
         side = rng.choice(("left", "right"))
         chosen = shapes[0] if side == "left" else shapes[-1]
         key = str(sample.image_id)
@@ -97,9 +97,23 @@ def phrased(rows: Sequence[TaskRow], kind: str, seed: int) -> list[tuple[str, Te
             core, frame = rng.randrange(TRAINED_CORES), skipped_frame(row.task)
         else:
             core, frame = rng.randrange(TRAINED_CORES), rng.choice(trained)
-        prompt = f"{phrasing(row, core, frame)} {row.scene} =>"
+        prompt = f"{row.scene} {phrasing(row, core, frame)} =>"  # the request last, nearest the answer
         samples.append((row.task, TextSample(f"{row.id}:{kind}", prompt, row.answer)))
     return samples
+
+
+def row_mean_loss(model: Any, batch: dict[str, Any], prefix: Any = None) -> Any:
+    """The mean over rows of each row's mean token loss: every instruction counts once, a caption's seventeen
+    tokens no more than a count's two (with the batch's token mean, the captions would steer one shared prefix).
+    ``prefix``: the routing (default: the batch's own ``prefix`` entry)."""
+    import torch
+
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "prefix")}
+    logits = model(**inputs, prefix=batch["prefix"] if prefix is None else prefix).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), targets, reduction="none")
+    scored = (targets != -100).sum(1).clamp(min=1)
+    return (losses.sum(1) / scored).mean()
 
 
 def load_rows(captions: str, seed: int, limit: int | None = None) -> list[TaskRow]:
