@@ -114,6 +114,8 @@ def test_the_align_recipe_as_written_reaches_its_goal(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="goal missed, measured: the instruction prefix scores far below the per-task "
+                   "prefixes on held-out phrasings for every setting tried (docs/guides/trainers.md)")
 def test_the_instruct_recipe_as_written_reaches_its_goal(tmp_path):
     """recipes/instruct.py as written: on phrasings it never saw, the one instruction prefix comes within 5
     points of the per-task prefixes on the phrasings they trained on, far above the frozen model."""
