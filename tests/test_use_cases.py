@@ -79,6 +79,36 @@ def test_instruction_sets_hold_phrasings_and_combinations_training_never_saw():
         if frame != instructions.skipped_frame(task)}, "every other frame is trained with every task"
 
 
+def test_row_mean_loss_weights_each_row_alike_whatever_its_length():
+    """row_mean_loss on a padded batch of a two-token answer and a long caption equals the mean of the loss
+    transformers computes for each row alone (its own token mean), and routes rows to the prefix it is given."""
+    import torch
+
+    from mmprefix import PrefixConfig, add_prefix
+    from mmprefix.data import formatting
+    from mmprefix.embedded import load_backbone
+
+    torch.manual_seed(0)
+    model, tokenizer = load_backbone("lm")
+    model = add_prefix(model, PrefixConfig(num_virtual_tokens=4))
+    rows = instructions.phrased(instructions.load_rows("world:captions_a_val", seed=0, limit=2), "train", seed=0)
+    rows = [rows[0], rows[1], rows[4]]  # count ("two"), caption (many tokens), count
+    assert len({len(sample.target.split()) for _, sample in rows}) > 1
+
+    def batch(picked):
+        inputs = formatting.prompt_and_target(tokenizer, [s.prompt for _, s in picked], [s.target for _, s in picked])
+        return {**inputs, "prefix": [task for task, _ in picked]}
+
+    with torch.no_grad():
+        alone = [model(**{k: v for k, v in batch([row]).items() if k != "prefix"}, prefix="default").loss
+                 for row in rows]
+        together = instructions.row_mean_loss(model, batch(rows), "default")
+        torch.testing.assert_close(together, torch.stack(alone).mean(), rtol=1e-5, atol=1e-5)
+        with model.disable_prefix():
+            frozen = instructions.row_mean_loss(model, batch(rows), "default")
+        assert not torch.allclose(together, frozen), "the prefix it is given must change the loss"
+
+
 def test_the_align_recipe_runs_end_to_end(tmp_path, capsys):
     summary = load("align").main([f"output_dir={tmp_path}", "train.max_steps=2", "train.batch_size=4",
                                   "data.train.limit=16", "data.test.limit=8"])
