@@ -1,6 +1,7 @@
 """Prefix tuning against a soft prompt, LoRA, adapters and full fine-tuning, on the recipes' embedded default.
 
-    python benchmarks/methods.py [--recipes vqa captioning textgen classification vqa_llava] [--methods prefix prompt lora full]
+    python benchmarks/methods.py [--recipes vqa captioning textgen classification vqa_llava instruct align]
+        [--methods prefix prompt lora full]
     python benchmarks/methods.py --sweep [--jobs 2] [--recipes ...] [--variants prefix gated memory ...]
 
 ``--sweep``: every method at three parameter budgets with learning rates chosen on the validation split, three
@@ -28,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRIMARY = {"vqa": "vqa_accuracy", "captioning": "CIDEr", "textgen": "Bleu_4", "classification": "top1",
-           "vqa_llava": "vqa_accuracy"}
+           "vqa_llava": "vqa_accuracy", "instruct": "held-out phrasings", "align": "preference_accuracy"}
+PREFIX_ONLY = ("instruct", "align")  # the seed's use cases compare a prefix with their own baselines, not methods
 # benchmark name -> (recipe script, config; None: the recipe's default)
 RECIPES = {name: (name, None) for name in PRIMARY} | {"vqa_llava": ("vqa", "recipes/configs/vqa_llava_embedded.yaml")}
 
@@ -52,7 +54,8 @@ def run(recipe: str, method: str, output: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="+", default=[r for r in PRIMARY if r != "vqa_llava"], choices=list(PRIMARY))
+    parser.add_argument("--recipes", nargs="+", default=[r for r in PRIMARY if r not in ("vqa_llava", *PREFIX_ONLY)],
+                        choices=list(PRIMARY))
     parser.add_argument("--methods", nargs="+", default=["prefix", "prompt", "lora", "full"])
     parser.add_argument("--output-dir", type=Path, default=None, help="default: out/methods (out/sweep with --sweep)")
     parser.add_argument("--sweep", action="store_true", help="budgets, learning rates, seeds, forgetting, new classes")
@@ -66,7 +69,7 @@ def main() -> None:
 
         root = args.output_dir or Path("out/sweep")
         labels = args.variants or [v.label for v in sweep.VARIANTS]
-        tasks = args.recipes if "--recipes" in sys.argv else list(PRIMARY)
+        tasks = args.recipes if "--recipes" in sys.argv else [r for r in PRIMARY if r not in PREFIX_ONLY]
         plan = sweep.Sweep(root, RECIPES, PRIMARY, tasks, labels)
         if not args.report:
             sweep.run_sweep(plan, args.jobs)
@@ -76,7 +79,7 @@ def main() -> None:
 
     rows = []
     for recipe in args.recipes:
-        for method in args.methods:
+        for method in ["prefix"] if recipe in PREFIX_ONLY else args.methods:
             result = run(recipe, method, args.output_dir / recipe / method)
             rows.append((recipe, method, result))
             print(f"[{time.strftime('%H:%M:%S')}] {recipe} {method}: {result['tuned'][PRIMARY[recipe]]:.2f}", file=sys.stderr)

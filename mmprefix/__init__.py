@@ -11,6 +11,7 @@ import sys
 import types
 from typing import Any
 
+from . import integrations
 from .core.config import PrefixConfig
 
 # transformers imports torchao whenever it is installed (its quantizer registry), and torchao's import makes torch
@@ -86,3 +87,7 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 if not any(isinstance(finder, _OldPaths) for finder in sys.meta_path):
     sys.meta_path.insert(0, _OldPaths())  # before the path finder, which would load a second copy from __path__
+
+# transformers' Trainer and TRL's trainers learn to save, load and train prefix models when their modules are
+# imported (nothing is imported here; each adapted method behaves as before for any other model)
+integrations.install()

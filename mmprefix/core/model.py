@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import os
 import threading
 import weakref
@@ -38,6 +39,41 @@ def check_prefix_name(name: str) -> str:
     if hasattr(nn.ModuleDict, name) or name in nn.ModuleDict().__dict__:
         raise ValueError(f"{name!r} cannot name a prefix: it is an attribute of torch's nn.ModuleDict; choose another name")
     return name
+
+
+class _Forward:
+    """``PrefixModel.forward`` (a descriptor): on the class, the function; on a model, a callable that runs it
+    and that ``inspect.signature`` reads as the wrapped model's parameters plus ``prefix``. transformers'
+    Trainer keeps the dataset columns that signature names: with ``(*args, prefix, **kwargs)`` it kept none."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+
+    def __get__(self, model: Any, owner: type | None = None) -> Any:
+        return self.function if model is None else _BoundForward(self.function, model)
+
+
+class _BoundForward:
+    __slots__ = ("function", "model")
+
+    def __init__(self, function: Any, model: PrefixModel) -> None:
+        self.function, self.model = function, model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(self.model, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        base = inspect.signature(self.model.base_model.forward)
+        parameters = list(base.parameters.values())
+        if "prefix" in base.parameters:
+            return base
+        at = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_KEYWORD), len(parameters))
+        prefix = inspect.Parameter("prefix", inspect.Parameter.KEYWORD_ONLY, default=ACTIVE)
+        return base.replace(parameters=[*parameters[:at], prefix, *parameters[at:]])
+
+    def __repr__(self) -> str:
+        return f"<bound method PrefixModel.forward of {type(self.model.base_model).__name__}>"
 
 
 class PrefixModel(nn.Module):
@@ -91,6 +127,7 @@ class PrefixModel(nn.Module):
         with self._call(ACTIVE, args, kwargs, generating=False) as kwargs:
             return method(*args, **kwargs)
 
+    @_Forward
     def forward(self, *args: Any, prefix: Any = ACTIVE, **kwargs: Any) -> Any:
         with self._call(prefix, args, kwargs, generating=False) as kwargs:
             return self.base_model(*args, **kwargs)
@@ -408,8 +445,13 @@ class PrefixModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Activation checkpointing on the base model, non-reentrant by default.
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **options: Any) -> None:
+        """transformers' new name of `gradient_checkpointing_enable` (the one its Trainer calls first)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **options)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options: Any) -> None:
+        """Activation checkpointing on the base model, non-reentrant by default; ``options`` (transformers'
+        ``every_n_layers``, ``offload``) go to the base model's own method.
 
         Layers are recomputed during backward, after the call that chose the prefixes has returned; the
         checkpoint's ``context_fn`` restores that call's routing for the recomputation. Non-reentrant
@@ -425,9 +467,9 @@ class PrefixModel(nn.Module):
         if self._checkpoint_wired:
             kwargs.setdefault("context_fn", self._recompute_context)
         if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **options)
         else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **options)
         if not kwargs["use_reentrant"] and hasattr(base, "_require_grads_hook"):
             base.disable_input_require_grads()
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tiny
+from kills import kill_outcomes, which
 from mmprefix import PrefixConfig, add_prefix, load_prefix
 from mmprefix.core import saving
 from mmprefix.core.files import _HOST, UNTAGGED_AGE
@@ -53,44 +54,9 @@ def metadata(model, tmp_path):
     return json.loads((tmp_path / "meta" / saving.CONFIG_NAME).read_text())
 
 
-def which(folder, candidates):
-    """The index of the candidate tensors the folder loads as (None: neither)."""
-    _, tensors = saving.read_prefix(folder)
-    for index, expected in enumerate(candidates):
-        if tensors.keys() == expected.keys() and all(torch.equal(tensors[k], expected[k]) for k in tensors):
-            return index
-    return None
-
-
 def temporaries(folder):
     """Temporary files: ours (``.<target>....tmp``) and safetensors' own (``.tmpXXXXXX``)."""
     return sorted(p.name for p in Path(folder).iterdir() if p.name.endswith(".tmp") or p.name.startswith(".tmp"))
-
-
-def run_in_child(work):
-    """Fork; the child runs ``work()`` and exits 0 (or dies of the signal it sends itself). Returns the status."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            work()
-        finally:
-            os._exit(0)
-    return os.waitpid(pid, 0)[1]
-
-
-def kill_at(folder, count):
-    """An audit hook that SIGKILLs this process just before its ``count``-th file operation in ``folder``
-    (opening, creating, renaming or removing a file there), and counts them in ``seen``."""
-    seen = [0]
-
-    def hook(event, args):
-        if event in ("open", "os.rename", "os.remove", "tempfile.mkstemp") and args and str(folder) in str(args[0]):
-            seen[0] += 1
-            if seen[0] == count:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    sys.addaudithook(hook)
-    return seen
 
 
 @pytest.mark.parametrize("start", ["format 2", "format 1"])
@@ -106,27 +72,15 @@ def test_a_save_killed_before_any_file_operation_leaves_the_old_or_the_new_prefi
         else:
             old.save_prefix(folder)
 
-    # how many file operations one save makes (counted in a child: audit hooks cannot be removed)
-    reader, writer = os.pipe()
-
-    def count():
-        seen = kill_at(folder, -1)
-        new.save_prefix(folder)
-        os.write(writer, str(seen[0]).encode())
-
-    prepare()
-    assert run_in_child(count) == 0
-    operations = int(os.read(reader, 100))
-    assert operations >= 8, "lock, temporary file, rename, JSON removal, JSON temporary, rename, ..."
-    outcomes = []
-    for point in range(1, operations + 1):
-        prepare()
-        status = run_in_child(lambda: (kill_at(folder, point), new.save_prefix(folder)))
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        outcomes.append(which(folder, [old_tensors, new_tensors]))
+    def after_each():
         new.save_prefix(tmp_path / "elsewhere")  # unrelated
         old.save_prefix(folder)  # the next save into the folder ...
         assert temporaries(folder) == []  # ... removes what the killed one left
+
+    # the file operations one save makes are counted in a child (audit hooks cannot be removed)
+    operations, outcomes = kill_outcomes(folder, prepare, lambda: new.save_prefix(folder), [old_tensors, new_tensors],
+                                         after_each)
+    assert operations >= 8, "lock, temporary file, rename, JSON removal, JSON temporary, rename, ..."
     assert None not in outcomes, outcomes
     assert outcomes[0] == 0 and outcomes[-1] == 1, "killed first: old prefix; killed last: the new one"
     load_prefix(tiny.gpt2(), folder)

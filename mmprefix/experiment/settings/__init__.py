@@ -17,8 +17,8 @@ is valid; the merged settings then run the dataclasses' own checks. Nothing here
 from .yamlfile import SettingsError, parse_yaml, read_yaml
 from .layers import check_layer, check_path_variables, layered, override_layer, set_in, unset_variables
 from .recipes import (AdapterOptions, DataSettings, EvalSection, FLAGS, FullOptions, GENERATION_INTEGERS, METHODS,
-                      MemoryOptions, ON_BAD_IMAGE, PrefixOptions, PromptOptions, RecipeSettings, Split, recipe_parser,
-                      recipe_settings)
+                      MemoryOptions, ON_BAD_IMAGE, PrefixOptions, PromptOptions, RecipeSettings, Split, prefix_recipe,
+                      recipe_parser, recipe_settings)
 from .evaluation import EvaluationSettings, REQUIRED_FOR_EVALUATION, evaluation_settings
 from .runner import run
 
@@ -26,6 +26,6 @@ __all__ = [
     "AdapterOptions", "DataSettings", "EvalSection", "EvaluationSettings", "FLAGS", "FullOptions", "GENERATION_INTEGERS",
     "MemoryOptions", "METHODS", "ON_BAD_IMAGE", "PrefixOptions", "PromptOptions", "REQUIRED_FOR_EVALUATION", "RecipeSettings",
     "SettingsError", "Split", "check_layer", "check_path_variables", "evaluation_settings", "layered",
-    "override_layer", "parse_yaml", "read_yaml", "recipe_parser", "recipe_settings", "run", "set_in",
+    "override_layer", "parse_yaml", "prefix_recipe", "read_yaml", "recipe_parser", "recipe_settings", "run", "set_in",
     "unset_variables"
 ]

@@ -293,3 +293,11 @@ def _check_lora(options: Mapping[str, Any]) -> None:
             raise SettingsError(str(typed.unknown_key(key, valid, "settings", f"lora.{key}")))
 
 
+def prefix_recipe(settings: RecipeSettings, script: str, splits: Sequence[str] = ("train", "test")) -> RecipeSettings:
+    """The settings of a recipe that trains a prefix and nothing else (``recipes/instruct.py``, ``align.py``):
+    the method must be ``prefix`` and the ``splits`` it reads must be set."""
+    missing = [f"data.{name}" for name in splits if getattr(settings.data, name) is None]
+    if settings.method != "prefix" or missing:
+        raise SettingsError(f"{script} trains a prefix: method must be prefix (got {settings.method!r})"
+                            + (f" and {', '.join(missing)} must be set" if missing else ""))
+    return settings
