@@ -93,6 +93,7 @@ class Case:
     positions: int | None = 0  # generate() numbers a left-padded prompt from its mask, from this (None: the model does)
     routable: list | None = None  # targets that per-row routing can reach, where some tower is refused
     beams: bool = True  # False: the model's own beam search fails (tests/core/test_families.py shows it on the bare model)
+    since: str | None = None  # the transformers version from which the bare model runs (older ones: its own bug)
 
 
 def seeded(build: Callable[[], Any]) -> Callable[[], Any]:

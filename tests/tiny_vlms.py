@@ -554,7 +554,8 @@ CASES: dict[str, Case] = {
     name: Case(seeded(globals()[name]), globals()[f"{name}_processor"], inputs, sites,
                **{"prompt": name in RECORDED, **options})
     for name, inputs, sites, options in (
-        ("llama4", two_rows(LLAMA4_IMAGE), VISION_LM, {}),
+        # transformers 5.24's own Llama4ForConditionalGeneration.forward fails ("no attribute 'image_outputs'")
+        ("llama4", two_rows(LLAMA4_IMAGE), VISION_LM, dict(since="5.25")),
         # SigLIP's pooling head (vision_tower.head.attention) is never read: left out
         ("aya_vision", two_rows("<image>"), VISION_LM, {}),
         ("cohere2_vision", two_rows("<image>"), VISION_LM, {}),
