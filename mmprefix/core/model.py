@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import os
 import threading
 import weakref
@@ -24,6 +23,7 @@ from .devices import execution_device
 from .peft_compat import shifted_positions
 from .prompt import PromptStore, SoftPrompts, remove_placeholders
 from .routing import ACTIVE, Call, Routing
+from .signature import Forward
 from .store import PrefixStore
 
 # Methods other than forward/generate that read text ids: called on the wrapper, they get the soft prompt too
@@ -39,41 +39,6 @@ def check_prefix_name(name: str) -> str:
     if hasattr(nn.ModuleDict, name) or name in nn.ModuleDict().__dict__:
         raise ValueError(f"{name!r} cannot name a prefix: it is an attribute of torch's nn.ModuleDict; choose another name")
     return name
-
-
-class _Forward:
-    """``PrefixModel.forward`` (a descriptor): on the class, the function; on a model, a callable that runs it
-    and that ``inspect.signature`` reads as the wrapped model's parameters plus ``prefix``. transformers'
-    Trainer keeps the dataset columns that signature names: with ``(*args, prefix, **kwargs)`` it kept none."""
-
-    def __init__(self, function: Any) -> None:
-        self.function = function
-
-    def __get__(self, model: Any, owner: type | None = None) -> Any:
-        return self.function if model is None else _BoundForward(self.function, model)
-
-
-class _BoundForward:
-    __slots__ = ("function", "model")
-
-    def __init__(self, function: Any, model: PrefixModel) -> None:
-        self.function, self.model = function, model
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.function(self.model, *args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        base = inspect.signature(self.model.base_model.forward)
-        parameters = list(base.parameters.values())
-        if "prefix" in base.parameters:
-            return base
-        at = next((i for i, p in enumerate(parameters) if p.kind is p.VAR_KEYWORD), len(parameters))
-        prefix = inspect.Parameter("prefix", inspect.Parameter.KEYWORD_ONLY, default=ACTIVE)
-        return base.replace(parameters=[*parameters[:at], prefix, *parameters[at:]])
-
-    def __repr__(self) -> str:
-        return f"<bound method PrefixModel.forward of {type(self.model.base_model).__name__}>"
 
 
 class PrefixModel(nn.Module):
@@ -127,7 +92,7 @@ class PrefixModel(nn.Module):
         with self._call(ACTIVE, args, kwargs, generating=False) as kwargs:
             return method(*args, **kwargs)
 
-    @_Forward
+    @Forward
     def forward(self, *args: Any, prefix: Any = ACTIVE, **kwargs: Any) -> Any:
         with self._call(prefix, args, kwargs, generating=False) as kwargs:
             return self.base_model(*args, **kwargs)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from mmprefix.evaluation import metrics
+from mmprefix.evaluation import caption_metrics as caption_module
 from mmprefix.evaluation.metrics import (bleu, caption_metrics, exact_match, normalize_vqa_answer, perplexity,
                                          retrieval_recall, topk_accuracy, vqa_accuracy, vqa_corpus_accuracy)
 
@@ -267,26 +267,26 @@ def test_caption_metrics_match_pycocoevalcap(caption_results):
 def test_caption_metrics_spice_reported_not_downloaded(caption_results):
     ours, _, downloads = caption_results
     assert downloads == []
-    if metrics._spice_unavailable_reason() is None:  # an environment with SPICE installed
+    if caption_module._spice_unavailable_reason() is None:  # an environment with SPICE installed
         assert "SPICE" in ours or "SPICE" in ours["unavailable"]
     else:
         assert "SPICE" not in ours
         assert set(ours) == _CAP_KEYS | {"unavailable"}
-        assert ours["unavailable"]["SPICE"] == metrics._spice_unavailable_reason()
+        assert ours["unavailable"]["SPICE"] == caption_module._spice_unavailable_reason()
 
 
 def test_spice_detection_without_corenlp_jars(tmp_path, monkeypatch):
-    monkeypatch.setattr(metrics, "_spice_dir", lambda: tmp_path)
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: "/usr/bin/java")
+    monkeypatch.setattr(caption_module, "_spice_dir", lambda: tmp_path)
+    monkeypatch.setattr(caption_module.shutil, "which", lambda name: "/usr/bin/java")
     (tmp_path / "spice-1.0.jar").write_bytes(b"")
     (tmp_path / "lib").mkdir()
-    reason = metrics._spice_unavailable_reason()
+    reason = caption_module._spice_unavailable_reason()
     assert reason is not None and "stanford-corenlp-3.6.0" in reason
-    for jar in metrics._SPICE_CORENLP_JARS:
+    for jar in caption_module._SPICE_CORENLP_JARS:
         (tmp_path / "lib" / jar).write_bytes(b"")
-    assert metrics._spice_unavailable_reason() is None
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
-    assert "java" in metrics._spice_unavailable_reason()
+    assert caption_module._spice_unavailable_reason() is None
+    monkeypatch.setattr(caption_module.shutil, "which", lambda name: None)
+    assert "java" in caption_module._spice_unavailable_reason()
 
 
 @pytest.mark.slow  # seconds of subprocesses or a JVM: the slow suite (CI runs it too)
