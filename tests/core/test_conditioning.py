@@ -127,6 +127,16 @@ def test_a_call_without_images_and_a_prefix_without_a_text_side_are_refused():
         PrefixConfig(method="prompt", condition="image")
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
+def test_models_whose_images_are_not_one_per_row_are_refused(family):
+    """Only a record that pairs image i with text row i (media layout ROWS) proves which image a row reads; LLaVA's
+    item lists (a row may hold none or two), Qwen-VL's packed grid and Idefics' padded groups are refused."""
+    import tiny_families
+
+    with pytest.raises(ValueError, match="need one image per row"):
+        add_prefix(tiny_families.CASES[family].build(), PrefixConfig(condition="image"))
+
+
 def test_save_load_and_a_vision_tower_of_another_width_is_refused(tmp_path):
     pm = conditioned(targets=["text_decoder"])
     pm.save_prefix(tmp_path)
