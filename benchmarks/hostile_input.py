@@ -17,7 +17,6 @@ import json
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from serve_load import load_requests, run_clients, start_server
@@ -41,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     small = [json.dumps({"image": uri[r["image"]], "question": r["question"]}).encode() for r in requests]
     first = requests[0]
     huge = json.dumps({"image": uri[first["image"]], "question": "a" * args.word_bytes}).encode()
-    process, base = start_server(Path(tempfile.mkdtemp(prefix="mmprefix-hostile-")), args)
+    process, base = start_server(Path(tempfile.mkdtemp(prefix="mmprefix-hostile-")), "--max-batch-size",
+                                 str(args.max_batch_size), "--window-ms", str(args.window_ms))
     seconds = {"alone": 0.0, "with hostile requests": 0.0}
     statuses: dict[str, int] = {}
     try:
-        asyncio.run(run_clients(base, small[: 2 * args.clients], args.clients, time.monotonic() + 600))  # warm up
+        asyncio.run(run_clients(base, small[: 2 * args.clients], args.clients))  # warm up
         for number in range(args.rounds):
             chunk = small[number :: args.rounds]
             for mode in list(seconds) if number % 2 == 0 else list(seconds)[::-1]:
@@ -70,10 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _round(base: str, small: list[bytes], hostile: list[bytes], args) -> tuple[float, list]:
     """The small requests' wall seconds, while ``hostile`` requests are sent from their own clients."""
-    deadline = time.monotonic() + 600
-    attack = asyncio.ensure_future(run_clients(base, hostile, args.hostile_clients, deadline)) if hostile else None
+    attack = asyncio.ensure_future(run_clients(base, hostile, args.hostile_clients)) if hostile else None
     await asyncio.sleep(0.05 if hostile else 0)  # the hostile requests arrive first
-    _, _, took = await run_clients(base, small, args.clients, deadline)
+    _, _, took = await run_clients(base, small, args.clients)
     answered = (await attack)[0] if attack is not None else []
     return took, answered
 
