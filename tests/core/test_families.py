@@ -243,12 +243,12 @@ def test_greedy_generation_with_and_without_cache_equals_a_full_recompute_loop(n
                 assert _until_eos(got[row], _eos(pm)) == expected, f"row {row}, use_cache={use_cache}"
 
 
-@pytest.mark.parametrize("name", TOO_OLD)
-def test_a_family_left_out_on_this_transformers_fails_without_mmprefix(name):
+def test_a_family_left_out_on_this_transformers_fails_without_mmprefix():
     """The matrix leaves a family out on a transformers older than its `since` only where the bare model itself fails
-    there (Llama 4 on 5.24)."""
-    with pytest.raises(Exception):
-        untouched(name)
+    there (Llama 4 on 5.24; on newer versions nothing is left out)."""
+    for name in TOO_OLD:
+        with pytest.raises(Exception):
+            untouched(name)
 
 
 @pytest.mark.parametrize("name", sorted(set(GENERATING) - set(BEAMS)))
