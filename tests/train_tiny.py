@@ -86,6 +86,8 @@ def main():
     memory = {"whole": whole, "local": local_parameter_bytes(pm.base_model)}
     with open(os.path.join(args.output_dir, f"memory-rank{rank}.json"), "w") as f:
         json.dump(memory, f)
+    if torch.distributed.is_initialized():  # gloo's threads still running at exit can abort it ("terminate called")
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
