@@ -115,12 +115,17 @@ def read_caption_jsonl(path: PathLike, *, image_root: PathLike | None = None) ->
     same image id are an error (captions are predicted and scored per image id): put all of an image's
     captions on one line.
     """
-    root = image_root_of(path, image_root)
+    return _caption_lines(path, image_root_of(path, image_root), "image")
+
+
+def _caption_lines(path: str, root: str, image_field: str) -> list[CaptionSample]:
+    """One sample per JSONL line of ``path``: its image (``image_field``, relative to ``root``), its id (``image_id``,
+    ``id``, else the image as written; unique) and its captions."""
     samples = []
     ids = UniqueIds(path, "image id")
     for _, where, raw in read_jsonl(path):
         record = Record(raw, path, where)
-        image = record.get("image", "str")
+        image = record.get(image_field, "str")
         image_id = record.first(("image_id", "id"), "id", image)
         ids.add(image_id, where)
         samples.append(CaptionSample(image_id=image_id, image=join(root, image), captions=_captions(record)))
@@ -149,16 +154,6 @@ def read_caption_imagefolder(folder: PathLike, *, split: str | None = None) -> l
     :func:`read_hf_captions` on ``load_dataset("imagefolder", ...)`` for the other layouts it accepts.
     """
     metadata = _metadata_file(folder, split)
-    root = os.path.dirname(os.path.abspath(metadata))
-    samples = []
-    ids = UniqueIds(metadata, "image id")
-    for _, where, raw in read_jsonl(metadata):
-        record = Record(raw, metadata, where)
-        file_name = record.get("file_name", "str")
-        image_id = record.first(("image_id", "id"), "id", file_name)
-        ids.add(image_id, where)
-        samples.append(CaptionSample(image_id=image_id, image=join(root, file_name), captions=_captions(record)))
-    warn_if_first_image_missing(samples, metadata)
-    return samples
+    return _caption_lines(metadata, os.path.dirname(os.path.abspath(metadata)), "file_name")
 
 

@@ -127,11 +127,13 @@ class UniqueIds:
     def __init__(self, path: Any, what: str):
         self.path, self.what, self.seen = path, what, {}
 
-    def add(self, value: Any, where: str) -> None:
+    def add(self, value: Any, where: str) -> Any:
+        """``value``, once it is known to be new."""
         if value in self.seen:
             raise AnnotationError(self.path, where, f"{self.what} {value!r} repeats the one at {self.seen[value]}; "
                                                     f"each record needs its own {self.what}")
         self.seen[value] = where
+        return value
 
 
 def short(value: Any) -> str:

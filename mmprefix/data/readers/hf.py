@@ -160,9 +160,9 @@ def read_hf_vqa(dataset: Any, *, columns: Mapping[str, str] | None = None, split
     for row, values in _hf_rows(dataset, columns, _VQA_FIELDS, ("image", "question"), name):
         where = f"row {row}"
         answers = values.get("answers", values.get("answer"))
-        ids.add(_hf_value(values.get("question_id"), "id", name, where, "question_id", row), where)
+        question_id = ids.add(_hf_value(values.get("question_id"), "id", name, where, "question_id", row), where)
         samples.append(VQASample(
-            question_id=_hf_value(values.get("question_id"), "id", name, where, "question_id", row),
+            question_id=question_id,
             image=_hf_image(values["image"], root, name, where),
             question=_hf_value(values["question"], "str", name, where, "question"),
             answers=_hf_answers(answers, name, where),
@@ -193,9 +193,9 @@ def read_hf_captions(dataset: Any, *, columns: Mapping[str, str] | None = None, 
     for row, values in _hf_rows(dataset, columns, _CAPTION_FIELDS, ("image",), name):
         where = f"row {row}"
         captions = values.get("captions", values.get("caption"))
-        ids.add(_hf_value(values.get("image_id"), "id", name, where, "image_id", row), where)
+        image_id = ids.add(_hf_value(values.get("image_id"), "id", name, where, "image_id", row), where)
         samples.append(CaptionSample(
-            image_id=_hf_value(values.get("image_id"), "id", name, where, "image_id", row),
+            image_id=image_id,
             image=_hf_image(values["image"], root, name, where),
             captions=_hf_captions(captions, name, where)))
     return samples
