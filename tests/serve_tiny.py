@@ -110,6 +110,29 @@ class ThreadServer:
         self.thread.join(30)
 
 
+class HeldBack:
+    """Stands in for a serving worker's condition: the thread named ``name`` stops on its way into the lock
+    (``arrived`` is set) until ``go`` is set, having read whatever it reads before taking it, while the worker
+    and every other thread go through at once."""
+
+    def __init__(self, worker, name: str) -> None:
+        self.condition, self.name = worker._condition, name
+        self.arrived, self.go = threading.Event(), threading.Event()
+        worker._condition = self
+
+    def __enter__(self):
+        if threading.current_thread().name == self.name:
+            self.arrived.set()
+            assert self.go.wait(60)
+        return self.condition.__enter__()
+
+    def __exit__(self, *exc):
+        return self.condition.__exit__(*exc)
+
+    def __getattr__(self, name):  # wait, notify_all: the real condition's
+        return getattr(self.condition, name)
+
+
 class StepGate:
     """Wraps an engine's stepper: records each prefill's rows (and, with ``worker``, how many rows were decoding
     then: rows that join mid-decode) and each step's rows, padding and cross-attention padding; with ``at``,

@@ -56,13 +56,15 @@ class Worker:
         self._refusing = False  # drain(): no new items, the accepted ones go on
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    def _enqueue(self, queue: list, make: Callable[[Future, int], Any]) -> Future:
-        """Append ``make(future, number)`` to ``queue`` (numbers order everything submitted); its future."""
+    def _enqueue(self, queue: str, make: Callable[[Future, int], Any]) -> Future:
+        """Append ``make(future, number)`` to the list named ``queue`` (numbers order everything submitted); its
+        future. The list is looked up under the lock: the worker replaces its queues when it takes from them, and
+        an item appended to a list it has already taken would never run."""
         future: Future = Future()
         with self._condition:
             if self._refusing:
                 raise Closed("the server is shutting down and takes no new requests")
-            queue.append(make(future, next(self._numbers)))
+            getattr(self, queue).append(make(future, next(self._numbers)))
             self._condition.notify_all()
         return future
 
@@ -121,12 +123,12 @@ class Batcher(Worker):
     def submit(self, item: Any) -> Future:
         """Queue ``item``; the future gets its result (or the exception of its batch)."""
         key = self._group(item)  # raises here, in the caller, for an item that cannot be grouped
-        return self._enqueue(self._waiting, lambda future, number: _Waiting(item, key, future, number))
+        return self._enqueue("_waiting", lambda future, number: _Waiting(item, key, future, number))
 
     def barrier(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn()`` in the worker once every item submitted before now has finished; its future gets
         what ``fn`` returns or raises."""
-        return self._enqueue(self._barriers, lambda future, number: _Barrier(fn, future, number))
+        return self._enqueue("_barriers", lambda future, number: _Barrier(fn, future, number))
 
     @property
     def queued(self) -> int:

@@ -54,12 +54,12 @@ class Scheduler(Worker):
     def submit(self, job: Job) -> Future:
         """Queue ``job``; the future gets its result. Checks (`Engine.group`) raise here, in the caller."""
         key = self.engine.group(job)
-        return self._enqueue(self._inbox, lambda future, number: _Waiting(job, key, future, number))
+        return self._enqueue("_inbox", lambda future, number: _Waiting(job, key, future, number))
 
     def barrier(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn()`` in the worker, between two steps, once every request submitted before now holds its
         prefix (or, for a request-level one, has run)."""
-        return self._enqueue(self._inbox, lambda future, number: _Barrier(fn, future, number))
+        return self._enqueue("_inbox", lambda future, number: _Barrier(fn, future, number))
 
     @property
     def queued(self) -> int:

@@ -210,3 +210,28 @@ def test_a_bug_in_the_serving_loop_fails_the_rows_it_held_and_the_loop_serves_on
     expected = decode.caption_images(service.engines["blip-caption"].model, tiny.world_blip_processor(),
                                      [serve_tiny.image(0)], max_new_tokens=6, prefix="cap")[0]
     assert after == expected
+
+
+def test_a_request_submitted_while_the_worker_takes_the_inbox_is_never_lost():
+    """The submitter reads the inbox, the worker takes it (a new inbox) and answers what it held, then the
+    submitter appends: to the new inbox (mutation: `_enqueue` given the list itself -> 'late' never runs)."""
+    from mmprefix.serving.scheduler import Scheduler
+
+    engine = serve_tiny.blip_engines()[0]
+    scheduler = Scheduler(engine, window=0.01)
+    held = serve_tiny.HeldBack(scheduler, "late")
+    late = []
+    job = Job("vqa", None, serve_tiny.image(1), QUESTIONS[1])
+    submitter = threading.Thread(target=lambda: late.append(scheduler.submit(job)), name="late")
+    try:
+        submitter.start()
+        assert held.arrived.wait(60)
+        first = scheduler.submit(Job("vqa", None, serve_tiny.image(0), QUESTIONS[0]))
+        first.result(300)
+        held.go.set()
+        submitter.join(60)
+        assert scheduler.close(timeout=300)
+    finally:
+        held.go.set()
+        scheduler.close(timeout=300)
+    assert late[0].done() and late[0].result(0) == serve_tiny.expected_answer(None, None, 1, QUESTIONS[1])

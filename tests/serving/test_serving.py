@@ -115,6 +115,25 @@ def test_close_finishes_accepted_requests_and_refuses_new_ones():
         batcher.submit(("g", 3))
 
 
+def test_a_request_submitted_while_the_worker_takes_a_batch_is_never_lost():
+    """The submitter reads the waiting list, the worker takes a full batch and starts a new list, then the
+    submitter appends: to the new list (mutation: `_enqueue` given the list itself -> 'late' is never run)."""
+    run = Recorder()
+    batcher = Batcher(run, max_batch_size=2, window=60)
+    first = batcher.submit(("g", 0))
+    held = serve_tiny.HeldBack(batcher, "late")
+    late = []
+    submitter = threading.Thread(target=lambda: late.append(batcher.submit(("g", "late"))), name="late")
+    submitter.start()
+    assert held.arrived.wait(10)
+    second = batcher.submit(("g", 1))  # the group is full: the worker takes both and starts a new list
+    assert [first.result(10), second.result(10)] == ["done 0", "done 1"]
+    held.go.set()
+    submitter.join(10)
+    assert batcher.close(timeout=10)
+    assert late[0].done() and late[0].result(0) == "done late"
+
+
 # -- engines and the service ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=["step", "request"])
 def served(tmp_path_factory, request):
