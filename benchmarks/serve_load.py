@@ -12,6 +12,11 @@ step-level batching, requests per batch for request-level, from the server's /me
 answer is compared with the same request run alone in this process, on the model switched to its prefix
 (greedy decoding: the same text).
 
+**In process** (``engine``): the same requests, rounds, figures and checks with no HTTP in between: two
+`PrefixService` objects (one per mode) in this process, each client a thread that submits a `Job` (its image
+already decoded) and waits for its answer. What batching alone gives, apart from what the HTTP server costs
+both modes alike (on a 2-core machine the server, its clients and the model share the cores).
+
 **Memory** (``memory``): one server holding N prefixes, against N servers each holding the base model and one
 prefix (N = 1, 8, 32), each having answered one request per prefix; resident memory is the PSS of each process
 (its private pages plus its share of the pages it shares with the others, from /proc/PID/smaps_rollup; their
@@ -20,6 +25,7 @@ sum is what the processes take together), with the plain RSS beside it.
     nice python benchmarks/serve_load.py                                     # both parts, the issue's settings
     nice python benchmarks/serve_load.py load --clients 16 --prefixes 8      # the goal's setting only
     nice python benchmarks/serve_load.py load --task caption                 # captions: longer answers
+    nice python benchmarks/serve_load.py engine --clients 16 --prefixes 8    # the same without HTTP
     python benchmarks/serve_load.py load --clients 4 --prefixes 2 --requests 16 --rounds 2   # a quick check
     python benchmarks/serve_load.py memory --counts 1 8 32
 """
@@ -38,16 +44,19 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import torch
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mmprefix import PrefixConfig, PrefixModel, add_prefix
 from mmprefix.data import load_image, synthetic
 from mmprefix.embedded import load_backbone
 from mmprefix.evaluation import decode
+from mmprefix.serving import Engine, Job, PrefixService
 
 MODES = ("step", "request")
 # --task: the embedded BLIP head, its endpoint and the answer's field
@@ -106,7 +115,11 @@ def stop(processes: list[subprocess.Popen]) -> None:
 
 def batch_totals(base: str) -> tuple[float, float]:
     """(rows or requests, steps or batches) the server has counted so far."""
-    text = httpx.get(f"{base}/metrics", timeout=60).text
+    return metric_totals(httpx.get(f"{base}/metrics", timeout=60).text)
+
+
+def metric_totals(text: str) -> tuple[float, float]:
+    """(rows or requests, steps or batches) in a service's metrics, as Prometheus text."""
     values = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
               if s.name in ("mmprefix_batch_size_sum", "mmprefix_batch_size_count")}
     return values.get("mmprefix_batch_size_sum", 0.0), values.get("mmprefix_batch_size_count", 0.0)
@@ -168,21 +181,21 @@ def measure_load(clients: int, prefixes: int, args: argparse.Namespace) -> dict:
         question = {"question": request["question"]} if args.task == "vqa" else {}
         return json.dumps({"image": uri, **question, "prefix": prefix}).encode()
 
-    bodies = [body(r, p) for r, p in zip(requests, route)]
-    batch = str(args.max_batch_size or clients)
-    servers = {mode: start_server(folder, "--batching", mode, "--max-batch-size", batch, "--window-ms", str(args.window_ms),
-                                  task=args.task) for mode in MODES}
     results = {mode: {"answers": [None] * len(requests), "latencies": [None] * len(requests), "seconds": 0.0,
                       "rows": 0.0, "batches": 0.0} for mode in MODES}
+    if args.part == "engine":
+        targets, close = engine_targets(folder, requests, route, clients, args)
+    else:
+        targets, close = http_targets(folder, [body(r, p) for r, p in zip(requests, route)], clients, args)
     try:
-        for _, base in servers.values():  # warm up: imports, first calls
-            asyncio.run(run_clients(base, bodies[: 2 * clients], clients, args.task))
+        for send, _ in targets.values():  # warm up: imports, first calls
+            send(list(range(min(2 * clients, len(requests)))))
         for number in range(args.rounds):
             chunk = list(range(len(requests)))[number :: args.rounds]
             for mode in MODES if number % 2 == 0 else MODES[::-1]:
-                _round(servers[mode][1], results[mode], chunk, bodies, clients, args.task)
+                _round(targets[mode], results[mode], chunk)
     finally:
-        stop([process for process, _ in servers.values()])
+        close()
     expected = alone_answers(folder, names, requests, route, args.task)  # untimed
     for result in results.values():
         result["wrong"] = sum(a != e for a, e in zip(result["answers"], expected))
@@ -190,10 +203,78 @@ def measure_load(clients: int, prefixes: int, args: argparse.Namespace) -> dict:
     return {"modes": results, "changed": sum(a != b for a, b in zip(expected, frozen)), "requests": len(requests)}
 
 
-def _round(base: str, result: dict, chunk: list[int], bodies: list[bytes], clients: int, task: str) -> None:
-    rows, batches = batch_totals(base)
-    answers, latencies, seconds = asyncio.run(run_clients(base, [bodies[i] for i in chunk], clients, task))
-    after = batch_totals(base)
+def http_targets(folder: Path, bodies: list[bytes], clients: int, args: argparse.Namespace) -> tuple[dict, Callable]:
+    """Per mode a server and ``(send, totals)``: ``send(indices)`` gives (answers, latencies, seconds) of those
+    requests from ``clients`` concurrent clients; ``totals()`` the server's batch counts. And how to stop them."""
+    batch = str(args.max_batch_size or clients)
+    servers = {mode: start_server(folder, "--batching", mode, "--max-batch-size", batch, "--window-ms", str(args.window_ms),
+                                  task=args.task) for mode in MODES}
+
+    def target(base: str) -> tuple[Callable, Callable]:
+        def send(indices: list[int]) -> tuple[list, list, float]:
+            return asyncio.run(run_clients(base, [bodies[i] for i in indices], clients, args.task))
+        return send, lambda: batch_totals(base)
+
+    return {mode: target(base) for mode, (_, base) in servers.items()}, \
+        lambda: stop([process for process, _ in servers.values()])
+
+
+def engine_targets(folder: Path, requests: list[dict], route: list[str], clients: int,
+                   args: argparse.Namespace) -> tuple[dict, Callable]:
+    """As `http_targets`, with a `PrefixService` per mode in this process and one thread per client."""
+    images = {r["image"]: load_image(r["image"]) for r in requests}
+    jobs = [lambda r=r, p=p: Job("vqa", p, images[r["image"]], r["question"]) if args.task == "vqa"
+            else Job("caption", p, images[r["image"]]) for r, p in zip(requests, route)]
+    services = {}
+    for mode in MODES:
+        model, processor = load_backbone("blip", args.task)
+        services[mode] = PrefixService([Engine(PrefixModel(model), processor, TASKS[args.task][0])], folder,
+                                       max_batch_size=args.max_batch_size or clients, window=args.window_ms / 1000,
+                                       batching=mode)
+
+    def target(service: PrefixService) -> tuple[Callable, Callable]:
+        def send(indices: list[int]) -> tuple[list, list, float]:
+            return run_threads(service, [jobs[i] for i in indices], clients)
+        return send, lambda: metric_totals(generate_latest(service.metrics.registry).decode())
+
+    def close() -> None:
+        for service in services.values():
+            service.close()
+
+    return {mode: target(service) for mode, service in services.items()}, close
+
+
+def run_threads(service: PrefixService, jobs: list[Callable[[], Job]], clients: int) -> tuple[list, list, float]:
+    """`run_clients` in process: each client a thread that submits its next job once it has an answer."""
+    answers, latencies, queue, lock = [None] * len(jobs), [None] * len(jobs), list(range(len(jobs)))[::-1], threading.Lock()
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                index = queue.pop()
+            started = time.perf_counter()
+            try:
+                answers[index] = str(service.submit(jobs[index]()).result())
+            except Exception as error:  # noqa: BLE001 - counted as a wrong answer, as an HTTP error is
+                answers[index] = f"{type(error).__name__}: {error}"
+            latencies[index] = time.perf_counter() - started
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers, latencies, time.perf_counter() - started
+
+
+def _round(target: tuple[Callable, Callable], result: dict, chunk: list[int]) -> None:
+    send, totals = target
+    rows, batches = totals()
+    answers, latencies, seconds = send(chunk)
+    after = totals()
     for i, answer, latency in zip(chunk, answers, latencies):
         result["answers"][i], result["latencies"][i] = answer, latency
     result["seconds"] += seconds
@@ -209,7 +290,8 @@ def _summary(result: dict) -> dict[str, float]:
 
 def report_load(figures: dict[tuple[int, int], dict], args: argparse.Namespace, load: tuple) -> bool:
     """Print the table and the ratios; True when the goals' setting (16 clients, 8 prefixes) met them."""
-    print(f"\n## Load: embedded BLIP ({args.task}), prefixes of {args.prefix_tokens} tokens, {args.requests} requests per mode "
+    where = "in process, no HTTP" if args.part == "engine" else "HTTP on loopback"
+    print(f"\n## Load ({where}): embedded BLIP ({args.task}), prefixes of {args.prefix_tokens} tokens, {args.requests} requests per mode "
           f"in {args.rounds} alternating rounds, window {args.window_ms:g} ms")
     print(f"torch threads {torch.get_num_threads()} (this process), load average {load[0]:.2f} at start, "
           f"{os.getloadavg()[0]:.2f} at end (1 min)\n")
@@ -307,7 +389,7 @@ def report_memory(figures: dict[int, dict], tokens: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", nargs="?", choices=("load", "memory", "all"), default="all")
+    parser.add_argument("part", nargs="?", choices=("load", "engine", "memory", "all"), default="all")
     parser.add_argument("--task", choices=sorted(TASKS), default="vqa",
                         help="load: questions (short answers: prefill dominates) or captions (longer answers)")
     parser.add_argument("--clients", type=int, nargs="+", default=[16, 64])
@@ -324,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     load, wrong = os.getloadavg(), 0
-    if args.part in ("load", "all"):
+    if args.part in ("load", "engine", "all"):
         figures = {(c, p): measure_load(c, p, args) for c in args.clients for p in args.prefixes}
         report_load(figures, args, load)
         wrong = sum(r["wrong"] for f in figures.values() for r in f["modes"].values())

@@ -94,6 +94,17 @@ def test_the_serving_load_and_memory_benchmark_runs_small_and_every_answer_is_ri
     assert two < 1.1 * one and apart > 1.6 * one
 
 
+def test_the_in_process_serving_load_runs_small_and_every_answer_is_right():
+    output = run(ROOT / "benchmarks" / "serve_load.py", "engine", "--clients", "4", "--prefixes", "3", "--requests",
+                 "18", "--rounds", "2")
+    assert "## Load (in process, no HTTP)" in output
+    rows = table(output, "| clients | prefixes | batching |")
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("4", "3", "step", "18"), ("4", "3", "request", "18")]
+    assert all(r[-1] == "0" for r in rows), "every answer equals the request alone"
+    assert float(rows[0][7].split()[0]) > 1, "rows share decoding steps"
+    assert re.search(r"prefixes change [1-9]\d* of 18 answers", output), "the prefixes matter, or the check proves nothing"
+
+
 def test_the_sweep_chooses_rates_and_headlines_on_validation_never_on_test(tmp_path):
     """Fake finished runs where test and validation disagree: the sweep follows validation, phase by phase."""
     import json
