@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="with --sweep: only write the tables and figures")
     parser.add_argument("--jobs", type=int, default=2, help="--sweep: runs at once (each niced, one thread)")
     parser.add_argument("--variants", nargs="+", default=None, help="--sweep: methods (default: all of sweep.VARIANTS)")
+    parser.add_argument("--short", action="store_true",
+                        help="--sweep: rates on validation, then three seeds at the config's budget (no budgets, new classes)")
     args = parser.parse_args()
     if args.sweep:
         import sweep
@@ -70,7 +72,7 @@ def main() -> None:
         root = args.output_dir or Path("out/sweep")
         labels = args.variants or [v.label for v in sweep.VARIANTS]
         tasks = args.recipes if "--recipes" in sys.argv else [r for r in PRIMARY if r not in PREFIX_ONLY]
-        plan = sweep.Sweep(root, RECIPES, PRIMARY, tasks, labels)
+        plan = sweep.Sweep(root, RECIPES, PRIMARY, tasks, labels, short=args.short)
         if not args.report:
             sweep.run_sweep(plan, args.jobs)
         sweep_report.write(plan)

@@ -20,6 +20,9 @@ E. new classes (classification): the classes split in half, each method trained 
    config's rate and middle budget (three seeds) and scored on the base half's test images and, without
    training, on the new half's.
 
+``short``: phase A, then seeds 1 and 2 of every method at its chosen rate and the config's budget (no budgets,
+headline choice or new classes): the comparison at the shipped budgets, in a fraction of the runs.
+
 The test split is read only by the recipes' final scoring and the checks; no choice above reads it.
 """
 
@@ -232,8 +235,9 @@ def mean_spread(values: list[float]) -> str:
 class Sweep:
     """Which runs of the sweep can start now, from what has finished (see the module docstring)."""
 
-    def __init__(self, root: Path, recipes: dict, primary: dict, tasks: list[str], labels: list[str]) -> None:
-        self.root, self.recipes, self.primary = root, recipes, primary
+    def __init__(self, root: Path, recipes: dict, primary: dict, tasks: list[str], labels: list[str],
+                 short: bool = False) -> None:
+        self.root, self.recipes, self.primary, self.short = root, recipes, primary, short
         self.tasks = sorted(tasks, key=lambda t: ORDER.index(t) if t in ORDER else len(ORDER))
         self.labels = {t: [l for l in labels if BY_LABEL[l].tasks is None or t in BY_LABEL[l].tasks] for t in tasks}
         self.grid = {(t, l): (BY_LABEL[l].budgets(middle_budget(t, recipes, BY_LABEL[l])),
@@ -286,6 +290,12 @@ class Sweep:
         budgets, _ = self.grid[(task, label)]
         return [] if rate is None else [Run(task, label, b, rate, 0) for b in budgets]
 
+    def seed_runs(self, task: str, label: str) -> list[Run]:
+        """Every seed at the config's (middle) budget and the chosen rate; none until the rate is known."""
+        rate = self.rate(task, label)
+        budgets, _ = self.grid[(task, label)]
+        return [] if rate is None else [Run(task, label, budgets[len(budgets) // 2], rate, seed) for seed in SEEDS]
+
     def headlines(self, task: str) -> list[tuple[str, int | None]] | None:
         """(label, budget) of the task's headline rows, chosen on validation; None until phases A and B are done."""
         runs = {label: self.budget_runs(task, label) for label in self.labels[task]}
@@ -317,8 +327,10 @@ class Sweep:
         for core in (True, False):
             for task in self.tasks:
                 runs += [r for label in self.labels[task] if (label in CORE) == core for r in self.rate_runs(task, label)]
-                if core and task == "classification":
+                if core and task == "classification" and not self.short:
                     runs += [r for r in self.newclass_runs() if r.variant in NEWCLASS_FIRST]
+        if self.short:
+            return list(dict.fromkeys(runs + [r for t in self.tasks for l in self.labels[t] for r in self.seed_runs(t, l)]))
         for task in self.tasks:
             runs += [r for label in self.labels[task] for r in self.budget_runs(task, label)]
         for task in self.tasks:

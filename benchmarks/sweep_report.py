@@ -61,6 +61,28 @@ def budget_table(sweep, task: str) -> list[str]:
     return lines
 
 
+def seeds_table(sweep, task: str) -> list[str]:
+    """Every method at the config's budget and its chosen rate, over the seeds finished so far."""
+    lines = [f"At the config's budget and each method's chosen rate (test split, mean ± standard deviation over the "
+             f"seeds finished of {', '.join(map(str, SEEDS))}):", "",
+             "| method | budget | rate | trainable parameters | seeds | validation | test | % of full |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
+    for label in sweep.labels[task]:
+        results = [r for r in (sweep.result(run) for run in sweep.seed_runs(task, label)) if r is not None]
+        if results:
+            rows.append((label, sweep.seed_runs(task, label)[0], results))
+    metric = sweep.primary[task]
+    tests = {label: [r["tuned"][metric] for r in results] for label, _, results in rows}
+    full = statistics.mean(tests["full"]) if tests.get("full") else None
+    for label, run, results in rows:
+        share = f"{100 * statistics.mean(tests[label]) / full:.0f}%" if full else "-"
+        lines.append(f"| {label} | {run.budget or 'all'} | {run.lr:.3g} | {results[0]['trainable_parameters']:,} | "
+                     f"{len(results)} | {mean_spread([r['validation'] for r in results])} | "
+                     f"{mean_spread(tests[label])} | {share} |")
+    return lines if rows else []
+
+
 def checks(sweep, runs: list[Run]) -> list[float]:
     out = []
     for run in runs:
@@ -196,7 +218,8 @@ def write(sweep) -> None:
     lines = [f"# Methods sweep ({time.strftime('%Y-%m-%d %H:%M')}, commit {commit})", ""]
     for task in sweep.tasks:
         lines += [f"## {NAMES.get(task, task)}", ""]
-        lines += rate_table(sweep, task) + [""] + budget_table(sweep, task) + [""] + headline_table(sweep, task)
+        lines += rate_table(sweep, task) + [""] + seeds_table(sweep, task) + [""] + budget_table(sweep, task)
+        lines += [""] + headline_table(sweep, task)
         lines += [""] + forgetting_table(sweep, task)
         if figure(sweep, task, sweep.root / f"{task}.png"):
             lines += ["", f"![{task}]({task}.png)"]

@@ -150,6 +150,39 @@ def test_the_sweep_chooses_rates_and_headlines_on_validation_never_on_test(tmp_p
     assert sorted((r.variant, r.seed) for r in seeds) == [(v, s) for v in ("full", "lora", "memory") for s in (1, 2)]
 
 
+def test_the_short_sweep_runs_seeds_at_the_config_budget_and_the_rate_chosen_on_validation(tmp_path):
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import methods
+    import sweep
+    import sweep_report
+
+    plan = sweep.Sweep(tmp_path, methods.RECIPES, methods.PRIMARY, ["textgen"], ["prefix", "lora"], short=True)
+
+    def finish(run, validation, test):
+        run.folder(tmp_path).mkdir(parents=True)
+        (run.folder(tmp_path) / "benchmark.json").write_text(json.dumps({
+            "validation": validation, "tuned": {"Bleu_4": test}, "trainable_parameters": 64}))
+
+    for label in ("prefix", "lora"):
+        low, middle, high = plan.rate_runs("textgen", label)
+        finish(low, 0.2, 0.9)  # best on test, worst on validation
+        finish(middle, 0.8, 0.1)
+        finish(high, 0.5, 0.5)
+    seeds = [r for r in plan.training_runs() if not plan.finished(r)]
+    middle = {label: plan.rate_runs("textgen", label)[1] for label in ("prefix", "lora")}
+    assert sorted((r.variant, r.seed) for r in seeds) == [(v, s) for v in ("lora", "prefix") for s in (1, 2)]
+    assert all(r.lr == middle[r.variant].lr and r.budget == middle[r.variant].budget for r in seeds)
+    for run, test in zip(seeds, (0.2, 0.4, 0.3, 0.5)):
+        finish(run, 0.7, test)
+    assert not [r for r in plan.training_runs() if not plan.finished(r)], "no budgets, no new classes"
+    rows = {line.split(" | ")[0].strip("| "): line for line in sweep_report.seeds_table(plan, "textgen") if "| 3 |" in line}
+    assert sorted(rows) == ["lora", "prefix"]
+    # seed 0 is the chosen rate's grid run (test 0.1, validation 0.8)
+    assert "| 0.73 ± 0.06 | 0.23 ± 0.15 |" in rows["prefix"] and "| 0.73 ± 0.06 | 0.30 ± 0.20 |" in rows["lora"]
+
+
 @pytest.mark.slow
 def test_the_comparison_table_runs_on_tiny_models():
     output = run(ROOT / "benchmarks" / "comparison.py", "--tiny", "--repeats", "2")
