@@ -221,27 +221,33 @@ def http_targets(folder: Path, bodies: list[bytes], clients: int, args: argparse
 
 def engine_targets(folder: Path, requests: list[dict], route: list[str], clients: int,
                    args: argparse.Namespace) -> tuple[dict, Callable]:
-    """As `http_targets`, with a `PrefixService` per mode in this process and one thread per client."""
+    """As `http_targets`, with a model per mode in this process and one thread per client. Each round gets a
+    fresh `PrefixService` (a worker thread), closed after it: an idle worker thread left beside the other mode's
+    slowed both by a third here (each thread that runs PyTorch keeps its own OpenMP threads)."""
     images = {r["image"]: load_image(r["image"]) for r in requests}
     jobs = [lambda r=r, p=p: Job("vqa", p, images[r["image"]], r["question"]) if args.task == "vqa"
             else Job("caption", p, images[r["image"]]) for r, p in zip(requests, route)]
-    services = {}
-    for mode in MODES:
+
+    def target(mode: str) -> tuple[Callable, Callable]:
         model, processor = load_backbone("blip", args.task)
-        services[mode] = PrefixService([Engine(PrefixModel(model), processor, TASKS[args.task][0])], folder,
-                                       max_batch_size=args.max_batch_size or clients, window=args.window_ms / 1000,
-                                       batching=mode)
+        engine = Engine(PrefixModel(model), processor, TASKS[args.task][0])
+        counted = [0.0, 0.0]  # rows or requests, steps or batches, over the rounds so far
 
-    def target(service: PrefixService) -> tuple[Callable, Callable]:
         def send(indices: list[int]) -> tuple[list, list, float]:
-            return run_threads(service, [jobs[i] for i in indices], clients)
-        return send, lambda: metric_totals(generate_latest(service.metrics.registry).decode())
+            service = PrefixService([engine], folder, max_batch_size=args.max_batch_size or clients,
+                                    window=args.window_ms / 1000, batching=mode)
+            try:
+                out = run_threads(service, [jobs[i] for i in indices], clients)
+                rows, batches = metric_totals(generate_latest(service.metrics.registry).decode())
+            finally:
+                service.close()
+            counted[0] += rows
+            counted[1] += batches
+            return out
 
-    def close() -> None:
-        for service in services.values():
-            service.close()
+        return send, lambda: tuple(counted)
 
-    return {mode: target(service) for mode, service in services.items()}, close
+    return {mode: target(mode) for mode in MODES}, lambda: None
 
 
 def run_threads(service: PrefixService, jobs: list[Callable[[], Job]], clients: int) -> tuple[list, list, float]:
