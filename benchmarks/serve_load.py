@@ -317,7 +317,9 @@ def report_load(figures: dict[tuple[int, int], dict], args: argparse.Namespace, 
         wrong = sum(r["wrong"] for r in figure["modes"].values())
         ratio, p99 = step["throughput"] / request["throughput"], step["p99"] / request["p99"]
         line = (f"{clients} clients, {prefixes} prefixes: step/request throughput {ratio:.2f}x, p99 latency {p99:.2f}x, "
-                f"{step['mean']:.1f} rows per step of {args.max_batch_size or clients}, {wrong} wrong answers "
+                f"{step['mean']:.1f} rows per step of {args.max_batch_size or clients}, "
+                f"{figure['modes']['step']['rows'] / figure['requests']:.1f} decoding steps per request after its prefill, "
+                f"{wrong} wrong answers "
                 f"(prefixes change {figure['changed']} of {figure['requests']} answers of the frozen model)")
         if (clients, prefixes) == (16, 8):
             met = ratio >= GOALS["throughput"] and p99 <= GOALS["p99 latency"] and step["mean"] > GOALS["mean batch"] \
