@@ -12,6 +12,10 @@ step-level batching, requests per batch for request-level, from the server's /me
 answer is compared with the same request run alone in this process, on the model switched to its prefix
 (greedy decoding: the same text).
 
+``--task caption`` sends captions instead (longer answers), ``--task text`` the embedded LM's continuations of
+the text records' prompts (two formats of different lengths, alternately) through the chat API, up to
+``--new-tokens`` each (the random prefixes make most of them run to that limit: decoding dominates).
+
 **In process** (``engine``): the same requests, rounds, figures and checks with no HTTP in between: two
 `PrefixService` objects (one per mode) in this process, each client a thread that submits a `Job` (its image
 already decoded) and waits for its answer. What batching alone gives, apart from what the HTTP server costs
@@ -59,15 +63,17 @@ from mmprefix.evaluation import decode
 from mmprefix.serving import Engine, Job, PrefixService
 
 MODES = ("step", "request")
-# --task: the embedded BLIP head, its endpoint and the answer's field
-TASKS = {"vqa": ("embedded:blip:vqa", "/v1/vqa", "answer"), "caption": ("embedded:blip:caption", "/v1/captions", "caption")}
+# --task: the served model, its endpoint and the backbone (name, head) the references load
+TASKS = {"vqa": ("embedded:blip:vqa", "/v1/vqa", ("blip", "vqa")),
+         "caption": ("embedded:blip:caption", "/v1/captions", ("blip", "caption")),
+         "text": ("embedded:lm", "/v1/chat/completions", ("lm", None))}
 # step-level / request-level, at 16 clients and 8 prefixes (the issue's goals)
 GOALS = {"throughput": 2.0, "p99 latency": 0.6, "mean batch": 10}
 MEMORY_GOALS = {"server": 1.1}  # 32 prefixes on one server, against one prefix
 
 
 def make_prefixes(folder: Path, count: int, tokens: int, std: float = 3.0, task: str = "vqa") -> list[str]:
-    model, _ = load_backbone("blip", task)
+    model, _ = load_backbone(*TASKS[task][2])
     names = [f"p{i}" for i in range(count)]
     for seed, name in enumerate(names):
         torch.manual_seed(seed)
@@ -77,9 +83,14 @@ def make_prefixes(folder: Path, count: int, tokens: int, std: float = 3.0, task:
     return names
 
 
-def load_requests(count: int) -> list[dict]:
-    """VQA test questions with their image files, as many as asked (cycling if needed)."""
+def load_requests(count: int, task: str = "vqa") -> list[dict]:
+    """VQA test questions with their image files (``text``: the two record formats' test prompts, alternately:
+    prompts of two lengths), as many as asked (cycling if needed)."""
     world = synthetic.build_world()
+    if task == "text":
+        formats = [[json.loads(line)["prompt"] for line in (world / f"text_{f}_test.jsonl").read_text().splitlines()]
+                   for f in "ab"]
+        return [{"prompt": formats[i % 2][(i // 2) % len(formats[i % 2])]} for i in range(count)]
     rows = [json.loads(line) for line in (world / "vqa_downstream_test.jsonl").read_text().splitlines()]
     return [{"image": world / rows[i % len(rows)]["image"], "question": rows[i % len(rows)]["question"]}
             for i in range(count)]
@@ -125,9 +136,28 @@ def metric_totals(text: str) -> tuple[float, float]:
     return values.get("mmprefix_batch_size_sum", 0.0), values.get("mmprefix_batch_size_count", 0.0)
 
 
+def request_body(task: str, request: dict, prefix: str, new_tokens: int) -> dict:
+    if task == "text":  # the embedded LM has no chat template: the chat API continues the message's text
+        return {"model": prefix, "messages": [{"role": "user", "content": request["prompt"]}], "max_tokens": new_tokens}
+    uri = "data:image/png;base64," + base64.b64encode(request["image"].read_bytes()).decode()
+    question = {"question": request["question"]} if task == "vqa" else {}
+    return {"image": uri, **question, "prefix": prefix}
+
+
+def request_job(task: str, request: dict, prefix: str, images: dict, new_tokens: int) -> Job:
+    """The `Job` the server makes of `request_body`."""
+    if task == "text":
+        return Job("text", prefix, None, request["prompt"], generation=(("max_new_tokens", new_tokens),))
+    return Job(task, prefix, images[request["image"]], request["question"] if task == "vqa" else None)
+
+
+def response_answer(task: str, body: dict) -> str:
+    return body["choices"][0]["message"]["content"] if task == "text" else body["answer" if task == "vqa" else "caption"]
+
+
 async def run_clients(base: str, bodies: list[bytes], clients: int, task: str = "vqa") -> tuple[list, list, float]:
     """Send ``bodies`` from ``clients`` concurrent clients; (answers, latencies in seconds, wall seconds)."""
-    _, endpoint, field = TASKS[task]
+    endpoint = TASKS[task][1]
     answers, latencies, queue = [None] * len(bodies), [None] * len(bodies), list(range(len(bodies)))[::-1]
     headers = {"content-type": "application/json"}
 
@@ -137,7 +167,8 @@ async def run_clients(base: str, bodies: list[bytes], clients: int, task: str = 
             started = time.perf_counter()
             response = await http.post(endpoint, content=bodies[index], headers=headers)
             latencies[index] = time.perf_counter() - started
-            answers[index] = response.json().get(field) if response.status_code == 200 else f"HTTP {response.status_code}"
+            answers[index] = response_answer(task, response.json()) if response.status_code == 200 \
+                else f"HTTP {response.status_code}"
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=600) as http:
@@ -152,20 +183,23 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def alone_answers(folder: Path, names: list[str], requests: list[dict], route: list[str | None],
-                  task: str = "vqa") -> list[str]:
+                  task: str = "vqa", new_tokens: int = 32) -> list[str]:
     """Each request alone, on the model switched to its prefix (None: the frozen model): the reference every
     served answer must equal."""
-    model, processor = load_backbone("blip", task)
+    model, processor = load_backbone(*TASKS[task][2])
     model = PrefixModel(model)
     for name in names:
         model.load_prefix(name, folder / name)
-    images = {r["image"]: load_image(r["image"]) for r in requests}
+    images = {r["image"]: load_image(r["image"]) for r in requests if "image" in r}
     out = []
     for request, name in zip(requests, route):
         model.set_prefix(name)
-        image = images[request["image"]]
-        out += decode.answer_questions(model, processor, [image], [request["question"]]) if task == "vqa" else \
-            decode.caption_images(model, processor, [image])
+        if task == "text":
+            out += decode.complete_texts(model, processor, [request["prompt"]], max_new_tokens=new_tokens)
+        elif task == "vqa":
+            out += decode.answer_questions(model, processor, [images[request["image"]]], [request["question"]])
+        else:
+            out += decode.caption_images(model, processor, [images[request["image"]]])
     return out
 
 
@@ -173,20 +207,16 @@ def measure_load(clients: int, prefixes: int, args: argparse.Namespace) -> dict:
     """Both modes on the same requests, in alternating rounds: per mode its figures, and the references."""
     folder = Path(tempfile.mkdtemp(prefix="mmprefix-serve-load-"))
     names = make_prefixes(folder, prefixes, args.prefix_tokens, args.prefix_std, args.task)
-    requests = load_requests(args.requests)
+    requests = load_requests(args.requests, args.task)
     route = [names[i % len(names)] for i in range(len(requests))]
-
-    def body(request: dict, prefix: str) -> bytes:
-        uri = "data:image/png;base64," + base64.b64encode(request["image"].read_bytes()).decode()
-        question = {"question": request["question"]} if args.task == "vqa" else {}
-        return json.dumps({"image": uri, **question, "prefix": prefix}).encode()
 
     results = {mode: {"answers": [None] * len(requests), "latencies": [None] * len(requests), "seconds": 0.0,
                       "rows": 0.0, "batches": 0.0} for mode in MODES}
     if args.part == "engine":
         targets, close = engine_targets(folder, requests, route, clients, args)
     else:
-        targets, close = http_targets(folder, [body(r, p) for r, p in zip(requests, route)], clients, args)
+        bodies = [json.dumps(request_body(args.task, r, p, args.new_tokens)).encode() for r, p in zip(requests, route)]
+        targets, close = http_targets(folder, bodies, clients, args)
     try:
         for send, _ in targets.values():  # warm up: imports, first calls
             send(list(range(min(2 * clients, len(requests)))))
@@ -196,10 +226,10 @@ def measure_load(clients: int, prefixes: int, args: argparse.Namespace) -> dict:
                 _round(targets[mode], results[mode], chunk)
     finally:
         close()
-    expected = alone_answers(folder, names, requests, route, args.task)  # untimed
+    expected = alone_answers(folder, names, requests, route, args.task, args.new_tokens)  # untimed
     for result in results.values():
         result["wrong"] = sum(a != e for a, e in zip(result["answers"], expected))
-    frozen = alone_answers(folder, [], requests, [None] * len(requests), args.task)
+    frozen = alone_answers(folder, [], requests, [None] * len(requests), args.task, args.new_tokens)
     return {"modes": results, "changed": sum(a != b for a, b in zip(expected, frozen)), "requests": len(requests)}
 
 
@@ -224,12 +254,11 @@ def engine_targets(folder: Path, requests: list[dict], route: list[str], clients
     """As `http_targets`, with a model per mode in this process and one thread per client. Each round gets a
     fresh `PrefixService` (a worker thread), closed after it: an idle worker thread left beside the other mode's
     slowed both by a third here (each thread that runs PyTorch keeps its own OpenMP threads)."""
-    images = {r["image"]: load_image(r["image"]) for r in requests}
-    jobs = [lambda r=r, p=p: Job("vqa", p, images[r["image"]], r["question"]) if args.task == "vqa"
-            else Job("caption", p, images[r["image"]]) for r, p in zip(requests, route)]
+    images = {r["image"]: load_image(r["image"]) for r in requests if "image" in r}
+    jobs = [lambda r=r, p=p: request_job(args.task, r, p, images, args.new_tokens) for r, p in zip(requests, route)]
 
     def target(mode: str) -> tuple[Callable, Callable]:
-        model, processor = load_backbone("blip", args.task)
+        model, processor = load_backbone(*TASKS[args.task][2])
         engine = Engine(PrefixModel(model), processor, TASKS[args.task][0])
         counted = [0.0, 0.0]  # rows or requests, steps or batches, over the rounds so far
 
@@ -297,7 +326,7 @@ def _summary(result: dict) -> dict[str, float]:
 def report_load(figures: dict[tuple[int, int], dict], args: argparse.Namespace, load: tuple) -> bool:
     """Print the table and the ratios; True when the goals' setting (16 clients, 8 prefixes) met them."""
     where = "in process, no HTTP" if args.part == "engine" else "HTTP on loopback"
-    print(f"\n## Load ({where}): embedded BLIP ({args.task}), prefixes of {args.prefix_tokens} tokens, {args.requests} requests per mode "
+    print(f"\n## Load ({where}): {TASKS[args.task][0]}, prefixes of {args.prefix_tokens} tokens, {args.requests} requests per mode "
           f"in {args.rounds} alternating rounds, window {args.window_ms:g} ms")
     print(f"torch threads {torch.get_num_threads()} (this process), load average {load[0]:.2f} at start, "
           f"{os.getloadavg()[0]:.2f} at end (1 min)\n")
@@ -399,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("part", nargs="?", choices=("load", "engine", "memory", "all"), default="all")
     parser.add_argument("--task", choices=sorted(TASKS), default="vqa",
-                        help="load: questions (short answers: prefill dominates) or captions (longer answers)")
+                        help="questions (short answers: prefill dominates), captions (longer answers) or the "
+                             "embedded LM's continuations (up to --new-tokens)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="text: the most tokens of each continuation")
     parser.add_argument("--clients", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--prefixes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--prefix-tokens", type=int, default=12)

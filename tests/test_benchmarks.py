@@ -94,9 +94,10 @@ def test_the_serving_load_and_memory_benchmark_runs_small_and_every_answer_is_ri
     assert two < 1.1 * one and apart > 1.6 * one
 
 
-def test_the_in_process_serving_load_runs_small_and_every_answer_is_right():
-    output = run(ROOT / "benchmarks" / "serve_load.py", "engine", "--clients", "4", "--prefixes", "3", "--requests",
-                 "18", "--rounds", "2")
+@pytest.mark.parametrize("task", ["vqa", "text"])
+def test_the_in_process_serving_load_runs_small_and_every_answer_is_right(task):
+    output = run(ROOT / "benchmarks" / "serve_load.py", "engine", "--task", task, "--clients", "4", "--prefixes", "3",
+                 "--requests", "18", "--rounds", "2")
     assert "## Load (in process, no HTTP)" in output
     rows = table(output, "| clients | prefixes | batching |")
     assert [(r[0], r[1], r[2], r[3]) for r in rows] == [("4", "3", "step", "18"), ("4", "3", "request", "18")]
