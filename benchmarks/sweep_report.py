@@ -177,23 +177,29 @@ def _harmonic(a: float, b: float) -> float:
 
 
 def figure(sweep, task: str, path: Path) -> bool:
-    """Test score against trainable parameters: each method's budgets (seed 0) as a line, headline means with
-    their spread as error bars."""
+    """Test score against trainable parameters: each method's budgets (seed 0) as a line, or, where only the
+    config's budget has run, its seeds there as a mean with its spread; headline means with their spread as black
+    error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = budget_rows(sweep, task)
-    if not rows:
+    rows, metric = budget_rows(sweep, task), sweep.primary[task]
+    seeds = {label: [r for r in map(sweep.result, sweep.seed_runs(task, label)) if r] for label in sweep.labels[task]}
+    if not rows and not any(len(s) > 1 for s in seeds.values()):
         return False
-    metric = sweep.primary[task]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in sweep.labels[task]:
         points = sorted((r["trainable_parameters"], r["tuned"][metric]) for l, _, r in rows if l == label)
-        if points:
-            style = "-o" if BY_LABEL[label].prefix_family else "--s"
+        style = "-o" if BY_LABEL[label].prefix_family else "--s"
+        if len(points) > 1 or (points and len(seeds[label]) < 2):
             ax.plot(*zip(*points), style, label=label, alpha=0.85)
+        elif len(seeds[label]) > 1:
+            tests = [r["tuned"][metric] for r in seeds[label]]
+            ax.errorbar([seeds[label][0]["trainable_parameters"]], [statistics.mean(tests)],
+                        yerr=[statistics.stdev(tests)], fmt=style[-1], capsize=4,
+                        label=f"{label} ({len(tests)} seeds, config's budget)")
     for row in headline(sweep, task):
         if len(row["tests"]) > 1 and row["parameters"]:
             ax.errorbar([row["parameters"]], [statistics.mean(row["tests"])], yerr=[statistics.stdev(row["tests"])],
@@ -201,7 +207,7 @@ def figure(sweep, task: str, path: Path) -> bool:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel(f"test {metric}")
-    ax.set_title(f"{NAMES.get(task, task)}: methods at three budgets (black: 3-seed headline mean ± sd)")
+    ax.set_title(f"{NAMES.get(task, task)}: test score against trainable parameters")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
