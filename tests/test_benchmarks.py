@@ -182,6 +182,7 @@ def test_the_short_sweep_runs_seeds_at_the_config_budget_and_the_rate_chosen_on_
     assert sorted(rows) == ["lora", "prefix"]
     # seed 0 is the chosen rate's grid run (test 0.1, validation 0.8)
     assert "| 0.73 ± 0.06 | 0.23 ± 0.15 |" in rows["prefix"] and "| 0.73 ± 0.06 | 0.30 ± 0.20 |" in rows["lora"]
+    assert sweep_report.figure(plan, "textgen", tmp_path / "textgen.png") and (tmp_path / "textgen.png").stat().st_size
 
 
 @pytest.mark.slow
