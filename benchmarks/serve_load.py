@@ -14,11 +14,11 @@ answer is compared with the same request run alone in this process, on the model
 
 ``--task caption`` sends captions instead (longer answers), ``--task text`` the embedded LM's continuations of
 the text records' prompts (two formats of different lengths, alternately) through the chat API, up to
-``--new-tokens`` each (the random prefixes make most of them run to that limit: decoding dominates).
+``--new-tokens`` each (most end after a few tokens; the report says how many decoding steps they took).
 
-**In process** (``engine``): the same requests, rounds, figures and checks with no HTTP in between: two
-`PrefixService` objects (one per mode) in this process, each client a thread that submits a `Job` (its image
-already decoded) and waits for its answer. What batching alone gives, apart from what the HTTP server costs
+**In process** (``engine``): the same requests, rounds, figures and checks with no HTTP in between: a model per
+mode in this process, a fresh `PrefixService` on it for each round, each client a thread that submits a `Job`
+(its image already decoded) and waits for its answer. What batching alone gives, apart from what the HTTP server costs
 both modes alike (on a 2-core machine the server, its clients and the model share the cores).
 
 **Memory** (``memory``): one server holding N prefixes, against N servers each holding the base model and one
