@@ -250,11 +250,15 @@ class Sweep:
     def finished(self, run: Run) -> bool:
         return read_result(run.folder(self.root), self.primary[run.task]) is not None
 
+    def middle(self, task: str, label: str) -> int | None:
+        """The config's budget: the middle of the method's three."""
+        budgets, _ = self.grid[(task, label)]
+        return budgets[len(budgets) // 2]
+
     def rate_runs(self, task: str, label: str) -> list[Run]:
         """The grid's runs at the middle budget; where the best validation score lies at an edge of the grid, the
         grid is extended one step beyond it (at most ``EXTENSIONS`` times), for every method alike."""
-        budgets, base = self.grid[(task, label)]
-        middle = budgets[len(budgets) // 2]
+        base, middle = self.grid[(task, label)][1], self.middle(task, label)
         runs = [Run(task, label, middle, base * m, 0) for m in LR_GRID]
         for _ in range(EXTENSIONS):
             if not all(self.finished(r) for r in runs):
@@ -293,8 +297,7 @@ class Sweep:
     def seed_runs(self, task: str, label: str) -> list[Run]:
         """Every seed at the config's (middle) budget and the chosen rate; none until the rate is known."""
         rate = self.rate(task, label)
-        budgets, _ = self.grid[(task, label)]
-        return [] if rate is None else [Run(task, label, budgets[len(budgets) // 2], rate, seed) for seed in SEEDS]
+        return [] if rate is None else [Run(task, label, self.middle(task, label), rate, seed) for seed in SEEDS]
 
     def headlines(self, task: str) -> list[tuple[str, int | None]] | None:
         """(label, budget) of the task's headline rows, chosen on validation; None until phases A and B are done."""
@@ -371,8 +374,7 @@ class Sweep:
         data = tuple(f"data.{split}.path={files[f'base_{split}']}" for split in ("train", "val", "test"))
         runs = []
         for label in self.labels["classification"]:
-            budgets, rate = self.grid[("classification", label)]
-            budget = budgets[len(budgets) // 2]
+            rate, budget = self.grid[("classification", label)][1], self.middle("classification", label)
             runs += [Run("classification", label, budget, rate, seed, data, "newclass") for seed in SEEDS]
         return runs
 
