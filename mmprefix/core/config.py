@@ -28,7 +28,8 @@ class PrefixConfig:
             decoupled prefix (Prefix-Tuning+, Wang et al., 2025): each site adds to its attention output a read of
             ``num_virtual_tokens`` trainable memory slots (keys and values) by the query through the feature map
             ``elu(x) + 1``, normalised over the slots, outside the softmax, so a long input never dilutes it
-            (``mmprefix.core.attention.memory``); its values start at zero, so it starts as the base model exactly.
+            (``mmprefix.core.attention.memory``); its values start at zero, so it starts as the base model (to
+            float rounding on BLIP's and GIT's hand-written attention, exactly elsewhere).
             ``"prompt"``: a soft prompt of ``num_virtual_tokens`` trainable input embeddings inserted into the
             model's text input (Lester et al., 2021), for comparison; ``"text"`` init then starts from the
             embeddings of ``init_text``.
@@ -54,7 +55,7 @@ class PrefixConfig:
         reparam_hidden: width of the reparameterisation MLP.
         gate: ``None``, ``"scalar"`` or ``"head"``: a zero-initialised gate per site (one value, or one per query
             head) that scales a separately normalised prefix attention added to the original attention, as in
-            LLaMA-Adapter; with the gate at zero the model equals the base model exactly.
+            LLaMA-Adapter; with the gate at zero the model equals the base model (as an empty memory does).
         position_offset: shift real-token position ids by ``P`` (what PEFT's prefix tuning does implicitly,
             because it passes the prefix as a KV cache). Set automatically when loading a PEFT adapter; leave
             ``False`` for prefixes trained with mmprefix.

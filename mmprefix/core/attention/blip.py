@@ -2,8 +2,10 @@
 
 Each computes queries, keys and values exactly as transformers' BLIP does (including the text attention's
 cache handling) and then attends through ``mechanism.attend`` with SDPA. Without a prefix for the current call
-they run BLIP's own code, so a disabled prefix gives the original outputs bit for bit; a gated prefix or a
-memory adds its term to BLIP's own output, so a closed gate or an empty memory is bit-exact too.
+they run BLIP's own code, so a disabled prefix gives the original outputs bit for bit. A gated prefix or a
+memory takes the same SDPA call and adds its term: BLIP's own eager attention, run beside the term, made the VQA
+recipe's memory prefix a third slower than the plain prefix. A closed gate or an empty memory therefore equals
+BLIP's output to float rounding (SDPA against BLIP's matmul and softmax), not bit for bit.
 
 BLIP's cross-attention reads ``encoder_attention_mask``, which ``BlipTextAttention`` never passes, so the
 image mask is always ignored upstream; the replacement keeps that behaviour so that outputs match the model.
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import EncoderDecoderCache
 
-from .mechanism import added_attention, heads, project, sdpa_with_prefix
+from .mechanism import heads, sdpa_with_prefix
 
 
 def vision_attention(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
@@ -31,10 +33,6 @@ def vision_attention(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[
         hook.observe(key, value)
     if prefix is None:
         return type(self).forward(self, hidden_states, **kwargs)
-    if prefix.outside:
-        output, weights = type(self).forward(self, hidden_states, **kwargs)
-        added = added_attention(query, prefix, self.scale).reshape(batch, length, width)
-        return output + project(self.projection, added), weights
     output = sdpa_with_prefix(self, prefix, query, key, value, None, self.scale)
     return self.projection(output.reshape(batch, length, width)), None
 
@@ -73,9 +71,6 @@ def text_attention(
     query = heads(self.query(hidden_states), head_dim)
     if prefix is None:
         return original()
-    if prefix.outside:
-        context, probs = original()
-        return context + added_attention(query, prefix, head_dim**-0.5).flatten(2), probs
 
     mask = encoder_attention_mask if is_cross else attention_mask
     layer_cache, reuse = cache, False

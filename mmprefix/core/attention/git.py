@@ -4,8 +4,9 @@ attention interface.
 GIT runs one transformer over ``[image tokens; text]``: image tokens attend to each other, text causally to the
 image and the text before it, all through one additive mask that ``GitModel`` builds. Like ``attention/blip.py``,
 the replacement computes queries, keys and values as GIT does (including the cache update) and attends through
-``mechanism.attend`` with SDPA; without a prefix it runs GIT's own code, so a disabled prefix is bit-exact, and
-a gated prefix or a memory adds its term to that code's output.
+``mechanism.attend`` with SDPA; without a prefix it runs GIT's own code, so a disabled prefix is bit-exact. A
+gated prefix or a memory takes the same SDPA call and adds its term (so a closed gate or an empty memory equals
+GIT's output to float rounding), for the reason given in ``attention/blip.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .mechanism import added_attention, heads, sdpa_with_prefix
+from .mechanism import heads, sdpa_with_prefix
 
 
 def text_attention(
@@ -31,9 +32,6 @@ def text_attention(
         return original()
     head_dim = self.attention_head_size
     query = heads(self.query(hidden_states), head_dim)
-    if prefix is not None and prefix.outside:  # GIT's own attention, plus the gated prefix's or the memory's term
-        context, probs = original()
-        return context + added_attention(query, prefix, head_dim**-0.5).flatten(2), probs
     key, value = heads(self.key(hidden_states), head_dim), heads(self.value(hidden_states), head_dim)
     if hook.capturing:
         hook.observe(key, value)

@@ -50,8 +50,9 @@ class Prefix(NamedTuple):
 
     @property
     def outside(self) -> bool:
-        """Whether the module's own attention runs untouched and the prefix only adds to its output (a gated
-        prefix, a memory): the routes then run the original code, bit-exact, and add `added_attention`."""
+        """Whether the attention runs over the input alone and the prefix only adds to its output (a gated
+        prefix, a memory): `attend` then runs the attention untouched and adds `added_attention` (bit-exact
+        where that attention is the model's own; BLIP's and GIT's hand-written routes run SDPA instead)."""
         return self.keys is None or self.gate is not None
 
 

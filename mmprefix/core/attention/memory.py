@@ -21,7 +21,8 @@ Choices, and why:
   so the cost does not grow with ``P`` and numerator and normaliser come out of the same product.
 
 The term depends on the query alone, so each new query of a cached generation step gets it exactly once, as in a
-full recompute. With the values at zero the term is exactly zero and the model equals the base model bit for bit.
+full recompute. With the values at zero the term is exactly zero and the model equals the base model bit for bit
+(to float rounding on BLIP's and GIT's hand-written attention, which mmprefix runs through SDPA).
 """
 
 from __future__ import annotations
