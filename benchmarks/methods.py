@@ -12,7 +12,8 @@ trainable parameters) into ``--output-dir``; ``--report`` writes them from the r
 Each (recipe, method) runs the recipe with its default config in a fresh process, one after the other
 (``vqa_llava``: the VQA recipe with ``recipes/configs/vqa_llava_embedded.yaml``, the embedded LLaVA-style backbone); the
 peak resident memory is that process's own (``os.wait4`` returns the resource usage of that one child). Scores are the
-recipes' test-split primary metrics; "time" is the training time the recipe reports (evaluation excluded).
+recipes' test-split primary metrics; "time" is the training time the recipe reports (evaluation excluded), also
+as a ratio to the prefix's on the same recipe.
 Each method trains with its learning rate from the recipe's config (full fine-tuning and LoRA
 have their own there). Prints a Markdown table and writes every run's metrics to ``--output-dir``.
 """
@@ -87,16 +88,25 @@ def main() -> None:
             print(f"[{time.strftime('%H:%M:%S')}] {recipe} {method}: {result['tuned'][PRIMARY[recipe]]:.2f}", file=sys.stderr)
     (args.output_dir / "methods.json").write_text(json.dumps([{"recipe": r, "method": m, **x} for r, m, x in rows], indent=2))
 
-    print("| recipe (metric) | method | zero-shot | tuned | % of full | trainable % | training time | run time | peak memory |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(table(rows))
+
+
+def table(rows: list[tuple[str, str, dict]]) -> str:
+    """The Markdown table of (recipe, method, result) rows; training times also as a ratio to the prefix's."""
+    lines = ["| recipe (metric) | method | zero-shot | tuned | % of full | trainable % | training time | "
+             "vs prefix | run time | peak memory |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     full = {r: x["tuned"][PRIMARY[r]] for r, m, x in rows if m == "full"}
+    prefix = {r: x["training_seconds"] for r, m, x in rows if m == "prefix"}
     for recipe, method, result in rows:
         metric = PRIMARY[recipe]
         share = f"{100 * result['tuned'][metric] / full[recipe]:.0f}%" if full.get(recipe) else "-"
-        print(f"| {recipe} ({metric}) | {method} | {result['zero_shot'][metric]:.2f} | {result['tuned'][metric]:.2f} | "
-              f"{share} | {result['trainable_percent']:.2f} | {result['training_seconds']:.0f} s | "
-              f"{result['wall_seconds']:.0f} s | {result['peak_rss_mib']:.0f} MiB |")
-    print("\nPeak memory is the recipe process's peak resident set (weights, data, evaluation included).")
+        ratio = f"{result['training_seconds'] / prefix[recipe]:.2f}x" if prefix.get(recipe) else "-"
+        lines.append(f"| {recipe} ({metric}) | {method} | {result['zero_shot'][metric]:.2f} | "
+                     f"{result['tuned'][metric]:.2f} | {share} | {result['trainable_percent']:.2f} | "
+                     f"{result['training_seconds']:.0f} s | {ratio} | {result['wall_seconds']:.0f} s | "
+                     f"{result['peak_rss_mib']:.0f} MiB |")
+    lines.append("\nPeak memory is the recipe process's peak resident set (weights, data, evaluation included).")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

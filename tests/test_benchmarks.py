@@ -151,6 +151,23 @@ def test_the_sweep_chooses_rates_and_headlines_on_validation_never_on_test(tmp_p
     assert sorted((r.variant, r.seed) for r in seeds) == [(v, s) for v in ("full", "lora", "memory") for s in (1, 2)]
 
 
+def test_the_methods_table_gives_each_training_time_as_a_ratio_to_the_prefixs_on_its_recipe():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import methods
+
+    def result(score, seconds):
+        return {"zero_shot": {"vqa_accuracy": 4.0, "top1": 50.0}, "tuned": {"vqa_accuracy": score, "top1": score},
+                "trainable_percent": 1.0, "training_seconds": seconds, "wall_seconds": seconds + 10,
+                "peak_rss_mib": 900}
+
+    rows = [("vqa", "prefix", result(80, 100)), ("vqa", "memory", result(79, 134)), ("vqa", "full", result(98, 150)),
+            ("classification", "lora", result(99, 60))]
+    cells = table(methods.table(rows), "| recipe (metric)")
+    assert [(r[1], r[4], r[6], r[7]) for r in cells] == [
+        ("prefix", "82%", "100 s", "1.00x"), ("memory", "81%", "134 s", "1.34x"), ("full", "100%", "150 s", "1.50x"),
+        ("lora", "-", "60 s", "-")]
+
+
 def test_the_short_sweep_runs_seeds_at_the_config_budget_and_the_rate_chosen_on_validation(tmp_path):
     import json
 
